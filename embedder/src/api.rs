@@ -1,0 +1,489 @@
+//! HTTP API: the native `/api/v1/embed`, OpenAI-compatible `/v1/embeddings`, health, info
+//! and metrics routes. Every error is JSON `{"error":{"code","message"}}` with a 4xx/5xx
+//! status that says whose fault it was.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+
+use crate::fault::Faults;
+use crate::metrics::Metrics;
+use crate::pooling::l2_normalize;
+use crate::registry::{LookupError, Registry};
+
+pub const NATIVE_ROUTE: &str = "/api/v1/embed";
+pub const OPENAI_ROUTE: &str = "/v1/embeddings";
+/// Model label for requests refused before a model was chosen (overload, bad JSON).
+const NO_MODEL: &str = "";
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Limits {
+    pub max_client_batch: usize,
+    pub max_body_bytes: usize,
+    pub max_concurrent_requests: usize,
+    pub max_batch_tokens: usize,
+}
+
+/// Readiness: true once the default model is warm, false again while draining.
+#[derive(Default)]
+pub struct Health {
+    model_ready: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Health {
+    pub fn set_model_ready(&self) {
+        self.model_ready.store(true, Ordering::SeqCst);
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    fn status(&self) -> (&'static str, bool) {
+        if self.draining.load(Ordering::SeqCst) {
+            ("draining", false)
+        } else if self.model_ready.load(Ordering::SeqCst) {
+            ("ready", true)
+        } else {
+            ("loading", false)
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub metrics: Metrics,
+    pub admission: Arc<Semaphore>,
+    pub limits: Limits,
+    pub faults: Faults,
+    pub health: Arc<Health>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.limits.max_body_bytes;
+    Router::new()
+        .route(NATIVE_ROUTE, post(embed_native))
+        .route(OPENAI_ROUTE, post(embed_openai))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/info", get(info))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+// ---------- errors ----------
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
+    }
+
+    fn from_json(error: serde_json::Error) -> Self {
+        use serde_json::error::Category;
+        match error.classify() {
+            Category::Data => Self::invalid(error.to_string()),
+            Category::Syntax | Category::Eof | Category::Io => {
+                Self::new(StatusCode::BAD_REQUEST, "invalid_json", format!("body is not valid JSON: {error}"))
+            }
+        }
+    }
+
+    fn from_body(rejection: BytesRejection) -> Self {
+        let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::new(status, "body_too_large", rejection.body_text())
+        } else {
+            Self::new(status, "invalid_body", rejection.body_text())
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            (self.status, [(header::RETRY_AFTER, "1")], body).into_response()
+        } else {
+            (self.status, body).into_response()
+        }
+    }
+}
+
+// ---------- the embedding pipeline shared by both routes ----------
+
+struct EmbedJob {
+    texts: Vec<String>,
+    model: Option<String>,
+    normalize: bool,
+    /// OpenAI's `dimensions`: accepted only when it equals the model's.
+    dimensions: Option<usize>,
+    format: EncodingFormat,
+}
+
+struct EmbedOutput {
+    vectors: Vec<Vec<f32>>,
+    format: EncodingFormat,
+    model: String,
+    dimensions: usize,
+    tokens: usize,
+}
+
+/// Runs admission, parsing, validation, model lookup, faults, tokenisation and batching, and
+/// records the request's metrics whatever the outcome.
+async fn serve_embed(
+    state: &AppState,
+    route: &'static str,
+    body: Result<Bytes, BytesRejection>,
+    parse: fn(&[u8]) -> Result<EmbedJob, ApiError>,
+    render: impl FnOnce(EmbedOutput) -> Response,
+) -> Response {
+    let started = Instant::now();
+    let _inflight = state.metrics.inflight();
+    let mut model_label = NO_MODEL.to_string();
+    let result = embed(state, body, parse, &mut model_label).await;
+    let response = match result {
+        Ok(output) => render(output),
+        Err(error) => {
+            if error.status.is_server_error() {
+                tracing::warn!(route, model = %model_label, code = error.code, error = %error.message, "request failed");
+            }
+            error.into_response()
+        }
+    };
+    state
+        .metrics
+        .observe_request(&model_label, route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+async fn embed(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+    parse: fn(&[u8]) -> Result<EmbedJob, ApiError>,
+    model_label: &mut String,
+) -> Result<EmbedOutput, ApiError> {
+    let _permit = state.admission.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "overloaded",
+            format!(
+                "more than {} requests in flight; retry shortly",
+                state.limits.max_concurrent_requests
+            ),
+        )
+    })?;
+    let body = body.map_err(ApiError::from_body)?;
+    let job = parse(&body)?;
+    validate(&job, &state.limits)?;
+
+    let registry = &state.registry;
+    let name = job.model.unwrap_or_else(|| registry.default_model().to_string());
+    let loaded = registry.get(&name).await.map_err(|error| match error {
+        LookupError::Unknown(_) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!(
+                "model {name:?} is not served; available: {}",
+                registry.names().collect::<Vec<_>>().join(", ")
+            ),
+        ),
+        LookupError::LoadFailed { .. } => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_unavailable", error.to_string())
+        }
+    })?;
+    *model_label = name.clone();
+    let info = &loaded.model.info;
+    if let Some(dimensions) = job.dimensions
+        && dimensions != info.dimensions
+    {
+        return Err(ApiError::invalid(format!(
+            "dimensions {dimensions} is not supported: model {name:?} produces {}",
+            info.dimensions
+        )));
+    }
+
+    if state.faults.inject().await {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "fault_injected",
+            "error injected by --fault-error-rate",
+        ));
+    }
+
+    let model = loaded.model.clone();
+    let texts = job.texts;
+    let ids = tokio::task::spawn_blocking(move || {
+        texts.iter().map(|text| model.tokenize(text)).collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    .map_err(|e| ApiError::invalid(e.to_string()))?;
+    let tokens = ids.iter().map(Vec::len).sum();
+
+    let mut vectors = loaded
+        .batcher
+        .embed(ids)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference_failed", e.to_string()))?;
+    if job.normalize {
+        vectors.iter_mut().for_each(|v| l2_normalize(v));
+    }
+    Ok(EmbedOutput {
+        vectors,
+        format: job.format,
+        model: name,
+        dimensions: info.dimensions,
+        tokens,
+    })
+}
+
+fn validate(job: &EmbedJob, limits: &Limits) -> Result<(), ApiError> {
+    if job.texts.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "empty_input", "no texts to embed"));
+    }
+    if job.texts.len() > limits.max_client_batch {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_inputs",
+            format!(
+                "{} texts in one request; the limit is {} (--max-client-batch)",
+                job.texts.len(),
+                limits.max_client_batch
+            ),
+        ));
+    }
+    if let Some(index) = job.texts.iter().position(|t| t.trim().is_empty()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "empty_input",
+            format!("text {index} is empty"),
+        ));
+    }
+    Ok(())
+}
+
+// ---------- native route ----------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NativeRequest {
+    texts: Vec<String>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    normalize: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct NativeResponse {
+    embeddings: Vec<Vec<f32>>,
+    model: String,
+    dimensions: usize,
+    usage: NativeUsage,
+}
+
+#[derive(Serialize)]
+struct NativeUsage {
+    tokens: usize,
+}
+
+fn parse_native(body: &[u8]) -> Result<EmbedJob, ApiError> {
+    let request: NativeRequest = serde_json::from_slice(body).map_err(ApiError::from_json)?;
+    Ok(EmbedJob {
+        texts: request.texts,
+        model: request.model,
+        normalize: request.normalize.unwrap_or(true),
+        dimensions: None,
+        format: EncodingFormat::Float,
+    })
+}
+
+async fn embed_native(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    serve_embed(&state, NATIVE_ROUTE, body, parse_native, |out| {
+        Json(NativeResponse {
+            embeddings: out.vectors,
+            model: out.model,
+            dimensions: out.dimensions,
+            usage: NativeUsage { tokens: out.tokens },
+        })
+        .into_response()
+    })
+    .await
+}
+
+// ---------- OpenAI-compatible route ----------
+
+#[derive(Deserialize, Clone, Copy, Default, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum EncodingFormat {
+    #[default]
+    Float,
+    Base64,
+}
+
+#[derive(Deserialize)]
+struct OpenAiRequest {
+    input: Value,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    encoding_format: Option<EncodingFormat>,
+    #[serde(default)]
+    dimensions: Option<usize>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OpenAiVector {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+fn parse_openai(body: &[u8]) -> Result<EmbedJob, ApiError> {
+    let request: OpenAiRequest = serde_json::from_slice(body).map_err(ApiError::from_json)?;
+    let texts = match request.input {
+        Value::String(text) => vec![text],
+        Value::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(index, item)| match item {
+                Value::String(text) => Ok(text),
+                Value::Number(_) | Value::Array(_) => Err(ApiError::invalid(
+                    "input: token arrays are not supported; send strings",
+                )),
+                _ => Err(ApiError::invalid(format!("input[{index}] must be a string"))),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(ApiError::invalid("input must be a string or an array of strings")),
+    };
+    Ok(EmbedJob {
+        texts,
+        model: request.model,
+        normalize: true,
+        dimensions: request.dimensions,
+        format: request.encoding_format.unwrap_or_default(),
+    })
+}
+
+async fn embed_openai(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    serve_embed(&state, OPENAI_ROUTE, body, parse_openai, |out| {
+        let format = out.format;
+        let data: Vec<Value> = out
+            .vectors
+            .into_iter()
+            .enumerate()
+            .map(|(index, vector)| {
+                let embedding = match format {
+                    EncodingFormat::Float => OpenAiVector::Float(vector),
+                    EncodingFormat::Base64 => OpenAiVector::Base64(base64_f32(&vector)),
+                };
+                json!({"object": "embedding", "index": index, "embedding": embedding})
+            })
+            .collect();
+        Json(json!({
+            "object": "list",
+            "data": data,
+            "model": out.model,
+            "usage": {"prompt_tokens": out.tokens, "total_tokens": out.tokens},
+        }))
+        .into_response()
+    })
+    .await
+}
+
+/// OpenAI's base64 encoding: the little-endian f32 bytes of the vector.
+fn base64_f32(vector: &[f32]) -> String {
+    let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+// ---------- health, info, metrics ----------
+
+async fn live() -> Json<Value> {
+    Json(json!({"status": "alive"}))
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    let (status, ready) = state.health.status();
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(json!({"status": status}))).into_response()
+}
+
+async fn info(State(state): State<AppState>) -> Json<Value> {
+    let registry = &state.registry;
+    let loaded = registry.loaded();
+    let models: Vec<Value> = registry
+        .names()
+        .map(|name| match loaded.iter().find(|m| m.name == name) {
+            Some(info) => json!({
+                "name": name, "loaded": true, "dimensions": info.dimensions,
+                "max_seq_length": info.max_seq_length, "pooling": info.pooling,
+                "normalized": info.normalized,
+            }),
+            None => json!({"name": name, "loaded": false}),
+        })
+        .collect();
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "build": {
+            "git_sha": option_env!("EMBEDROLL_GIT_SHA").unwrap_or("unknown"),
+            "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        },
+        "default_model": registry.default_model(),
+        "models": models,
+        "limits": state.limits,
+        "threads": candle_core::utils::get_num_threads(),
+        "fault_injection": {
+            "latency_ms": state.faults.latency.as_millis() as u64,
+            "error_rate": state.faults.error_rate,
+        },
+    }))
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+}

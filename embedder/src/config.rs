@@ -1,0 +1,210 @@
+//! Command-line flags and `EMBEDDER_*` environment variables.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::error::{Error, Result};
+
+/// Name the bundled default model is served under, and its directory in the model cache.
+pub const BUNDLED_MODEL: &str = "all-MiniLM-L6-v2";
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "embedder",
+    version,
+    about = "Sentence-embedding server: BERT-family models on candle, dynamic batching, Prometheus metrics.",
+    after_help = "Every flag can also be set with the environment variable shown, e.g. \
+EMBEDDER_LISTEN=0.0.0.0:8080. Lists (--model, --preload) take comma-separated values there."
+)]
+pub struct Config {
+    /// Address to serve HTTP on.
+    #[arg(long, env = "EMBEDDER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// A model to serve, as NAME=DIR where DIR is a Hugging Face / sentence-transformers model
+    /// directory (config.json, tokenizer.json, model.safetensors, 1_Pooling/...). Repeatable.
+    /// Without any, the bundled all-MiniLM-L6-v2 is served from --model-cache.
+    #[arg(long = "model", env = "EMBEDDER_MODEL", value_name = "NAME=DIR", value_delimiter = ',')]
+    pub models: Vec<String>,
+
+    /// Model used when a request names none; readiness waits for it. Defaults to the first
+    /// --model.
+    #[arg(long, env = "EMBEDDER_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
+
+    /// Where embedder/models/fetch.sh puts model directories; used when no --model is given.
+    #[arg(long, env = "EMBEDDER_MODEL_CACHE", value_name = "DIR")]
+    pub model_cache: Option<PathBuf>,
+
+    /// Models to load and warm at start-up besides the default one. Repeatable.
+    #[arg(long, env = "EMBEDDER_PRELOAD", value_name = "NAME", value_delimiter = ',')]
+    pub preload: Vec<String>,
+
+    /// Most models kept in memory at once; the least recently used is evicted first, the
+    /// default model never.
+    #[arg(long, env = "EMBEDDER_MAX_MODELS", default_value_t = 4)]
+    pub max_models: usize,
+
+    /// Token budget of one batching round: texts waiting are packed first-come first-served
+    /// until their tokens reach it, then split into forward passes of similar lengths, each
+    /// padded to at most this many tokens.
+    #[arg(long, env = "EMBEDDER_MAX_BATCH_TOKENS", default_value_t = 16384)]
+    pub max_batch_tokens: usize,
+
+    /// Requests admitted at once; beyond it the server answers 429 with Retry-After.
+    #[arg(long, env = "EMBEDDER_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
+    pub max_concurrent_requests: usize,
+
+    /// Most texts in one request (413 beyond).
+    #[arg(long, env = "EMBEDDER_MAX_CLIENT_BATCH", default_value_t = 256)]
+    pub max_client_batch: usize,
+
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, env = "EMBEDDER_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Compute threads for inference (0: one per core). Sets the candle/rayon pool size.
+    #[arg(long, env = "EMBEDDER_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
+    /// On SIGTERM, how long to keep serving with readiness false before refusing new
+    /// connections, so load balancers notice first. In-flight requests always finish.
+    #[arg(long, env = "EMBEDDER_DRAIN_DELAY_MS", default_value_t = 0)]
+    pub drain_delay_ms: u64,
+
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, env = "EMBEDDER_LOG_JSON")]
+    pub log_json: bool,
+
+    /// FAULT INJECTION (tests and chaos only): extra latency added to every embedding request.
+    #[arg(long, env = "EMBEDDER_FAULT_LATENCY_MS", default_value_t = 0)]
+    pub fault_latency_ms: u64,
+
+    /// FAULT INJECTION (tests and chaos only): fraction of embedding requests, 0 to 1, answered
+    /// with HTTP 500.
+    #[arg(long, env = "EMBEDDER_FAULT_ERROR_RATE", default_value_t = 0.0)]
+    pub fault_error_rate: f64,
+
+    /// FAULT INJECTION (tests and chaos only): wait this long before loading the default model,
+    /// keeping the server unready (e.g. to exercise progress deadlines).
+    #[arg(long, env = "EMBEDDER_FAULT_STARTUP_DELAY_MS", default_value_t = 0)]
+    pub fault_startup_delay_ms: u64,
+}
+
+impl Config {
+    /// The served models (name → directory) and the default one's name.
+    pub fn model_catalog(&self) -> Result<(BTreeMap<String, PathBuf>, String)> {
+        let mut catalog = BTreeMap::new();
+        let mut first = None;
+        for spec in &self.models {
+            let (name, dir) = spec.split_once('=').ok_or_else(|| {
+                Error::Config(format!("--model {spec:?} must look like NAME=DIR"))
+            })?;
+            let (name, dir) = (name.trim(), dir.trim());
+            if name.is_empty() || dir.is_empty() {
+                return Err(Error::Config(format!("--model {spec:?} needs both NAME and DIR")));
+            }
+            if catalog.insert(name.to_string(), PathBuf::from(dir)).is_some() {
+                return Err(Error::Config(format!("model {name:?} is given twice")));
+            }
+            first.get_or_insert_with(|| name.to_string());
+        }
+        if catalog.is_empty() {
+            let dir = self.model_cache_dir().join(BUNDLED_MODEL);
+            if !dir.join("config.json").exists() {
+                return Err(Error::Config(format!(
+                    "no --model given and the bundled model is not at {}; \
+                     run embedder/models/fetch.sh or pass --model NAME=DIR",
+                    dir.display()
+                )));
+            }
+            catalog.insert(BUNDLED_MODEL.to_string(), dir);
+            first = Some(BUNDLED_MODEL.to_string());
+        }
+        let default = match &self.default_model {
+            Some(name) => name.clone(),
+            None => first.unwrap_or_default(),
+        };
+        for name in &self.preload {
+            if !catalog.contains_key(name) {
+                return Err(Error::Config(format!("--preload {name:?} is not a configured model")));
+            }
+        }
+        Ok((catalog, default))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.fault_error_rate) {
+            return Err(Error::Config("--fault-error-rate must be between 0 and 1".into()));
+        }
+        for (flag, value) in [
+            ("--max-batch-tokens", self.max_batch_tokens),
+            ("--max-concurrent-requests", self.max_concurrent_requests),
+            ("--max-client-batch", self.max_client_batch),
+            ("--max-body-bytes", self.max_body_bytes),
+        ] {
+            if value == 0 {
+                return Err(Error::Config(format!("{flag} must be at least 1")));
+            }
+        }
+        Ok(())
+    }
+
+    fn model_cache_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.model_cache {
+            return dir.clone();
+        }
+        let cache_home = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+            .unwrap_or_else(|| PathBuf::from(".cache"));
+        cache_home.join("embedroll").join("models")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("embedder").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn models_and_default() {
+        let config = parse(&["--model", "a=/m/a", "--model", "b=/m/b"]);
+        let (catalog, default) = config.model_catalog().unwrap();
+        assert_eq!(catalog.len(), 2);
+        assert_eq!(default, "a");
+        let config = parse(&["--model", "a=/m/a", "--model", "b=/m/b", "--default-model", "b"]);
+        assert_eq!(config.model_catalog().unwrap().1, "b");
+    }
+
+    #[test]
+    fn bad_model_specs_are_explained() {
+        for bad in ["noequals", "=dir", "name="] {
+            let err = parse(&["--model", bad]).model_catalog().unwrap_err().to_string();
+            assert!(err.contains("--model"), "{err}");
+        }
+        let err = parse(&["--model", "a=/x", "--model", "a=/y"]).model_catalog().unwrap_err();
+        assert!(err.to_string().contains("twice"));
+        let err = parse(&["--model", "a=/x", "--preload", "b"]).model_catalog().unwrap_err();
+        assert!(err.to_string().contains("--preload"));
+    }
+
+    #[test]
+    fn missing_bundled_model_says_how_to_fetch() {
+        let config = parse(&["--model-cache", "/nonexistent"]);
+        let err = config.model_catalog().unwrap_err().to_string();
+        assert!(err.contains("fetch.sh"), "{err}");
+    }
+
+    #[test]
+    fn fault_rate_is_bounded() {
+        assert!(parse(&["--fault-error-rate", "1.5"]).validate().is_err());
+        assert!(parse(&["--fault-error-rate", "0.5"]).validate().is_ok());
+    }
+}

@@ -1,0 +1,20 @@
+//! embedder: a sentence-embedding HTTP server on candle.
+//!
+//! Modules follow the request path: [`api`] (HTTP) → [`registry`] (which model) →
+//! [`batcher`] (queue and dynamic batching) → [`model`] (tokeniser and BERT forward pass) →
+//! [`pooling`]. [`metrics`] is the contract with Prometheus and the operator.
+
+pub mod api;
+pub mod batcher;
+pub mod config;
+pub mod error;
+pub mod fault;
+pub mod metrics;
+pub mod model;
+pub mod pooling;
+pub mod registry;
+pub mod server;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use model::SentenceModel;

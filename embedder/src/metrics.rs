@@ -1,0 +1,196 @@
+//! Prometheus metrics: the contract the operator's analysis queries rely on
+//! (see DESIGN.md §5). Names are stable; add, don't rename.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+/// Fine around the 20–50 ms SLOs rollouts gate on, so `histogram_quantile` can tell 20 ms
+/// from 35 ms; coarse beyond.
+const LATENCY_BUCKETS: [f64; 21] = [
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.035, 0.04,
+    0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+const BATCH_SIZE_BUCKETS: [f64; 10] = [1., 2., 4., 8., 16., 32., 64., 128., 256., 512.];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    model: String,
+    route: String,
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    model: String,
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+struct Inner {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: HistogramFamily<RouteLabels>,
+    inflight: Gauge,
+    queue_depth: Family<ModelLabels, Gauge>,
+    batch_size: HistogramFamily<ModelLabels>,
+    batch_duration: HistogramFamily<ModelLabels>,
+    tokens: Family<ModelLabels, Counter>,
+    model_loaded: Family<ModelLabels, Gauge>,
+}
+
+/// Cheap to clone; every clone records into the same registry.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("embedder");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "Embedding requests by model, route and HTTP status code", requests.clone());
+        let request_duration: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
+        registry.register_with_unit(
+            "request_duration",
+            "End-to-end embedding request latency, queueing included",
+            Unit::Seconds,
+            request_duration.clone(),
+        );
+        let inflight = Gauge::default();
+        registry.register("inflight_requests", "Embedding requests being served now", inflight.clone());
+        let queue_depth = Family::<ModelLabels, Gauge>::default();
+        registry.register("queue_depth", "Texts waiting for a forward pass", queue_depth.clone());
+        let batch_size: HistogramFamily<ModelLabels> =
+            Family::new_with_constructor(|| Histogram::new(BATCH_SIZE_BUCKETS));
+        registry.register("batch_size", "Texts per forward pass", batch_size.clone());
+        let batch_duration: HistogramFamily<ModelLabels> =
+            Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
+        registry.register_with_unit(
+            "batch_duration",
+            "Forward pass duration",
+            Unit::Seconds,
+            batch_duration.clone(),
+        );
+        let tokens = Family::<ModelLabels, Counter>::default();
+        registry.register("tokens", "Tokens embedded, special tokens included", tokens.clone());
+        let model_loaded = Family::<ModelLabels, Gauge>::default();
+        registry.register("model_loaded", "1 while the model is loaded and serving", model_loaded.clone());
+        Self(Arc::new(Inner {
+            registry,
+            requests,
+            request_duration,
+            inflight,
+            queue_depth,
+            batch_size,
+            batch_duration,
+            tokens,
+            model_loaded,
+        }))
+    }
+
+    pub fn observe_request(&self, model: &str, route: &str, code: u16, elapsed: Duration) {
+        let inner = &self.0;
+        inner
+            .requests
+            .get_or_create(&RequestLabels {
+                model: model.to_string(),
+                route: route.to_string(),
+                code,
+            })
+            .inc();
+        inner
+            .request_duration
+            .get_or_create(&RouteLabels {
+                model: model.to_string(),
+                route: route.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a request as in flight until the guard drops.
+    pub fn inflight(&self) -> InflightGuard {
+        self.0.inflight.inc();
+        InflightGuard(self.0.inflight.clone())
+    }
+
+    pub fn queue_depth(&self, model: &str) -> Gauge {
+        self.0.queue_depth.get_or_create_owned(&labels(model))
+    }
+
+    pub fn observe_pass(&self, model: &str, texts: usize, tokens: usize, elapsed: Duration) {
+        let labels = labels(model);
+        self.0.batch_size.get_or_create(&labels).observe(texts as f64);
+        self.0.batch_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        self.0.tokens.get_or_create(&labels).inc_by(tokens as u64);
+    }
+
+    pub fn set_model_loaded(&self, model: &str, loaded: bool) {
+        self.0.model_loaded.get_or_create(&labels(model)).set(i64::from(loaded));
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.0.registry);
+        out
+    }
+}
+
+fn labels(model: &str) -> ModelLabels {
+    ModelLabels {
+        model: model.to_string(),
+    }
+}
+
+pub struct InflightGuard(Gauge);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_contract_names() {
+        let metrics = Metrics::new();
+        metrics.observe_request("m", "/api/v1/embed", 200, Duration::from_millis(22));
+        metrics.observe_pass("m", 3, 30, Duration::from_millis(5));
+        metrics.set_model_loaded("m", true);
+        let _guard = metrics.inflight();
+        let text = metrics.encode();
+        for name in [
+            r#"embedder_requests_total{model="m",route="/api/v1/embed",code="200"} 1"#,
+            r#"embedder_request_duration_seconds_bucket{le="0.025",model="m",route="/api/v1/embed"} 1"#,
+            r#"embedder_request_duration_seconds_bucket{le="0.02",model="m",route="/api/v1/embed"} 0"#,
+            "embedder_inflight_requests 1",
+            r#"embedder_batch_size_count{model="m"} 1"#,
+            r#"embedder_tokens_total{model="m"} 30"#,
+            r#"embedder_model_loaded{model="m"} 1"#,
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

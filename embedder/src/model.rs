@@ -1,0 +1,265 @@
+//! A sentence-embedding model loaded from a Hugging Face / sentence-transformers directory.
+//!
+//! Layout read: `config.json` (BERT family), `tokenizer.json`, `model.safetensors` (or
+//! `pytorch_model.bin`), and when present `modules.json`, `sentence_bert_config.json`
+//! (max_seq_length, do_lower_case) and the pooling module's `config.json`.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use serde::Deserialize;
+use tokenizers::{
+    Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy, utils::padding::PaddingParams,
+};
+
+use crate::error::{Error, Result};
+use crate::pooling::{Pooling, PoolingConfig};
+
+/// What the server needs to know about a model without touching its weights.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub dimensions: usize,
+    pub max_seq_length: usize,
+    pub pooling: Pooling,
+    /// The model's own pipeline ends in a Normalize module.
+    pub normalized: bool,
+}
+
+pub struct SentenceModel {
+    pub info: ModelInfo,
+    tokenizer: Tokenizer,
+    lowercase_input: bool,
+    pad_token_id: u32,
+    bert: BertModel,
+    device: Device,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: Option<usize>,
+    #[serde(default)]
+    do_lower_case: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct ModuleEntry {
+    #[serde(default)]
+    path: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// Which sentence-transformers modules follow the transformer.
+struct Pipeline {
+    pooling_dir: Option<PathBuf>,
+    normalized: bool,
+}
+
+impl SentenceModel {
+    pub fn load(name: &str, dir: &Path) -> Result<Self> {
+        let device = Device::Cpu;
+        let err_config = |path: &Path, reason: String| Error::ModelConfig {
+            model: name.to_string(),
+            path: path.to_path_buf(),
+            reason,
+        };
+        let unsupported = |reason: String| Error::UnsupportedModel {
+            model: name.to_string(),
+            reason,
+        };
+
+        let config_path = dir.join("config.json");
+        let config: BertConfig = read_json(name, &config_path)?;
+        match config.model_type.as_deref() {
+            None | Some("bert") => {}
+            Some(other) => {
+                return Err(unsupported(format!(
+                    "model_type {other:?} is not served; only BERT-family models are"
+                )));
+            }
+        }
+
+        let pipeline = read_pipeline(name, dir)?;
+        let pooling = match &pipeline.pooling_dir {
+            Some(pooling_dir) => {
+                let path = pooling_dir.join("config.json");
+                let pooling: PoolingConfig = read_json(name, &path)?;
+                pooling.mode().map_err(|reason| err_config(&path, reason))?
+            }
+            None => {
+                tracing::warn!(model = name, "no pooling config found; using mean pooling");
+                Pooling::Mean
+            }
+        };
+
+        let st_config_path = dir.join("sentence_bert_config.json");
+        let st_config: SentenceBertConfig = if st_config_path.exists() {
+            read_json(name, &st_config_path)?
+        } else {
+            SentenceBertConfig::default()
+        };
+        let max_seq_length = st_config
+            .max_seq_length
+            .unwrap_or(config.max_position_embeddings)
+            .min(config.max_position_embeddings);
+        if max_seq_length < 2 {
+            return Err(err_config(&st_config_path, "max_seq_length must be at least 2".into()));
+        }
+
+        let tokenizer_path = dir.join("tokenizer.json");
+        if !tokenizer_path.exists() {
+            return Err(Error::ModelFile {
+                model: name.to_string(),
+                path: tokenizer_path,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json is required"),
+            });
+        }
+        let mut tokenizer = Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| err_config(&tokenizer_path, e.to_string()))?;
+        // tokenizer.json often carries the training-time settings (fixed padding to 128,
+        // truncation at 128); sentence-transformers truncates at max_seq_length and pads per
+        // batch, so both are replaced. Padding is done by the batcher, per forward pass.
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_seq_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| err_config(&tokenizer_path, e.to_string()))?;
+        tokenizer.with_padding(None::<PaddingParams>);
+
+        let vb = load_weights(name, dir, &device)?;
+        let bert = BertModel::load(vb, &config).map_err(|e| {
+            unsupported(format!("weights do not match a BERT model with this config.json: {e}"))
+        })?;
+
+        Ok(Self {
+            info: ModelInfo {
+                name: name.to_string(),
+                dimensions: config.hidden_size,
+                max_seq_length,
+                pooling,
+                normalized: pipeline.normalized,
+            },
+            tokenizer,
+            lowercase_input: st_config.do_lower_case,
+            pad_token_id: config.pad_token_id as u32,
+            bert,
+            device,
+        })
+    }
+
+    /// Token ids for one text, with special tokens, truncated at `max_seq_length`.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = if self.lowercase_input {
+            self.tokenizer.encode(text.to_lowercase(), true)
+        } else {
+            self.tokenizer.encode(text, true)
+        }
+        .map_err(|e| Error::Tokenizer {
+            model: self.info.name.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Pooled, not yet normalised, embeddings for a batch of tokenised texts, in input order.
+    /// Sequences are right-padded to the longest one in `batch`; callers group similar lengths.
+    pub fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = batch.len();
+        let width = batch.iter().map(|ids| ids.len()).max().unwrap_or(0).max(1);
+        let mut ids = Vec::with_capacity(rows * width);
+        let mut mask = Vec::with_capacity(rows * width);
+        for seq in batch {
+            ids.extend_from_slice(seq);
+            ids.extend(std::iter::repeat_n(self.pad_token_id, width - seq.len()));
+            mask.extend(std::iter::repeat_n(1u8, seq.len()));
+            mask.extend(std::iter::repeat_n(0u8, width - seq.len()));
+        }
+        let ids = Tensor::from_vec(ids, (rows, width), &self.device)?;
+        let mask = Tensor::from_vec(mask, (rows, width), &self.device)?.to_dtype(DType::F32)?;
+        let token_types = ids.zeros_like()?;
+        let hidden = self.bert.forward(&ids, &token_types, Some(&mask))?;
+        let pooled = self.info.pooling.apply(&hidden, &mask)?;
+        Ok(pooled.to_vec2::<f32>()?)
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(model: &str, path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|source| Error::ModelFile {
+        model: model.to_string(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::ModelConfig {
+        model: model.to_string(),
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn read_pipeline(model: &str, dir: &Path) -> Result<Pipeline> {
+    let modules_path = dir.join("modules.json");
+    if !modules_path.exists() {
+        let default_pooling = dir.join("1_Pooling");
+        return Ok(Pipeline {
+            pooling_dir: default_pooling.is_dir().then_some(default_pooling),
+            normalized: false,
+        });
+    }
+    let modules: Vec<ModuleEntry> = read_json(model, &modules_path)?;
+    let mut pipeline = Pipeline {
+        pooling_dir: None,
+        normalized: false,
+    };
+    for module in modules {
+        let kind = module.kind.rsplit('.').next().unwrap_or_default();
+        match kind {
+            "Transformer" => {}
+            "Pooling" => pipeline.pooling_dir = Some(dir.join(&module.path)),
+            "Normalize" => pipeline.normalized = true,
+            other => {
+                return Err(Error::UnsupportedModel {
+                    model: model.to_string(),
+                    reason: format!("modules.json uses module type {other}, which is not supported"),
+                });
+            }
+        }
+    }
+    Ok(pipeline)
+}
+
+fn load_weights(model: &str, dir: &Path, device: &Device) -> Result<VarBuilder<'static>> {
+    let safetensors = dir.join("model.safetensors");
+    let pytorch = dir.join("pytorch_model.bin");
+    let invalid = |path: &Path, e: candle_core::Error| Error::ModelConfig {
+        model: model.to_string(),
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    if safetensors.exists() {
+        // SAFETY: the weights file is memory-mapped read-only; the server never writes to
+        // model directories, and an operator replacing files under a running server is
+        // outside what any mmap-based loader (TEI, candle) can defend against.
+        unsafe { VarBuilder::from_mmaped_safetensors(&[&safetensors], DType::F32, device) }
+            .map_err(|e| invalid(&safetensors, e))
+    } else if pytorch.exists() {
+        VarBuilder::from_pth(&pytorch, DType::F32, device).map_err(|e| invalid(&pytorch, e))
+    } else {
+        Err(Error::ModelFile {
+            model: model.to_string(),
+            path: safetensors,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "neither model.safetensors nor pytorch_model.bin exists",
+            ),
+        })
+    }
+}

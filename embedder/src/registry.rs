@@ -1,0 +1,177 @@
+//! The served models: a catalog of configured model directories, of which at most
+//! `max_loaded` are in memory at once (least recently used evicted first, the default model
+//! never). Loading happens on first use, once, however many requests wait for it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::OnceCell;
+
+use crate::batcher::Batcher;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::model::{ModelInfo, SentenceModel};
+
+/// Text used to warm a model before it serves: touches every layer and allocates the
+/// buffers a typical request needs.
+const WARM_UP_TEXT: &str = "Warming up the embedding model before it serves traffic.";
+
+pub struct LoadedModel {
+    pub model: Arc<SentenceModel>,
+    pub batcher: Batcher,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("model {0:?} is not served")]
+    Unknown(String),
+    #[error("model {name:?} could not be loaded: {source}")]
+    LoadFailed { name: String, source: Arc<Error> },
+}
+
+struct Slot {
+    cell: Arc<OnceCell<Arc<LoadedModel>>>,
+    last_used: u64,
+}
+
+pub struct Registry {
+    catalog: BTreeMap<String, PathBuf>,
+    default_model: String,
+    max_loaded: usize,
+    max_batch_tokens: usize,
+    slots: Mutex<BTreeMap<String, Slot>>,
+    clock: AtomicU64,
+    metrics: Metrics,
+}
+
+impl Registry {
+    pub fn new(
+        catalog: BTreeMap<String, PathBuf>,
+        default_model: String,
+        max_loaded: usize,
+        max_batch_tokens: usize,
+        metrics: Metrics,
+    ) -> Result<Self> {
+        if !catalog.contains_key(&default_model) {
+            return Err(Error::Config(format!(
+                "default model {default_model:?} is not among the configured models ({})",
+                catalog.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        if max_loaded == 0 {
+            return Err(Error::Config("--max-models must be at least 1".into()));
+        }
+        Ok(Self {
+            catalog,
+            default_model,
+            max_loaded,
+            max_batch_tokens,
+            slots: Mutex::new(BTreeMap::new()),
+            clock: AtomicU64::new(0),
+            metrics,
+        })
+    }
+
+    pub fn default_model(&self) -> &str {
+        &self.default_model
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.catalog.keys().map(String::as_str)
+    }
+
+    pub fn is_served(&self, name: &str) -> bool {
+        self.catalog.contains_key(name)
+    }
+
+    /// Info on the models in memory now.
+    pub fn loaded(&self) -> Vec<ModelInfo> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .values()
+            .filter_map(|slot| slot.cell.get().map(|m| m.model.info.clone()))
+            .collect()
+    }
+
+    /// The model, loading and warming it first if it is not in memory.
+    pub async fn get(&self, name: &str) -> Result<Arc<LoadedModel>, LookupError> {
+        let Some(dir) = self.catalog.get(name) else {
+            return Err(LookupError::Unknown(name.to_string()));
+        };
+        let cell = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let now = self.clock.fetch_add(1, Ordering::Relaxed);
+            let slot = slots.entry(name.to_string()).or_insert_with(|| Slot {
+                cell: Arc::new(OnceCell::new()),
+                last_used: now,
+            });
+            slot.last_used = now;
+            slot.cell.clone()
+        };
+        if let Some(loaded) = cell.get() {
+            return Ok(loaded.clone());
+        }
+        let loaded = cell
+            .get_or_try_init(|| self.load(name.to_string(), dir.clone()))
+            .await
+            .map_err(|source| LookupError::LoadFailed {
+                name: name.to_string(),
+                source: Arc::new(source),
+            })?
+            .clone();
+        self.evict_beyond_limit(name);
+        Ok(loaded)
+    }
+
+    async fn load(&self, name: String, dir: PathBuf) -> Result<Arc<LoadedModel>> {
+        let started = Instant::now();
+        tracing::info!(model = %name, dir = %dir.display(), "loading model");
+        let model = tokio::task::spawn_blocking(move || -> Result<SentenceModel> {
+            let model = SentenceModel::load(&name, &dir)?;
+            let ids = model.tokenize(WARM_UP_TEXT)?;
+            model.embed(&[&ids])?;
+            Ok(model)
+        })
+        .await
+        .map_err(|e| Error::Config(format!("model loading task failed: {e}")))??;
+        let model = Arc::new(model);
+        let info = &model.info;
+        tracing::info!(
+            model = %info.name,
+            dimensions = info.dimensions,
+            max_seq_length = info.max_seq_length,
+            pooling = ?info.pooling,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "model loaded and warmed"
+        );
+        let batcher = Batcher::spawn(model.clone(), self.max_batch_tokens, self.metrics.clone())?;
+        self.metrics.set_model_loaded(&model.info.name, true);
+        Ok(Arc::new(LoadedModel { model, batcher }))
+    }
+
+    /// Drops least recently used models until at most `max_loaded` remain. Requests already
+    /// holding an evicted model finish on it; its memory goes when they do.
+    fn evict_beyond_limit(&self, just_used: &str) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let loaded = slots.values().filter(|s| s.cell.initialized()).count();
+            if loaded <= self.max_loaded {
+                break;
+            }
+            let victim = slots
+                .iter()
+                .filter(|(name, slot)| {
+                    slot.cell.initialized() && *name != &self.default_model && *name != just_used
+                })
+                .min_by_key(|(_, slot)| slot.last_used)
+                .map(|(name, _)| name.clone());
+            let Some(victim) = victim else { break };
+            slots.remove(&victim);
+            self.metrics.set_model_loaded(&victim, false);
+            tracing::info!(model = %victim, "evicted least recently used model");
+        }
+    }
+}
