@@ -114,9 +114,11 @@ impl ApiError {
         use serde_json::error::Category;
         match error.classify() {
             Category::Data => Self::invalid(error.to_string()),
-            Category::Syntax | Category::Eof | Category::Io => {
-                Self::new(StatusCode::BAD_REQUEST, "invalid_json", format!("body is not valid JSON: {error}"))
-            }
+            Category::Syntax | Category::Eof | Category::Io => Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("body is not valid JSON: {error}"),
+            ),
         }
     }
 
@@ -182,9 +184,12 @@ async fn serve_embed(
             error.into_response()
         }
     };
-    state
-        .metrics
-        .observe_request(&model_label, route, response.status().as_u16(), started.elapsed());
+    state.metrics.observe_request(
+        &model_label,
+        route,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     response
 }
 
@@ -205,11 +210,18 @@ async fn embed(
         )
     })?;
     let body = body.map_err(ApiError::from_body)?;
-    let job = parse(&body)?;
+    let mut job = parse(&body)?;
+    let registry = &state.registry;
+    let name = job
+        .model
+        .take()
+        .unwrap_or_else(|| registry.default_model().to_string());
+    // Only served names become label values: request data must not grow series without bound.
+    if registry.is_served(&name) {
+        model_label.clone_from(&name);
+    }
     validate(&job, &state.limits)?;
 
-    let registry = &state.registry;
-    let name = job.model.unwrap_or_else(|| registry.default_model().to_string());
     let loaded = registry.get(&name).await.map_err(|error| match error {
         LookupError::Unknown(_) => ApiError::new(
             StatusCode::NOT_FOUND,
@@ -219,11 +231,12 @@ async fn embed(
                 registry.names().collect::<Vec<_>>().join(", ")
             ),
         ),
-        LookupError::LoadFailed { .. } => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_unavailable", error.to_string())
-        }
+        LookupError::LoadFailed { .. } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "model_unavailable",
+            error.to_string(),
+        ),
     })?;
-    *model_label = name.clone();
     let info = &loaded.model.info;
     if let Some(dimensions) = job.dimensions
         && dimensions != info.dimensions
@@ -245,18 +258,23 @@ async fn embed(
     let model = loaded.model.clone();
     let texts = job.texts;
     let ids = tokio::task::spawn_blocking(move || {
-        texts.iter().map(|text| model.tokenize(text)).collect::<Result<Vec<_>, _>>()
+        texts
+            .iter()
+            .map(|text| model.tokenize(text))
+            .collect::<Result<Vec<_>, _>>()
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
     .map_err(|e| ApiError::invalid(e.to_string()))?;
     let tokens = ids.iter().map(Vec::len).sum();
 
-    let mut vectors = loaded
-        .batcher
-        .embed(ids)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference_failed", e.to_string()))?;
+    let mut vectors = loaded.batcher.embed(ids).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "inference_failed",
+            e.to_string(),
+        )
+    })?;
     if job.normalize {
         vectors.iter_mut().for_each(|v| l2_normalize(v));
     }
@@ -271,7 +289,11 @@ async fn embed(
 
 fn validate(job: &EmbedJob, limits: &Limits) -> Result<(), ApiError> {
     if job.texts.is_empty() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "empty_input", "no texts to embed"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "empty_input",
+            "no texts to embed",
+        ));
     }
     if job.texts.len() > limits.max_client_batch {
         return Err(ApiError::new(
@@ -330,7 +352,10 @@ fn parse_native(body: &[u8]) -> Result<EmbedJob, ApiError> {
     })
 }
 
-async fn embed_native(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn embed_native(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     serve_embed(&state, NATIVE_ROUTE, body, parse_native, |out| {
         Json(NativeResponse {
             embeddings: out.vectors,
@@ -383,10 +408,16 @@ fn parse_openai(body: &[u8]) -> Result<EmbedJob, ApiError> {
                 Value::Number(_) | Value::Array(_) => Err(ApiError::invalid(
                     "input: token arrays are not supported; send strings",
                 )),
-                _ => Err(ApiError::invalid(format!("input[{index}] must be a string"))),
+                _ => Err(ApiError::invalid(format!(
+                    "input[{index}] must be a string"
+                ))),
             })
             .collect::<Result<_, _>>()?,
-        _ => return Err(ApiError::invalid("input must be a string or an array of strings")),
+        _ => {
+            return Err(ApiError::invalid(
+                "input must be a string or an array of strings",
+            ));
+        }
     };
     Ok(EmbedJob {
         texts,
@@ -397,7 +428,10 @@ fn parse_openai(body: &[u8]) -> Result<EmbedJob, ApiError> {
     })
 }
 
-async fn embed_openai(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn embed_openai(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     serve_embed(&state, OPENAI_ROUTE, body, parse_openai, |out| {
         let format = out.format;
         let data: Vec<Value> = out
@@ -437,7 +471,11 @@ async fn live() -> Json<Value> {
 
 async fn ready(State(state): State<AppState>) -> Response {
     let (status, ready) = state.health.status();
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(json!({"status": status}))).into_response()
 }
 
@@ -474,7 +512,10 @@ async fn info(State(state): State<AppState>) -> Json<Value> {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
         .into_response()
@@ -485,5 +526,9 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
 }

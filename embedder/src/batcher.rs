@@ -36,7 +36,11 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    pub fn spawn(model: Arc<SentenceModel>, max_batch_tokens: usize, metrics: Metrics) -> Result<Self> {
+    pub fn spawn(
+        model: Arc<SentenceModel>,
+        max_batch_tokens: usize,
+        metrics: Metrics,
+    ) -> Result<Self> {
         let (queue, rx) = mpsc::unbounded_channel();
         let name = model.info.name.clone();
         let worker_metrics = metrics.clone();
@@ -56,7 +60,9 @@ impl Batcher {
         let mut replies = Vec::with_capacity(texts.len());
         for ids in texts {
             let (reply, rx) = oneshot::channel();
-            self.queue.send(Entry { ids, reply }).map_err(|_| Error::BatcherGone)?;
+            self.queue
+                .send(Entry { ids, reply })
+                .map_err(|_| Error::BatcherGone)?;
             self.metrics.queue_depth(&self.model).inc();
             replies.push(rx);
         }
@@ -157,8 +163,15 @@ fn fail_all(entries: Vec<Entry>, model: &str, message: String) {
 ///
 /// Sorting then cutting optimally keeps padding waste low for mixed lengths without giving up
 /// the matrix sizes that make batching fast.
-pub fn plan_forward_passes(lengths: &[usize], max_tokens: usize, overhead: usize) -> Vec<Range<usize>> {
-    debug_assert!(lengths.windows(2).all(|w| w[0] <= w[1]), "lengths must be sorted");
+pub fn plan_forward_passes(
+    lengths: &[usize],
+    max_tokens: usize,
+    overhead: usize,
+) -> Vec<Range<usize>> {
+    debug_assert!(
+        lengths.windows(2).all(|w| w[0] <= w[1]),
+        "lengths must be sorted"
+    );
     let n = lengths.len();
     // best[i]: lowest cost covering lengths[..i]; cut[i]: start of the last pass in that plan.
     let mut best = vec![usize::MAX; n + 1];
@@ -214,7 +227,10 @@ mod tests {
             assert_eq!(pair[0].end, pair[1].start);
         }
         for pass in &passes {
-            assert!(pass.len() * lengths[pass.end - 1] <= 1000, "{pass:?} over budget");
+            assert!(
+                pass.len() * lengths[pass.end - 1] <= 1000,
+                "{pass:?} over budget"
+            );
         }
     }
 

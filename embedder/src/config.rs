@@ -27,7 +27,12 @@ pub struct Config {
     /// A model to serve, as NAME=DIR where DIR is a Hugging Face / sentence-transformers model
     /// directory (config.json, tokenizer.json, model.safetensors, 1_Pooling/...). Repeatable.
     /// Without any, the bundled all-MiniLM-L6-v2 is served from --model-cache.
-    #[arg(long = "model", env = "EMBEDDER_MODEL", value_name = "NAME=DIR", value_delimiter = ',')]
+    #[arg(
+        long = "model",
+        env = "EMBEDDER_MODEL",
+        value_name = "NAME=DIR",
+        value_delimiter = ','
+    )]
     pub models: Vec<String>,
 
     /// Model used when a request names none; readiness waits for it. Defaults to the first
@@ -40,7 +45,12 @@ pub struct Config {
     pub model_cache: Option<PathBuf>,
 
     /// Models to load and warm at start-up besides the default one. Repeatable.
-    #[arg(long, env = "EMBEDDER_PRELOAD", value_name = "NAME", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "EMBEDDER_PRELOAD",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
     pub preload: Vec<String>,
 
     /// Most models kept in memory at once; the least recently used is evicted first, the
@@ -105,9 +115,14 @@ impl Config {
             })?;
             let (name, dir) = (name.trim(), dir.trim());
             if name.is_empty() || dir.is_empty() {
-                return Err(Error::Config(format!("--model {spec:?} needs both NAME and DIR")));
+                return Err(Error::Config(format!(
+                    "--model {spec:?} needs both NAME and DIR"
+                )));
             }
-            if catalog.insert(name.to_string(), PathBuf::from(dir)).is_some() {
+            if catalog
+                .insert(name.to_string(), PathBuf::from(dir))
+                .is_some()
+            {
                 return Err(Error::Config(format!("model {name:?} is given twice")));
             }
             first.get_or_insert_with(|| name.to_string());
@@ -130,7 +145,9 @@ impl Config {
         };
         for name in &self.preload {
             if !catalog.contains_key(name) {
-                return Err(Error::Config(format!("--preload {name:?} is not a configured model")));
+                return Err(Error::Config(format!(
+                    "--preload {name:?} is not a configured model"
+                )));
             }
         }
         Ok((catalog, default))
@@ -138,7 +155,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.fault_error_rate) {
-            return Err(Error::Config("--fault-error-rate must be between 0 and 1".into()));
+            return Err(Error::Config(
+                "--fault-error-rate must be between 0 and 1".into(),
+            ));
         }
         for (flag, value) in [
             ("--max-batch-tokens", self.max_batch_tokens),
@@ -179,19 +198,33 @@ mod tests {
         let (catalog, default) = config.model_catalog().unwrap();
         assert_eq!(catalog.len(), 2);
         assert_eq!(default, "a");
-        let config = parse(&["--model", "a=/m/a", "--model", "b=/m/b", "--default-model", "b"]);
+        let config = parse(&[
+            "--model",
+            "a=/m/a",
+            "--model",
+            "b=/m/b",
+            "--default-model",
+            "b",
+        ]);
         assert_eq!(config.model_catalog().unwrap().1, "b");
     }
 
     #[test]
     fn bad_model_specs_are_explained() {
         for bad in ["noequals", "=dir", "name="] {
-            let err = parse(&["--model", bad]).model_catalog().unwrap_err().to_string();
+            let err = parse(&["--model", bad])
+                .model_catalog()
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("--model"), "{err}");
         }
-        let err = parse(&["--model", "a=/x", "--model", "a=/y"]).model_catalog().unwrap_err();
+        let err = parse(&["--model", "a=/x", "--model", "a=/y"])
+            .model_catalog()
+            .unwrap_err();
         assert!(err.to_string().contains("twice"));
-        let err = parse(&["--model", "a=/x", "--preload", "b"]).model_catalog().unwrap_err();
+        let err = parse(&["--model", "a=/x", "--preload", "b"])
+            .model_catalog()
+            .unwrap_err();
         assert!(err.to_string().contains("--preload"));
     }
 

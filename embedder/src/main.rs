@@ -10,14 +10,20 @@ fn main() -> std::process::ExitCode {
     }
     init_tracing(config.log_json);
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("embedder: cannot start the async runtime: {error}");
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(embedder::server::serve(config, embedder::server::shutdown_signal())) {
+    match runtime.block_on(embedder::server::serve(
+        config,
+        embedder::server::shutdown_signal(),
+    )) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "embedder stopped");
@@ -28,7 +34,9 @@ fn main() -> std::process::ExitCode {
 
 fn init_tracing(json: bool) {
     let filter = EnvFilter::try_from_env("EMBEDDER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().flatten_event(true).init();
     } else {

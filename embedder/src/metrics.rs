@@ -65,19 +65,31 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("embedder");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("requests", "Embedding requests by model, route and HTTP status code", requests.clone());
+        registry.register(
+            "requests",
+            "Embedding requests by model, route and HTTP status code",
+            requests.clone(),
+        );
         let request_duration: HistogramFamily<RouteLabels> =
             Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
         registry.register_with_unit(
             "request_duration",
-            "End-to-end embedding request latency, queueing included",
+            "Embedding request latency, queueing included, of requests answered 2xx or 5xx",
             Unit::Seconds,
             request_duration.clone(),
         );
         let inflight = Gauge::default();
-        registry.register("inflight_requests", "Embedding requests being served now", inflight.clone());
+        registry.register(
+            "inflight_requests",
+            "Embedding requests being served now",
+            inflight.clone(),
+        );
         let queue_depth = Family::<ModelLabels, Gauge>::default();
-        registry.register("queue_depth", "Texts waiting for a forward pass", queue_depth.clone());
+        registry.register(
+            "queue_depth",
+            "Texts waiting for a forward pass",
+            queue_depth.clone(),
+        );
         let batch_size: HistogramFamily<ModelLabels> =
             Family::new_with_constructor(|| Histogram::new(BATCH_SIZE_BUCKETS));
         registry.register("batch_size", "Texts per forward pass", batch_size.clone());
@@ -90,9 +102,17 @@ impl Metrics {
             batch_duration.clone(),
         );
         let tokens = Family::<ModelLabels, Counter>::default();
-        registry.register("tokens", "Tokens embedded, special tokens included", tokens.clone());
+        registry.register(
+            "tokens",
+            "Tokens embedded, special tokens included",
+            tokens.clone(),
+        );
         let model_loaded = Family::<ModelLabels, Gauge>::default();
-        registry.register("model_loaded", "1 while the model is loaded and serving", model_loaded.clone());
+        registry.register(
+            "model_loaded",
+            "1 while the model is loaded and serving",
+            model_loaded.clone(),
+        );
         Self(Arc::new(Inner {
             registry,
             requests,
@@ -116,6 +136,11 @@ impl Metrics {
                 code,
             })
             .inc();
+        // Client errors and overload rejections answer in microseconds; counting them would
+        // drag the latency quantiles rollouts gate on down exactly when things go wrong.
+        if (400..500).contains(&code) {
+            return;
+        }
         inner
             .request_duration
             .get_or_create(&RouteLabels {
@@ -137,13 +162,22 @@ impl Metrics {
 
     pub fn observe_pass(&self, model: &str, texts: usize, tokens: usize, elapsed: Duration) {
         let labels = labels(model);
-        self.0.batch_size.get_or_create(&labels).observe(texts as f64);
-        self.0.batch_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        self.0
+            .batch_size
+            .get_or_create(&labels)
+            .observe(texts as f64);
+        self.0
+            .batch_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
         self.0.tokens.get_or_create(&labels).inc_by(tokens as u64);
     }
 
     pub fn set_model_loaded(&self, model: &str, loaded: bool) {
-        self.0.model_loaded.get_or_create(&labels(model)).set(i64::from(loaded));
+        self.0
+            .model_loaded
+            .get_or_create(&labels(model))
+            .set(i64::from(loaded));
     }
 
     /// The OpenMetrics text exposition.

@@ -11,7 +11,8 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use serde::Deserialize;
 use tokenizers::{
-    Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy, utils::padding::PaddingParams,
+    Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+    utils::padding::PaddingParams,
 };
 
 use crate::error::{Error, Result};
@@ -106,7 +107,10 @@ impl SentenceModel {
             .unwrap_or(config.max_position_embeddings)
             .min(config.max_position_embeddings);
         if max_seq_length < 2 {
-            return Err(err_config(&st_config_path, "max_seq_length must be at least 2".into()));
+            return Err(err_config(
+                &st_config_path,
+                "max_seq_length must be at least 2".into(),
+            ));
         }
 
         let tokenizer_path = dir.join("tokenizer.json");
@@ -114,7 +118,10 @@ impl SentenceModel {
             return Err(Error::ModelFile {
                 model: name.to_string(),
                 path: tokenizer_path,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json is required"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "tokenizer.json is required",
+                ),
             });
         }
         let mut tokenizer = Tokenizer::from_file(&tokenizer_path)
@@ -134,7 +141,9 @@ impl SentenceModel {
 
         let vb = load_weights(name, dir, &device)?;
         let bert = BertModel::load(vb, &config).map_err(|e| {
-            unsupported(format!("weights do not match a BERT model with this config.json: {e}"))
+            unsupported(format!(
+                "weights do not match a BERT model with this config.json: {e}"
+            ))
         })?;
 
         Ok(Self {
@@ -228,7 +237,9 @@ fn read_pipeline(model: &str, dir: &Path) -> Result<Pipeline> {
             other => {
                 return Err(Error::UnsupportedModel {
                     model: model.to_string(),
-                    reason: format!("modules.json uses module type {other}, which is not supported"),
+                    reason: format!(
+                        "modules.json uses module type {other}, which is not supported"
+                    ),
                 });
             }
         }

@@ -35,7 +35,10 @@ impl PoolingConfig {
     /// refused rather than half-supported.
     pub fn mode(&self) -> Result<Pooling, String> {
         let unsupported = [
-            (self.pooling_mode_mean_sqrt_len_tokens, "mean_sqrt_len_tokens"),
+            (
+                self.pooling_mode_mean_sqrt_len_tokens,
+                "mean_sqrt_len_tokens",
+            ),
             (self.pooling_mode_weightedmean_tokens, "weightedmean_tokens"),
             (self.pooling_mode_lasttoken, "lasttoken"),
         ];
@@ -103,11 +106,16 @@ mod tests {
     fn mode_from_sentence_transformers_config() {
         let mean = r#"{"word_embedding_dimension":384,"pooling_mode_cls_token":false,"pooling_mode_mean_tokens":true}"#;
         assert_eq!(config(mean).mode(), Ok(Pooling::Mean));
-        assert_eq!(config(r#"{"pooling_mode_cls_token":true}"#).mode(), Ok(Pooling::Cls));
+        assert_eq!(
+            config(r#"{"pooling_mode_cls_token":true}"#).mode(),
+            Ok(Pooling::Cls)
+        );
         assert!(config("{}").mode().is_err());
-        assert!(config(r#"{"pooling_mode_cls_token":true,"pooling_mode_mean_tokens":true}"#)
-            .mode()
-            .is_err());
+        assert!(
+            config(r#"{"pooling_mode_cls_token":true,"pooling_mode_mean_tokens":true}"#)
+                .mode()
+                .is_err()
+        );
         assert!(config(r#"{"pooling_mode_lasttoken":true}"#).mode().is_err());
     }
 
@@ -117,11 +125,23 @@ mod tests {
         // one sequence of 3 positions, the last one padding
         let hidden = Tensor::new(&[[[1f32, 2.], [3., 4.], [100., 100.]]], &dev).unwrap();
         let mask = Tensor::new(&[[1u32, 1, 0]], &dev).unwrap();
-        let mean = Pooling::Mean.apply(&hidden, &mask).unwrap().to_vec2::<f32>().unwrap();
+        let mean = Pooling::Mean
+            .apply(&hidden, &mask)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(mean, vec![vec![2., 3.]]);
-        let cls = Pooling::Cls.apply(&hidden, &mask).unwrap().to_vec2::<f32>().unwrap();
+        let cls = Pooling::Cls
+            .apply(&hidden, &mask)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(cls, vec![vec![1., 2.]]);
-        let max = Pooling::Max.apply(&hidden, &mask).unwrap().to_vec2::<f32>().unwrap();
+        let max = Pooling::Max
+            .apply(&hidden, &mask)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(max, vec![vec![3., 4.]]);
     }
 

@@ -16,7 +16,10 @@ use crate::registry::Registry;
 
 /// Serves until `shutdown` resolves, then drains: readiness turns false at once, new
 /// connections are refused after `--drain-delay-ms`, in-flight requests finish.
-pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     config.validate()?;
     let (catalog, default_model) = config.model_catalog()?;
     let metrics = Metrics::new();
@@ -78,7 +81,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         health.start_draining();
-        tracing::info!(drain_delay_ms = drain_delay.as_millis() as u64, "shutting down: readiness off, draining");
+        tracing::info!(
+            drain_delay_ms = drain_delay.as_millis() as u64,
+            "shutting down: readiness off, draining"
+        );
         tokio::time::sleep(drain_delay).await;
     });
     tokio::select! {

@@ -46,7 +46,10 @@ fn vectors(body: &Value) -> Vec<Vec<f32>> {
 async fn check_model(server: &Server, model: &str) {
     let refs = references(model);
     // Truncation parity matters: the fixture holds texts far past max_seq_length.
-    assert!(refs.iter().any(|r| r.tokens == 256), "fixture lacks a truncated text");
+    assert!(
+        refs.iter().any(|r| r.tokens == 256),
+        "fixture lacks a truncated text"
+    );
 
     // One at a time: no padding involved.
     for r in &refs {
@@ -54,7 +57,11 @@ async fn check_model(server: &Server, model: &str) {
         let got = &vectors(&body)[0];
         let cos = cosine(got, &r.embedding);
         assert!(cos >= 0.9999, "{model}: cosine {cos} for {:?}", r.text);
-        assert_eq!(body["usage"]["tokens"], r.tokens, "{model}: token count for {:?}", r.text);
+        assert_eq!(
+            body["usage"]["tokens"], r.tokens,
+            "{model}: token count for {:?}",
+            r.text
+        );
         assert_eq!(body["dimensions"], 384);
     }
 
@@ -65,7 +72,11 @@ async fn check_model(server: &Server, model: &str) {
     assert_eq!(got.len(), refs.len());
     for (v, r) in got.iter().zip(&refs) {
         let cos = cosine(v, &r.embedding);
-        assert!(cos >= 0.9999, "{model} (batched): cosine {cos} for {:?}", r.text);
+        assert!(
+            cos >= 0.9999,
+            "{model} (batched): cosine {cos} for {:?}",
+            r.text
+        );
         let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "not a unit vector: {norm}");
     }

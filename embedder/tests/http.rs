@@ -1,0 +1,641 @@
+//! The real server on a loopback port: both embed routes, dynamic batching under concurrency,
+//! overload, client errors, readiness, metrics, faults, multiple models and graceful shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use common::{MODEL, SECOND_MODEL, Server, cosine, series_value};
+use reqwest::{Client, StatusCode};
+use serde_json::{Value, json};
+
+async fn post(server: &Server, path: &str, body: Value) -> (StatusCode, Value) {
+    let response = Client::new()
+        .post(server.url(path))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap())
+}
+
+async fn post_raw(
+    server: &Server,
+    path: &str,
+    body: impl Into<reqwest::Body>,
+) -> (StatusCode, Value) {
+    let response = Client::new()
+        .post(server.url(path))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    let json =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+    (status, json)
+}
+
+fn vectors(body: &Value) -> Vec<Vec<f32>> {
+    serde_json::from_value(body["embeddings"].clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn native_and_openai_routes_agree() {
+    let server = Server::start(&[]).await;
+    let texts = ["first text", "a second, longer text about embeddings"];
+    let (status, native) = post(&server, "/api/v1/embed", json!({"texts": texts})).await;
+    assert_eq!(status, 200);
+    assert_eq!(native["model"], MODEL);
+    assert_eq!(native["dimensions"], 384);
+    assert!(native["usage"]["tokens"].as_u64().unwrap() > 4);
+    let native = vectors(&native);
+
+    let (status, openai) = post(
+        &server,
+        "/v1/embeddings",
+        json!({"input": texts, "model": MODEL}),
+    )
+    .await;
+    assert_eq!(status, 200, "{openai}");
+    assert_eq!(openai["object"], "list");
+    assert_eq!(openai["model"], MODEL);
+    assert!(openai["usage"]["prompt_tokens"].as_u64().unwrap() > 4);
+    assert_eq!(
+        openai["usage"]["prompt_tokens"],
+        openai["usage"]["total_tokens"]
+    );
+    let data = openai["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    for (i, item) in data.iter().enumerate() {
+        assert_eq!(item["object"], "embedding");
+        assert_eq!(item["index"], i);
+        let v: Vec<f32> = serde_json::from_value(item["embedding"].clone()).unwrap();
+        assert!(cosine(&v, &native[i]) > 0.99999);
+    }
+
+    // A single string input, base64-encoded little-endian f32s.
+    let (status, b64) = post(
+        &server,
+        "/v1/embeddings",
+        json!({"input": texts[0], "encoding_format": "base64"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{b64}");
+    let encoded = b64["data"][0]["embedding"].as_str().unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .unwrap();
+    let decoded: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(decoded.len(), 384);
+    assert!(cosine(&decoded, &native[0]) > 0.99999);
+
+    // normalize: false returns the raw mean-pooled vector, same direction, not unit length.
+    let (_, raw) = post(
+        &server,
+        "/api/v1/embed",
+        json!({"texts": [texts[0]], "normalize": false}),
+    )
+    .await;
+    let raw = &vectors(&raw)[0];
+    let norm: f32 = raw.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!(
+        (norm - 1.0).abs() > 0.01,
+        "raw vector unexpectedly unit length"
+    );
+    assert!(cosine(raw, &native[0]) > 0.99999);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_clients_get_their_own_results_in_order() {
+    let server = Server::start(&[]).await;
+    // Each client sends a different number of distinct texts of varied lengths.
+    let requests: Vec<Vec<String>> = (0..48)
+        .map(|client| {
+            (0..1 + client % 5)
+                .map(|i| {
+                    format!(
+                        "client {client} text {i} {}",
+                        "word ".repeat((client * 7 + i * 13) % 60)
+                    )
+                })
+                .collect()
+        })
+        .collect();
+
+    // Expected vectors, one text per request, one request at a time.
+    let mut expected = Vec::new();
+    for texts in &requests {
+        let mut per_request = Vec::new();
+        for text in texts {
+            let (status, body) = post(&server, "/api/v1/embed", json!({"texts": [text]})).await;
+            assert_eq!(status, 200);
+            per_request.push(vectors(&body).remove(0));
+        }
+        expected.push(per_request);
+    }
+    let before = server.metrics().await;
+    let passes_before = series_value(
+        &before,
+        &format!("embedder_batch_size_count{{model=\"{MODEL}\"}}"),
+    )
+    .unwrap();
+
+    let handles: Vec<_> = requests
+        .iter()
+        .cloned()
+        .map(|texts| {
+            let url = server.url("/api/v1/embed");
+            tokio::spawn(async move {
+                let response = Client::new()
+                    .post(url)
+                    .json(&json!({"texts": texts}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+                let body: Value = response.json().await.unwrap();
+                vectors(&body)
+            })
+        })
+        .collect();
+    let mut texts_total = 0.0;
+    for (handle, want) in handles.into_iter().zip(&expected) {
+        let got = handle.await.unwrap();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                cosine(g, w) > 0.9999,
+                "a client got someone else's or a misordered vector"
+            );
+        }
+        texts_total += want.len() as f64;
+    }
+
+    // Dynamic batching really merged texts from different requests: fewer forward passes than
+    // texts.
+    let after = server.metrics().await;
+    let passes = series_value(
+        &after,
+        &format!("embedder_batch_size_count{{model=\"{MODEL}\"}}"),
+    )
+    .unwrap()
+        - passes_before;
+    assert!(
+        passes < texts_total,
+        "{passes} passes for {texts_total} texts: no batching happened"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overload_answers_429_with_retry_after() {
+    let server = Server::start(&[
+        "--max-concurrent-requests",
+        "2",
+        "--fault-latency-ms",
+        "700",
+    ])
+    .await;
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let url = server.url("/api/v1/embed");
+            tokio::spawn(async move {
+                let response = Client::new()
+                    .post(url)
+                    .json(&json!({"texts": ["hi"]}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status();
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string());
+                let body: Value = response.json().await.unwrap();
+                (status, retry_after, body)
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut rejected = 0;
+    for handle in handles {
+        let (status, retry_after, body) = handle.await.unwrap();
+        match status.as_u16() {
+            200 => ok += 1,
+            429 => {
+                rejected += 1;
+                assert_eq!(retry_after.as_deref(), Some("1"));
+                assert_eq!(body["error"]["code"], "overloaded");
+            }
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    assert_eq!(ok, 2, "exactly the admitted requests succeed");
+    assert_eq!(rejected, 6);
+    let metrics = server.metrics().await;
+    let series = r#"embedder_requests_total{model="",route="/api/v1/embed",code="429"}"#;
+    assert_eq!(series_value(&metrics, series), Some(6.0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_errors_are_json_with_a_reason() {
+    let server = Server::start(&["--max-client-batch", "4", "--max-body-bytes", "4096"]).await;
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        ("/api/v1/embed", json!({"texts": []}), 400, "empty_input"),
+        (
+            "/api/v1/embed",
+            json!({"texts": ["ok", "  "]}),
+            400,
+            "empty_input",
+        ),
+        (
+            "/api/v1/embed",
+            json!({"texts": "not a list"}),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/api/v1/embed",
+            json!({"texts": [1, 2]}),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/api/v1/embed",
+            json!({"text": ["typo in field name"]}),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/api/v1/embed",
+            json!({"texts": ["x"], "normalize": "yes"}),
+            422,
+            "invalid_request",
+        ),
+        ("/api/v1/embed", json!([1, 2, 3]), 422, "invalid_request"),
+        (
+            "/api/v1/embed",
+            json!({"texts": ["a", "b", "c", "d", "e"]}),
+            413,
+            "too_many_inputs",
+        ),
+        (
+            "/api/v1/embed",
+            json!({"texts": ["x"], "model": "no-such-model"}),
+            404,
+            "model_not_found",
+        ),
+        ("/v1/embeddings", json!({"input": []}), 400, "empty_input"),
+        (
+            "/v1/embeddings",
+            json!({"input": [[101, 2023]]}),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"input": {"a": 1}}),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": MODEL}),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"input": "x", "encoding_format": "int8"}),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"input": "x", "dimensions": 128}),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"input": "x", "model": "text-embedding-3-small"}),
+            404,
+            "model_not_found",
+        ),
+    ];
+    for (path, body, status, code) in cases {
+        let (got, error) = post(&server, path, body.clone()).await;
+        assert_eq!(got.as_u16(), status, "{path} {body}: {error}");
+        assert_eq!(error["error"]["code"], code, "{path} {body}: {error}");
+        assert!(!error["error"]["message"].as_str().unwrap().is_empty());
+    }
+
+    let (status, error) = post_raw(&server, "/api/v1/embed", "{not json").await;
+    assert_eq!(
+        (status.as_u16(), error["error"]["code"].as_str()),
+        (400, Some("invalid_json"))
+    );
+    let (status, error) = post_raw(&server, "/api/v1/embed", vec![0xffu8, 0xfe, 0x00]).await;
+    assert_eq!(status, 400, "{error}");
+    let big = format!(r#"{{"texts":["{}"]}}"#, "x".repeat(8192));
+    let (status, error) = post_raw(&server, "/api/v1/embed", big).await;
+    assert_eq!(
+        (status.as_u16(), error["error"]["code"].as_str()),
+        (413, Some("body_too_large"))
+    );
+
+    let response = Client::new()
+        .get(server.url("/api/v1/embed"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    let response = Client::new().get(server.url("/nope")).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+
+    // Nothing above hurt the server.
+    let (status, _) = post(&server, "/api/v1/embed", json!({"texts": ["still fine"]})).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_only_after_the_default_model_is_warm() {
+    let server = Server::spawn(&["--fault-startup-delay-ms", "1500"]);
+    let client = Client::new();
+    // Liveness answers as soon as the port is open; readiness does not.
+    let mut live = None;
+    for _ in 0..200 {
+        if let Ok(response) = client.get(server.url("/health/live")).send().await {
+            live = Some(response.status());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(live, Some(StatusCode::OK));
+    let response = client
+        .get(server.url("/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "loading");
+    let info: Value = client
+        .get(server.url("/info"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["models"][0]["loaded"], false);
+
+    server.wait_ready(Duration::from_secs(60)).await;
+    let info: Value = client
+        .get(server.url("/info"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["default_model"], MODEL);
+    assert_eq!(info["models"][0]["loaded"], true);
+    assert_eq!(info["models"][0]["dimensions"], 384);
+    assert_eq!(info["models"][0]["max_seq_length"], 256);
+    assert_eq!(info["models"][0]["pooling"], "mean");
+    assert!(info["version"].as_str().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_requests_tokens_and_latency() {
+    let server = Server::start(&[]).await;
+    for _ in 0..3 {
+        let (status, _) = post(
+            &server,
+            "/api/v1/embed",
+            json!({"texts": ["count me", "and me"]}),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let (status, _) = post(&server, "/v1/embeddings", json!({"input": "openai"})).await;
+    assert_eq!(status, 200);
+    let (status, _) = post(&server, "/api/v1/embed", json!({"texts": []})).await;
+    assert_eq!(status, 400);
+
+    let response = Client::new()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .contains("openmetrics")
+    );
+    let text = response.text().await.unwrap();
+    let value = |series: &str| {
+        series_value(&text, series).unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+    };
+    assert_eq!(
+        value(&format!(
+            r#"embedder_requests_total{{model="{MODEL}",route="/api/v1/embed",code="200"}}"#
+        )),
+        3.0
+    );
+    assert_eq!(
+        value(&format!(
+            r#"embedder_requests_total{{model="{MODEL}",route="/v1/embeddings",code="200"}}"#
+        )),
+        1.0
+    );
+    assert_eq!(
+        value(&format!(
+            r#"embedder_requests_total{{model="{MODEL}",route="/api/v1/embed",code="400"}}"#
+        )),
+        1.0
+    );
+    assert_eq!(
+        value(&format!(
+            r#"embedder_request_duration_seconds_count{{model="{MODEL}",route="/api/v1/embed"}}"#
+        )),
+        3.0
+    );
+    // Buckets fine enough to tell 20 ms from 35 ms.
+    for le in ["0.02", "0.025", "0.03", "0.035"] {
+        value(&format!(
+            r#"embedder_request_duration_seconds_bucket{{le="{le}",model="{MODEL}",route="/api/v1/embed"}}"#
+        ));
+    }
+    assert!(value(&format!(r#"embedder_tokens_total{{model="{MODEL}"}}"#)) > 10.0);
+    assert_eq!(
+        value(&format!(r#"embedder_model_loaded{{model="{MODEL}"}}"#)),
+        1.0
+    );
+    assert_eq!(
+        value(&format!(r#"embedder_queue_depth{{model="{MODEL}"}}"#)),
+        0.0
+    );
+    assert_eq!(value("embedder_inflight_requests"), 0.0);
+    assert!(value(&format!(r#"embedder_batch_size_count{{model="{MODEL}"}}"#)) >= 4.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn injected_faults_fail_and_slow_requests() {
+    let server = Server::start(&["--fault-error-rate", "1", "--fault-latency-ms", "300"]).await;
+    let started = std::time::Instant::now();
+    let (status, body) = post(&server, "/api/v1/embed", json!({"texts": ["x"]})).await;
+    assert_eq!(status, 500);
+    assert_eq!(body["error"]["code"], "fault_injected");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let metrics = server.metrics().await;
+    let series =
+        format!(r#"embedder_requests_total{{model="{MODEL}",route="/api/v1/embed",code="500"}}"#);
+    assert_eq!(series_value(&metrics, &series), Some(1.0));
+    // Health is never faulted.
+    let response = Client::new()
+        .get(server.url("/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serves_several_models_with_lru_eviction() {
+    // The second model's weights under a second name too, so eviction can be watched with
+    // --max-models 2: the default is pinned, the other slot goes to the most recent one.
+    let alias = format!("sre-alias={}", common::model_dir_of(SECOND_MODEL).display());
+    let server = Server::start_two_models(&["--model", &alias, "--max-models", "2"]).await;
+    let embed = |model: &'static str| {
+        let server = &server;
+        async move {
+            let (status, body) = post(
+                server,
+                "/api/v1/embed",
+                json!({"texts": ["disk full on the db node"], "model": model}),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["model"], model);
+            vectors(&body).remove(0)
+        }
+    };
+    let loaded = |metrics: &str, model: &str| {
+        series_value(
+            metrics,
+            &format!(r#"embedder_model_loaded{{model="{model}"}}"#),
+        )
+    };
+
+    let default = embed(MODEL).await;
+    let second = embed(SECOND_MODEL).await;
+    assert!(
+        cosine(&default, &second) < 0.999,
+        "different models must give different vectors"
+    );
+    let metrics = server.metrics().await;
+    assert_eq!(loaded(&metrics, SECOND_MODEL), Some(1.0));
+
+    let alias_vector = embed("sre-alias").await;
+    assert!(
+        cosine(&alias_vector, &second) > 0.99999,
+        "same weights, same vectors"
+    );
+    let metrics = server.metrics().await;
+    assert_eq!(
+        loaded(&metrics, MODEL),
+        Some(1.0),
+        "the default model is never evicted"
+    );
+    assert_eq!(loaded(&metrics, "sre-alias"), Some(1.0));
+    assert_eq!(
+        loaded(&metrics, SECOND_MODEL),
+        Some(0.0),
+        "least recently used model evicted"
+    );
+
+    let info: Value = Client::new()
+        .get(server.url("/info"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let state: Vec<(String, bool)> = info["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap().to_string(),
+                m["loaded"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        state,
+        vec![
+            (MODEL.into(), true),
+            ("sre-alias".into(), true),
+            (SECOND_MODEL.into(), false)
+        ]
+    );
+    // An evicted model comes back on demand.
+    let again = embed(SECOND_MODEL).await;
+    assert!(cosine(&again, &second) > 0.99999);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_turns_unready_finishes_in_flight_then_exits() {
+    let mut server =
+        Server::start(&["--fault-latency-ms", "1500", "--drain-delay-ms", "500"]).await;
+    let url = server.url("/api/v1/embed");
+    let in_flight = tokio::spawn(async move {
+        Client::new()
+            .post(url)
+            .json(&json!({"texts": ["finish me"]}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let response = Client::new()
+        .get(server.url("/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "draining");
+
+    assert_eq!(
+        in_flight.await.unwrap(),
+        200,
+        "the in-flight request must complete"
+    );
+    let code = tokio::task::spawn_blocking(move || server.wait_exit(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+}
