@@ -2,11 +2,11 @@
 //! that packs whatever is waiting under a token budget.
 //!
 //! The split mirrors TEI's router: HTTP handlers tokenise and enqueue ([`Batcher::embed`]),
-//! the batcher thread plans forward passes ([`plan_forward_passes`]) and runs the backend
+//! the batcher thread takes whatever waits, up to the token budget, and runs the backend
 //! ([`SentenceModel::embed`]) off the async runtime, so a long forward pass never stalls I/O.
+//! The backend packs texts without padding, so texts of any lengths share a pass at no cost.
 
 use std::collections::VecDeque;
-use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,11 +16,6 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::SentenceModel;
-
-/// A fixed cost of one forward pass, in padded-token equivalents. On CPU a pass over a single
-/// short text costs roughly as much as 50–100 extra tokens in a larger pass, so merging two small
-/// groups pays off once it wastes fewer padding tokens than this.
-const PASS_OVERHEAD_TOKENS: usize = 64;
 
 struct Entry {
     ids: Vec<u32>,
@@ -119,14 +114,7 @@ fn run(
             continue;
         }
 
-        batch.sort_by_key(|entry| entry.ids.len());
-        let lengths: Vec<usize> = batch.iter().map(|e| e.ids.len()).collect();
-        let passes = plan_forward_passes(&lengths, max_batch_tokens, PASS_OVERHEAD_TOKENS);
-        let mut entries = batch.into_iter();
-        for pass in passes {
-            let pass_entries: Vec<Entry> = entries.by_ref().take(pass.len()).collect();
-            run_pass(&model, &name, pass_entries, &metrics);
-        }
+        run_pass(&model, &name, batch, &metrics);
     }
     tracing::debug!(model = %name, "batcher stopped");
 }
@@ -137,7 +125,9 @@ fn run_pass(model: &SentenceModel, name: &str, entries: Vec<Entry>, metrics: &Me
     let started = Instant::now();
     // A panic inside the backend must fail this pass's requests, not silently kill the model's
     // only inference thread.
-    let outcome = catch_unwind(AssertUnwindSafe(|| model.embed(&inputs)));
+    // Running the pass on a rayon worker lets its parallel matmuls and attention heads fork
+    // and join inside the pool instead of crossing threads for every operation.
+    let outcome = catch_unwind(AssertUnwindSafe(|| rayon::scope(|_| model.embed(&inputs))));
     metrics.observe_pass(name, entries.len(), tokens, started.elapsed());
     match outcome {
         Ok(Ok(vectors)) => {
@@ -154,105 +144,5 @@ fn fail_all(entries: Vec<Entry>, model: &str, message: String) {
     tracing::error!(model, error = %message, texts = entries.len(), "forward pass failed");
     for entry in entries {
         let _ = entry.reply.send(Err(message.clone()));
-    }
-}
-
-/// Splits texts sorted by ascending length into consecutive forward passes, minimising
-/// `passes × overhead + padded tokens` with each pass's padded size (`rows × longest`) within
-/// `max_tokens` (a single over-long text gets a pass of its own).
-///
-/// Sorting then cutting optimally keeps padding waste low for mixed lengths without giving up
-/// the matrix sizes that make batching fast.
-pub fn plan_forward_passes(
-    lengths: &[usize],
-    max_tokens: usize,
-    overhead: usize,
-) -> Vec<Range<usize>> {
-    debug_assert!(
-        lengths.windows(2).all(|w| w[0] <= w[1]),
-        "lengths must be sorted"
-    );
-    let n = lengths.len();
-    // best[i]: lowest cost covering lengths[..i]; cut[i]: start of the last pass in that plan.
-    let mut best = vec![usize::MAX; n + 1];
-    let mut cut = vec![0; n + 1];
-    best[0] = 0;
-    for end in 1..=n {
-        let width = lengths[end - 1].max(1);
-        let max_rows = (max_tokens / width).max(1);
-        let first_start = end.saturating_sub(max_rows);
-        for start in first_start..end {
-            if best[start] == usize::MAX {
-                continue;
-            }
-            let cost = best[start] + overhead + (end - start) * width;
-            if cost < best[end] {
-                best[end] = cost;
-                cut[end] = start;
-            }
-        }
-    }
-    let mut passes = Vec::new();
-    let mut end = n;
-    while end > 0 {
-        passes.push(cut[end]..end);
-        end = cut[end];
-    }
-    passes.reverse();
-    passes
-}
-
-#[cfg(test)]
-mod tests {
-    use super::plan_forward_passes;
-
-    fn padded(lengths: &[usize], passes: &[std::ops::Range<usize>]) -> usize {
-        passes.iter().map(|p| p.len() * lengths[p.end - 1]).sum()
-    }
-
-    #[test]
-    fn equal_lengths_fill_one_pass() {
-        let lengths = vec![12; 32];
-        let passes = plan_forward_passes(&lengths, 16384, 64);
-        assert_eq!(passes, vec![0..32]);
-    }
-
-    #[test]
-    fn respects_budget_and_covers_everything_in_order() {
-        let lengths: Vec<usize> = (1..=200).collect();
-        let passes = plan_forward_passes(&lengths, 1000, 64);
-        assert_eq!(passes.first().unwrap().start, 0);
-        assert_eq!(passes.last().unwrap().end, 200);
-        for pair in passes.windows(2) {
-            assert_eq!(pair[0].end, pair[1].start);
-        }
-        for pass in &passes {
-            assert!(
-                pass.len() * lengths[pass.end - 1] <= 1000,
-                "{pass:?} over budget"
-            );
-        }
-    }
-
-    #[test]
-    fn mixed_lengths_split_to_avoid_padding() {
-        // 31 short texts and one at max length: padding them all to 256 would waste ~7700
-        // tokens, far more than one extra pass costs.
-        let mut lengths = vec![10; 31];
-        lengths.push(256);
-        let passes = plan_forward_passes(&lengths, 16384, 64);
-        assert_eq!(passes, vec![0..31, 31..32]);
-        assert!(padded(&lengths, &passes) < 600);
-    }
-
-    #[test]
-    fn overlong_text_runs_alone() {
-        let passes = plan_forward_passes(&[5, 600], 512, 64);
-        assert_eq!(passes, vec![0..1, 1..2]);
-    }
-
-    #[test]
-    fn empty_input_plans_nothing() {
-        assert!(plan_forward_passes(&[], 100, 64).is_empty());
     }
 }

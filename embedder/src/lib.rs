@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod batcher;
+pub mod bert;
 pub mod config;
 pub mod error;
 pub mod fault;

@@ -4,11 +4,22 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let config = Config::parse();
-    if config.threads > 0 {
-        // SAFETY: nothing else runs yet; candle and rayon read this when their pools start.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", config.threads.to_string()) };
-    }
     init_tracing(config.log_json);
+    let threads = match config.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    // SAFETY: no other thread runs yet. candle reads this on every matmul and would otherwise
+    // count physical cores by parsing /proc/cpuinfo each time.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    if let Err(error) = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("compute-{i}"))
+        .build_global()
+    {
+        eprintln!("embedder: cannot start the compute pool: {error}");
+        return std::process::ExitCode::FAILURE;
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

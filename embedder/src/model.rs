@@ -6,15 +6,16 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use candle_transformers::models::bert::Config as BertConfig;
 use serde::Deserialize;
 use tokenizers::{
     Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
     utils::padding::PaddingParams,
 };
 
+use crate::bert::BertEncoder;
 use crate::error::{Error, Result};
 use crate::pooling::{Pooling, PoolingConfig};
 
@@ -33,9 +34,7 @@ pub struct SentenceModel {
     pub info: ModelInfo,
     tokenizer: Tokenizer,
     lowercase_input: bool,
-    pad_token_id: u32,
-    bert: BertModel,
-    device: Device,
+    bert: BertEncoder,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,7 +139,7 @@ impl SentenceModel {
         tokenizer.with_padding(None::<PaddingParams>);
 
         let vb = load_weights(name, dir, &device)?;
-        let bert = BertModel::load(vb, &config).map_err(|e| {
+        let bert = BertEncoder::load(vb, &config).map_err(|e| {
             unsupported(format!(
                 "weights do not match a BERT model with this config.json: {e}"
             ))
@@ -156,9 +155,7 @@ impl SentenceModel {
             },
             tokenizer,
             lowercase_input: st_config.do_lower_case,
-            pad_token_id: config.pad_token_id as u32,
             bert,
-            device,
         })
     }
 
@@ -177,27 +174,23 @@ impl SentenceModel {
     }
 
     /// Pooled, not yet normalised, embeddings for a batch of tokenised texts, in input order.
-    /// Sequences are right-padded to the longest one in `batch`; callers group similar lengths.
+    /// Texts are packed without padding, so batching texts of any lengths together costs
+    /// nothing extra.
     pub fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = batch.len();
-        let width = batch.iter().map(|ids| ids.len()).max().unwrap_or(0).max(1);
-        let mut ids = Vec::with_capacity(rows * width);
-        let mut mask = Vec::with_capacity(rows * width);
-        for seq in batch {
-            ids.extend_from_slice(seq);
-            ids.extend(std::iter::repeat_n(self.pad_token_id, width - seq.len()));
-            mask.extend(std::iter::repeat_n(1u8, seq.len()));
-            mask.extend(std::iter::repeat_n(0u8, width - seq.len()));
+        if let Some(empty) = batch.iter().position(|ids| ids.is_empty()) {
+            return Err(Error::Inference(candle_core::Error::Msg(format!(
+                "text {empty} has no tokens"
+            ))));
         }
-        let ids = Tensor::from_vec(ids, (rows, width), &self.device)?;
-        let mask = Tensor::from_vec(mask, (rows, width), &self.device)?.to_dtype(DType::F32)?;
-        let token_types = ids.zeros_like()?;
-        let hidden = self.bert.forward(&ids, &token_types, Some(&mask))?;
-        let pooled = self.info.pooling.apply(&hidden, &mask)?;
-        Ok(pooled.to_vec2::<f32>()?)
+        let (hidden, spans) = self.bert.forward(batch)?;
+        let width = self.info.dimensions;
+        Ok(spans
+            .into_iter()
+            .map(|span| self.info.pooling.pool(&hidden, span, width))
+            .collect())
     }
 }
 

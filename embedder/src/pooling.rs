@@ -1,6 +1,7 @@
 //! Sentence pooling over token embeddings, as configured by `1_Pooling/config.json`.
 
-use candle_core::{D, DType, Tensor};
+use std::ops::Range;
+
 use serde::Deserialize;
 
 /// How token embeddings are reduced to one sentence vector.
@@ -62,24 +63,27 @@ impl PoolingConfig {
 }
 
 impl Pooling {
-    /// Pools `hidden` `(batch, seq, dim)` under `mask` `(batch, seq)` (1 for real tokens,
-    /// 0 for padding) into `(batch, dim)`. Padding never contributes.
-    pub fn apply(self, hidden: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    /// Pools the rows `span` of `hidden` (row-major, `width` columns) into one vector.
+    /// `span` holds exactly one sequence's tokens, so no mask is needed.
+    pub fn pool(self, hidden: &[f32], span: Range<usize>, width: usize) -> Vec<f32> {
+        let rows = hidden[span.start * width..span.end * width].chunks_exact(width);
         match self {
-            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1),
+            Pooling::Cls => hidden[span.start * width..(span.start + 1) * width].to_vec(),
             Pooling::Mean => {
-                let mask = mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?;
-                let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
-                // sentence-transformers clamps the token count at 1e-9; a sequence always
-                // holds at least [CLS] and [SEP], so the count is never zero here.
-                let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
-                summed.broadcast_div(&counts)
+                let count = span.len().max(1) as f32;
+                let mut out = vec![0f32; width];
+                for row in rows {
+                    out.iter_mut().zip(row).for_each(|(o, x)| *o += x);
+                }
+                out.iter_mut().for_each(|o| *o /= count);
+                out
             }
             Pooling::Max => {
-                // Padding positions are pushed to a very low value so they never win the max.
-                let mask = mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
-                let penalty = ((mask.ones_like()? - &mask)? * -1e9)?;
-                hidden.broadcast_add(&penalty)?.max(1)
+                let mut out = vec![f32::NEG_INFINITY; width];
+                for row in rows {
+                    out.iter_mut().zip(row).for_each(|(o, x)| *o = o.max(*x));
+                }
+                out
             }
         }
     }
@@ -96,7 +100,6 @@ pub fn l2_normalize(vector: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     fn config(json: &str) -> PoolingConfig {
         serde_json::from_str(json).unwrap()
@@ -120,29 +123,13 @@ mod tests {
     }
 
     #[test]
-    fn pooling_ignores_padding() {
-        let dev = Device::Cpu;
-        // one sequence of 3 positions, the last one padding
-        let hidden = Tensor::new(&[[[1f32, 2.], [3., 4.], [100., 100.]]], &dev).unwrap();
-        let mask = Tensor::new(&[[1u32, 1, 0]], &dev).unwrap();
-        let mean = Pooling::Mean
-            .apply(&hidden, &mask)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        assert_eq!(mean, vec![vec![2., 3.]]);
-        let cls = Pooling::Cls
-            .apply(&hidden, &mask)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        assert_eq!(cls, vec![vec![1., 2.]]);
-        let max = Pooling::Max
-            .apply(&hidden, &mask)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        assert_eq!(max, vec![vec![3., 4.]]);
+    fn pooling_reads_only_its_own_rows() {
+        // two packed sequences of width 2: rows 0..2 and 2..3
+        let hidden = [1f32, 2., 3., 4., 100., 100.];
+        assert_eq!(Pooling::Mean.pool(&hidden, 0..2, 2), vec![2., 3.]);
+        assert_eq!(Pooling::Cls.pool(&hidden, 0..2, 2), vec![1., 2.]);
+        assert_eq!(Pooling::Max.pool(&hidden, 0..2, 2), vec![3., 4.]);
+        assert_eq!(Pooling::Mean.pool(&hidden, 2..3, 2), vec![100., 100.]);
     }
 
     #[test]

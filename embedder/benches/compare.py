@@ -1,0 +1,180 @@
+"""Throughput and latency of the embedder against sentence-transformers, same texts, same
+threads, same machine, same run. Driven by compare.sh; prints a table and ratios.
+
+Modes:
+  batch-1   one text per call, sequential: P50/P95 latency per call
+  batch-32  32 texts per call, sequential: texts/s and per-call latency
+  serve-32c 32 concurrent clients sending one text each (embedder only: what dynamic
+            batching buys a server; compared with the peer's batch-32 throughput)
+"""
+
+import argparse
+import http.client
+import json
+import statistics
+import sys
+import threading
+import time
+from urllib.parse import urlparse
+
+WORDS = (
+    "the embedding service maps text to dense vectors for semantic search retrieval ranking "
+    "and clustering while the operator rolls new revisions out behind a canary with "
+    "prometheus gates on latency and error rate kubernetes nginx traffic weight model"
+).split()
+
+
+def make_texts(n: int) -> list[str]:
+    """Deterministic sentences of 4 to 60 words: the spread of lengths of real queries and
+    passages, so padding behaviour counts."""
+    texts = []
+    state = 12345
+    for i in range(n):
+        state = (state * 1103515245 + 12345) % (2**31)
+        length = 4 + state % 57
+        words = [WORDS[(state >> (k % 16) ^ k * 7) % len(WORDS)] for k in range(length)]
+        texts.append(f"{i}: " + " ".join(words))
+    return texts
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    index = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
+    return values[index]
+
+
+class Embedder:
+    def __init__(self, url: str):
+        parsed = urlparse(url)
+        self.host, self.port = parsed.hostname, parsed.port
+
+    def connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=120)
+
+    @staticmethod
+    def embed(conn: http.client.HTTPConnection, texts: list[str]) -> list[list[float]]:
+        body = json.dumps({"texts": texts})
+        conn.request("POST", "/api/v1/embed", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"embedder answered {response.status}: {data[:200]!r}")
+        return json.loads(data)["embeddings"]
+
+
+def timed_calls(call, batches) -> tuple[float, list[float]]:
+    latencies = []
+    start = time.perf_counter()
+    for batch in batches:
+        t0 = time.perf_counter()
+        call(batch)
+        latencies.append(time.perf_counter() - t0)
+    return time.perf_counter() - start, latencies
+
+
+def chunks(items, size):
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--single", type=int, default=300, help="texts in the batch-1 runs")
+    parser.add_argument("--batched", type=int, default=1024, help="texts in the batch-32 runs")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(args.threads)
+    peer = SentenceTransformer(args.model_dir, device="cpu")
+    embedder = Embedder(args.url)
+    conn = embedder.connection()
+
+    single = make_texts(args.single)
+    batched = make_texts(args.batched)
+    warm = make_texts(64)
+    results = {}
+
+    # Same texts through both; also a correctness cross-check on the warm-up texts.
+    ours = embedder.embed(conn, warm[:32])
+    theirs = peer.encode(warm[:32], batch_size=32)
+    worst = min(
+        sum(a * b for a, b in zip(o, t)) / (sum(a * a for a in o) ** 0.5 * sum(b * b for b in t) ** 0.5)
+        for o, t in zip(ours, theirs)
+    )
+    print(f"warm-up cross-check: worst cosine embedder vs sentence-transformers = {worst:.6f}", file=sys.stderr)
+    for batch in chunks(warm, 8):
+        embedder.embed(conn, batch)
+        peer.encode(batch, batch_size=8)
+
+    def record(mode, who, elapsed, latencies, n_texts):
+        results[(mode, who)] = {
+            "texts_per_s": n_texts / elapsed,
+            "p50_ms": pct(latencies, 0.50) * 1000 if latencies else float("nan"),
+            "p95_ms": pct(latencies, 0.95) * 1000 if latencies else float("nan"),
+        }
+        r = results[(mode, who)]
+        print(
+            f"  {mode:9s} {who:21s} {r['texts_per_s']:8.1f} texts/s  p50 {r['p50_ms']:7.2f} ms  p95 {r['p95_ms']:7.2f} ms",
+            file=sys.stderr,
+        )
+
+    print("measuring (sequential phases; each side idle while the other runs)", file=sys.stderr)
+    el, lat = timed_calls(lambda b: embedder.embed(conn, b), [[t] for t in single])
+    record("batch-1", "embedder", el, lat, len(single))
+    el, lat = timed_calls(lambda b: peer.encode(b, batch_size=1), [[t] for t in single])
+    record("batch-1", "sentence-transformers", el, lat, len(single))
+    el, lat = timed_calls(lambda b: embedder.embed(conn, b), chunks(batched, 32))
+    record("batch-32", "embedder", el, lat, len(batched))
+    el, lat = timed_calls(lambda b: peer.encode(b, batch_size=32), chunks(batched, 32))
+    record("batch-32", "sentence-transformers", el, lat, len(batched))
+
+    # 32 concurrent clients, one text per request: dynamic batching at work.
+    latencies, lock = [], threading.Lock()
+    queue = list(batched)
+
+    def client():
+        c = embedder.connection()
+        while True:
+            with lock:
+                if not queue:
+                    return
+                text = queue.pop()
+            t0 = time.perf_counter()
+            embedder.embed(c, [text])
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=client) for _ in range(32)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    record("serve-32c", "embedder", time.perf_counter() - start, latencies, len(batched))
+
+    b1, b1p = results[("batch-1", "embedder")], results[("batch-1", "sentence-transformers")]
+    b32, b32p = results[("batch-32", "embedder")], results[("batch-32", "sentence-transformers")]
+    serve = results[("serve-32c", "embedder")]
+    print()
+    print(f"embedder vs sentence-transformers, all-MiniLM-L6-v2, CPU, {args.threads} threads")
+    print(f"| mode | embedder texts/s | ST texts/s | throughput ratio | embedder P50/P95 ms | ST P50/P95 ms |")
+    print(f"|---|---|---|---|---|---|")
+    for mode, ours_r, peer_r in [("batch 1", b1, b1p), ("batch 32", b32, b32p), ("32 clients x 1 text", serve, b32p)]:
+        print(
+            f"| {mode} | {ours_r['texts_per_s']:.1f} | {peer_r['texts_per_s']:.1f} | "
+            f"{ours_r['texts_per_s'] / peer_r['texts_per_s']:.2f}x | "
+            f"{ours_r['p50_ms']:.2f} / {ours_r['p95_ms']:.2f} | {peer_r['p50_ms']:.2f} / {peer_r['p95_ms']:.2f} |"
+        )
+    print(f"(32 clients x 1 text is compared with the peer's batch-32 throughput; its latency includes queueing)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({f"{m}/{w}": v for (m, w), v in results.items()}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+//! In-process timings of the model's forward pass: batch 1 and batch 32 over texts of mixed
+//! length, no HTTP. `cargo bench -p embedder --bench forward [-- MODEL_DIR]`.
+//! For the comparison with sentence-transformers use benches/compare.sh.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use embedder::SentenceModel;
+
+fn texts(n: usize) -> Vec<String> {
+    const WORDS: &[&str] = &[
+        "the",
+        "embedding",
+        "service",
+        "maps",
+        "text",
+        "to",
+        "dense",
+        "vectors",
+        "for",
+        "semantic",
+        "search",
+        "while",
+        "operator",
+        "rolls",
+        "new",
+        "revisions",
+        "behind",
+        "canary",
+        "gates",
+    ];
+    let mut state: u64 = 12345;
+    (0..n)
+        .map(|i| {
+            state = (state * 1103515245 + 12345) % (1 << 31);
+            let len = 4 + (state % 57) as usize;
+            let words: Vec<&str> = (0..len)
+                .map(|k| WORDS[((state as usize >> (k % 16)) ^ (k * 7)) % WORDS.len()])
+                .collect();
+            format!("{i}: {}", words.join(" "))
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn main() {
+    let dir = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/embedroll/models/all-MiniLM-L6-v2")
+        });
+    let model = SentenceModel::load("bench", &dir).expect("load model");
+    let corpus = texts(512);
+    let ids: Vec<Vec<u32>> = corpus.iter().map(|t| model.tokenize(t).unwrap()).collect();
+    for chunk in ids.chunks(8).take(4) {
+        let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+        model.embed(&refs).unwrap();
+    }
+
+    let mut latencies: Vec<f64> = ids[..200]
+        .iter()
+        .map(|seq| {
+            let started = Instant::now();
+            rayon::scope(|_| model.embed(&[seq.as_slice()])).unwrap();
+            started.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let total: f64 = latencies.iter().sum();
+    println!(
+        "batch 1:  {:7.1} texts/s  p50 {:6.2} ms  p95 {:6.2} ms",
+        latencies.len() as f64 / total * 1e3,
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.95)
+    );
+
+    let started = Instant::now();
+    let mut batch_ms = Vec::new();
+    for chunk in ids.chunks(32) {
+        let t0 = Instant::now();
+        let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+        rayon::scope(|_| model.embed(&refs)).unwrap();
+        batch_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    batch_ms.sort_by(f64::total_cmp);
+    println!(
+        "batch 32: {:7.1} texts/s  p50 {:6.2} ms  p95 {:6.2} ms (per 32 texts)",
+        ids.len() as f64 / elapsed,
+        percentile(&batch_ms, 0.5),
+        percentile(&batch_ms, 0.95)
+    );
+}

@@ -1,0 +1,607 @@
+//! BERT encoder forward pass over packed, unpadded sequences.
+//!
+//! Why not candle-transformers' `BertModel`: it pads every batch to its longest text and runs
+//! each elementwise op as a separate candle op (scalar `erf`, multi-pass softmax, a spinning
+//! elementwise pool competing with the matmul pool). On CPU that made it slower than
+//! sentence-transformers. Like TEI's own BERT, this one packs all tokens of a batch into one
+//! `(tokens, hidden)` matrix, so linear layers do no work on padding and attention runs per
+//! sequence and head; weights still load through candle's `VarBuilder`, matmuls run on
+//! `gemm` (candle's CPU matmul backend), and elementwise kernels are compiled for the CPU's
+//! widest SIMD at run time through `pulp`.
+
+use std::ops::Range;
+
+use candle_core::{D, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{Config, HiddenAct};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Elementwise work below this many floats runs on the calling thread.
+const PAR_MIN_ELEMENTS: usize = 1 << 15;
+const PAR_CHUNK: usize = 1 << 13;
+
+pub struct BertEncoder {
+    hidden: usize,
+    heads: usize,
+    vocab: usize,
+    max_positions: usize,
+    word_embeddings: Vec<f32>,
+    position_embeddings: Vec<f32>,
+    /// Every input is a single segment, so only token type 0 is ever used.
+    token_type_embedding: Vec<f32>,
+    embedding_norm: LayerNorm,
+    layers: Vec<Layer>,
+    activation: HiddenAct,
+}
+
+struct Layer {
+    qkv: Linear,
+    attention_output: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+struct Linear {
+    /// `(in, out)` row-major: the transpose of the checkpoint's `(out, in)`.
+    weight_t: Vec<f32>,
+    bias: Vec<f32>,
+    n_in: usize,
+    n_out: usize,
+}
+
+struct LayerNorm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    eps: f32,
+}
+
+fn to_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+impl Linear {
+    fn from_parts(weight: &Tensor, bias: &Tensor) -> candle_core::Result<Self> {
+        let (n_out, n_in) = weight.dims2()?;
+        Ok(Self {
+            weight_t: to_vec(&weight.t()?.contiguous()?)?,
+            bias: to_vec(bias)?,
+            n_in,
+            n_out,
+        })
+    }
+
+    fn load(vb: VarBuilder, n_in: usize, n_out: usize) -> candle_core::Result<Self> {
+        Self::from_parts(&vb.get((n_out, n_in), "weight")?, &vb.get(n_out, "bias")?)
+    }
+
+    /// `out = x · Wᵀ + b` for `rows` rows of `x`.
+    fn forward(&self, x: &[f32], rows: usize, out: &mut Vec<f32>) {
+        debug_assert_eq!(x.len(), rows * self.n_in);
+        out.clear();
+        out.reserve(rows * self.n_out);
+        for _ in 0..rows {
+            out.extend_from_slice(&self.bias);
+        }
+        // SAFETY: x is rows × n_in, weight_t is n_in × n_out, out is rows × n_out, all
+        // row-major and initialised; the strides below describe exactly those layouts.
+        unsafe {
+            gemm::gemm(
+                rows,
+                self.n_out,
+                self.n_in,
+                out.as_mut_ptr(),
+                1,
+                self.n_out as isize,
+                true,
+                x.as_ptr(),
+                1,
+                self.n_in as isize,
+                self.weight_t.as_ptr(),
+                1,
+                self.n_out as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                matmul_parallelism(rows),
+            );
+        }
+    }
+}
+
+impl LayerNorm {
+    fn load(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<Self> {
+        Ok(Self {
+            gamma: to_vec(&vb.get(size, "weight")?)?,
+            beta: to_vec(&vb.get(size, "bias")?)?,
+            eps: eps as f32,
+        })
+    }
+
+    /// `x = LayerNorm(x + residual)`, row by row.
+    fn add_and_normalize(&self, x: &mut [f32], residual: &[f32]) {
+        let width = self.gamma.len();
+        let rows = |x: &mut [f32], residual: &[f32]| {
+            pulp::Arch::new().dispatch(|| {
+                for (row, res) in x.chunks_exact_mut(width).zip(residual.chunks_exact(width)) {
+                    kernels::add_layer_norm(row, res, &self.gamma, &self.beta, self.eps);
+                }
+            })
+        };
+        if x.len() < PAR_MIN_ELEMENTS {
+            rows(x, residual);
+        } else {
+            let chunk = width * (PAR_CHUNK / width).max(1);
+            x.par_chunks_mut(chunk)
+                .zip(residual.par_chunks(chunk))
+                .for_each(|(x, residual)| rows(x, residual));
+        }
+    }
+}
+
+/// Sequence `i` of a packed batch occupies rows `spans[i]` of every activation matrix.
+fn spans(seqs: &[&[u32]]) -> Vec<Range<usize>> {
+    let mut start = 0;
+    seqs.iter()
+        .map(|s| {
+            let span = start..start + s.len();
+            start = span.end;
+            span
+        })
+        .collect()
+}
+
+fn matmul_parallelism(rows: usize) -> Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && rows >= 8 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// A raw pointer that rayon tasks may share because each writes a disjoint region.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: used only for writes to disjoint (sequence, head) blocks, see `attention`.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// Through a method so closures capture the whole (Sync) wrapper, not the raw field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl BertEncoder {
+    pub fn load(vb: VarBuilder, config: &Config) -> candle_core::Result<Self> {
+        let vb = [None, Some("bert"), config.model_type.as_deref()]
+            .into_iter()
+            .map(|prefix| match prefix {
+                Some(prefix) => vb.pp(prefix),
+                None => vb.clone(),
+            })
+            .find(|vb| vb.contains_tensor("embeddings.word_embeddings.weight"))
+            .ok_or_else(|| {
+                candle_core::Error::Msg("no embeddings.word_embeddings.weight tensor found".into())
+            })?;
+        let h = config.hidden_size;
+        if config.num_attention_heads == 0 || !h.is_multiple_of(config.num_attention_heads) {
+            candle_core::bail!("hidden_size {h} is not a multiple of num_attention_heads");
+        }
+        let emb = vb.pp("embeddings");
+        let word_embeddings = to_vec(&emb.get((config.vocab_size, h), "word_embeddings.weight")?)?;
+        let position_embeddings = to_vec(&emb.get(
+            (config.max_position_embeddings, h),
+            "position_embeddings.weight",
+        )?)?;
+        let token_types = emb.get((config.type_vocab_size, h), "token_type_embeddings.weight")?;
+        let token_type_embedding = to_vec(&token_types.get(0)?)?;
+        let embedding_norm = LayerNorm::load(emb.pp("LayerNorm"), h, config.layer_norm_eps)?;
+
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let vb = vb.pp(format!("encoder.layer.{i}"));
+                let attn = vb.pp("attention");
+                let get = |name: &str| -> candle_core::Result<(Tensor, Tensor)> {
+                    let p = attn.pp("self").pp(name);
+                    Ok((p.get((h, h), "weight")?, p.get(h, "bias")?))
+                };
+                let (q, k, v) = (get("query")?, get("key")?, get("value")?);
+                let qkv = Linear::from_parts(
+                    &Tensor::cat(&[&q.0, &k.0, &v.0], 0)?,
+                    &Tensor::cat(&[&q.1, &k.1, &v.1], D::Minus1)?,
+                )?;
+                Ok(Layer {
+                    qkv,
+                    attention_output: Linear::load(attn.pp("output.dense"), h, h)?,
+                    attention_norm: LayerNorm::load(
+                        attn.pp("output.LayerNorm"),
+                        h,
+                        config.layer_norm_eps,
+                    )?,
+                    intermediate: Linear::load(
+                        vb.pp("intermediate.dense"),
+                        h,
+                        config.intermediate_size,
+                    )?,
+                    output: Linear::load(vb.pp("output.dense"), config.intermediate_size, h)?,
+                    output_norm: LayerNorm::load(
+                        vb.pp("output.LayerNorm"),
+                        h,
+                        config.layer_norm_eps,
+                    )?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+
+        Ok(Self {
+            hidden: h,
+            heads: config.num_attention_heads,
+            vocab: config.vocab_size,
+            max_positions: config.max_position_embeddings,
+            word_embeddings,
+            position_embeddings,
+            token_type_embedding,
+            embedding_norm,
+            layers,
+            activation: config.hidden_act,
+        })
+    }
+
+    /// Final hidden states, `(total tokens, hidden)` row-major, sequences in input order and
+    /// packed back to back, plus the row range of each sequence.
+    pub fn forward(&self, seqs: &[&[u32]]) -> candle_core::Result<(Vec<f32>, Vec<Range<usize>>)> {
+        let spans = spans(seqs);
+        let tokens = spans.last().map_or(0, |s| s.end);
+        let h = self.hidden;
+        let mut x = self.embed(seqs, tokens)?;
+        let mut qkv = Vec::new();
+        let mut context = vec![0f32; tokens * h];
+        let mut attended = Vec::new();
+        let mut intermediate = Vec::new();
+        for layer in &self.layers {
+            layer.qkv.forward(&x, tokens, &mut qkv);
+            self.attention(&qkv, &spans, &mut context);
+            layer
+                .attention_output
+                .forward(&context, tokens, &mut attended);
+            layer.attention_norm.add_and_normalize(&mut attended, &x);
+            layer
+                .intermediate
+                .forward(&attended, tokens, &mut intermediate);
+            self.activate(&mut intermediate);
+            layer.output.forward(&intermediate, tokens, &mut x);
+            layer.output_norm.add_and_normalize(&mut x, &attended);
+        }
+        Ok((x, spans))
+    }
+
+    fn embed(&self, seqs: &[&[u32]], tokens: usize) -> candle_core::Result<Vec<f32>> {
+        let h = self.hidden;
+        let mut x = Vec::with_capacity(tokens * h);
+        for seq in seqs {
+            if seq.len() > self.max_positions {
+                candle_core::bail!(
+                    "sequence of {} tokens exceeds {} positions",
+                    seq.len(),
+                    self.max_positions
+                );
+            }
+            for (position, &id) in seq.iter().enumerate() {
+                let id = id as usize;
+                if id >= self.vocab {
+                    candle_core::bail!("token id {id} outside the vocabulary of {}", self.vocab);
+                }
+                let word = &self.word_embeddings[id * h..(id + 1) * h];
+                let pos = &self.position_embeddings[position * h..(position + 1) * h];
+                x.extend(
+                    word.iter()
+                        .zip(pos)
+                        .zip(&self.token_type_embedding)
+                        .map(|((w, p), t)| w + p + t),
+                );
+            }
+        }
+        let zeros = vec![0f32; x.len()];
+        self.embedding_norm.add_and_normalize(&mut x, &zeros);
+        Ok(x)
+    }
+
+    /// Scaled dot-product attention of every sequence with itself, one task per
+    /// (sequence, head); no padding, so no mask.
+    fn attention(&self, qkv: &[f32], spans: &[Range<usize>], context: &mut [f32]) {
+        let h = self.hidden;
+        let d = h / self.heads;
+        let stride = 3 * h;
+        let scale = 1.0 / (d as f32).sqrt();
+        let out = SharedMut(context.as_mut_ptr());
+        let tasks: Vec<(usize, usize)> = (0..spans.len())
+            .flat_map(|s| (0..self.heads).map(move |head| (s, head)))
+            .collect();
+        let run = |scores: &mut Vec<f32>, &(s, head): &(usize, usize)| {
+            let span = &spans[s];
+            let len = span.len();
+            let base = span.start * stride + head * d;
+            scores.clear();
+            scores.resize(len * len, 0.0);
+            // SAFETY: q, k, v are len × d blocks inside qkv (row stride 3h); scores is
+            // len × len; the output block (rows of this span, columns of this head) of the
+            // tokens × h context matrix is written by this task only.
+            unsafe {
+                let q = qkv.as_ptr().add(base);
+                let k = q.add(h);
+                let v = q.add(2 * h);
+                gemm::gemm(
+                    len,
+                    len,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    len as isize,
+                    false,
+                    q,
+                    1,
+                    stride as isize,
+                    k,
+                    stride as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+                pulp::Arch::new().dispatch(|| {
+                    for row in scores.chunks_exact_mut(len) {
+                        kernels::softmax(row);
+                    }
+                });
+                gemm::gemm(
+                    len,
+                    d,
+                    len,
+                    out.ptr().add(span.start * h + head * d),
+                    1,
+                    h as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    len as isize,
+                    v,
+                    1,
+                    stride as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        };
+        if tasks.len() == 1 || rayon::current_num_threads() == 1 {
+            let mut scores = Vec::new();
+            tasks.iter().for_each(|task| run(&mut scores, task));
+        } else {
+            tasks.par_iter().for_each_init(Vec::new, run);
+        }
+    }
+
+    fn activate(&self, x: &mut [f32]) {
+        let activation = self.activation;
+        let apply = |x: &mut [f32]| {
+            pulp::Arch::new().dispatch(|| match activation {
+                HiddenAct::Gelu => x.iter_mut().for_each(|v| *v = kernels::gelu_erf(*v)),
+                HiddenAct::GeluApproximate => {
+                    x.iter_mut().for_each(|v| *v = kernels::gelu_tanh(*v))
+                }
+                HiddenAct::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
+            })
+        };
+        if x.len() < PAR_MIN_ELEMENTS {
+            apply(x);
+        } else {
+            x.par_chunks_mut(PAR_CHUNK).for_each(apply);
+        }
+    }
+}
+
+/// Branch-free scalar kernels written so the compiler vectorises them inside
+/// `pulp::Arch::dispatch` (hence `inline(always)`).
+mod kernels {
+    const LANES: usize = 16;
+
+    #[inline(always)]
+    fn sum(xs: &[f32]) -> f32 {
+        let mut acc = [0f32; LANES];
+        let chunks = xs.chunks_exact(LANES);
+        let tail: f32 = chunks.remainder().iter().sum();
+        for chunk in chunks {
+            for (a, x) in acc.iter_mut().zip(chunk) {
+                *a += x;
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+
+    #[inline(always)]
+    fn max(xs: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        let chunks = xs.chunks_exact(LANES);
+        let tail = chunks
+            .remainder()
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        for chunk in chunks {
+            for (a, &x) in acc.iter_mut().zip(chunk) {
+                *a = a.max(x);
+            }
+        }
+        acc.iter().fold(tail, |m, &x| m.max(x))
+    }
+
+    /// `row = LayerNorm(row + residual)`.
+    #[inline(always)]
+    pub fn add_layer_norm(
+        row: &mut [f32],
+        residual: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+    ) {
+        for (x, r) in row.iter_mut().zip(residual) {
+            *x += r;
+        }
+        let n = row.len() as f32;
+        let mean = sum(row) / n;
+        for x in row.iter_mut() {
+            *x -= mean;
+        }
+        let mut squares = [0f32; LANES];
+        let chunks = row.chunks_exact(LANES);
+        let tail: f32 = chunks.remainder().iter().map(|x| x * x).sum();
+        for chunk in chunks {
+            for (s, x) in squares.iter_mut().zip(chunk) {
+                *s += x * x;
+            }
+        }
+        let variance = (squares.iter().sum::<f32>() + tail) / n;
+        let inv = 1.0 / (variance + eps).sqrt();
+        for ((x, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+            *x = *x * inv * g + b;
+        }
+    }
+
+    #[inline(always)]
+    pub fn softmax(row: &mut [f32]) {
+        let m = max(row);
+        for x in row.iter_mut() {
+            *x = exp(*x - m);
+        }
+        let inv = 1.0 / sum(row);
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+    }
+
+    /// e^x with ~1 ulp error (Cephes expf polynomial), no branches, no libm call.
+    #[inline(always)]
+    pub fn exp(x: f32) -> f32 {
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        // Adding then subtracting 1.5·2²³ rounds to the nearest integer without SSE4.1.
+        const ROUND: f32 = 12_582_912.0;
+        let x = x.clamp(-87.0, 88.0);
+        let n = (x * LOG2E + ROUND) - ROUND;
+        let r = x - n * LN2_HI - n * LN2_LO;
+        let mut p = 1.987_569_1e-4_f32;
+        p = p * r + 1.398_199_9e-3;
+        p = p * r + 8.333_452e-3;
+        p = p * r + 4.166_579_6e-2;
+        p = p * r + 1.666_666_5e-1;
+        p = p * r + 0.5;
+        let y = p * r * r + r + 1.0;
+        y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    }
+
+    /// erf(x), absolute error below 2e-7 (Abramowitz & Stegun 7.1.26).
+    #[inline(always)]
+    pub fn erf(x: f32) -> f32 {
+        let a = x.abs();
+        let t = 1.0 / (1.0 + 0.327_591_1 * a);
+        let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_72) * t
+            + 0.254_829_6)
+            * t;
+        (1.0 - poly * exp(-a * a)).copysign(x)
+    }
+
+    /// GELU as in BERT (`hidden_act: gelu`): x·Φ(x) with the exact erf form.
+    #[inline(always)]
+    pub fn gelu_erf(x: f32) -> f32 {
+        0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+    }
+
+    /// GELU's tanh approximation (`gelu_new`).
+    #[inline(always)]
+    pub fn gelu_tanh(x: f32) -> f32 {
+        let y = 0.797_884_6 * (x + 0.044_715 * x * x * x);
+        // tanh(y) = 1 - 2 / (e^{2y} + 1)
+        let tanh = 1.0 - 2.0 / (exp(2.0 * y) + 1.0);
+        0.5 * x * (1.0 + tanh)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn exp_and_erf_match_libm() {
+            for i in -4000..4000 {
+                let x = i as f32 / 100.0;
+                let (got, want) = (exp(x), x.exp());
+                assert!(
+                    (got - want).abs() <= want * 4e-7 + 1e-37,
+                    "exp({x}) = {got}, want {want}"
+                );
+            }
+            for i in -600..600 {
+                let x = i as f32 / 100.0;
+                // The series is exact enough in f64 up to |x| = 4; beyond, erf is ±1 within 2e-8.
+                let want = if x.abs() <= 4.0 {
+                    series_erf(x as f64) as f32
+                } else {
+                    x.signum()
+                };
+                assert!(
+                    (erf(x) - want).abs() < 3e-7,
+                    "erf({x}) = {}, want {want}",
+                    erf(x)
+                );
+            }
+        }
+
+        /// Reference erf through its Maclaurin series in f64.
+        fn series_erf(x: f64) -> f64 {
+            // erf(x) = 2/sqrt(pi) * sum_n (-1)^n x^(2n+1) / (n! (2n+1)), fine in f64 for |x| ≤ 6
+            let mut sum = 0.0;
+            let mut term = x;
+            let mut n = 0.0;
+            while term.abs() > 1e-17 || n < 5.0 {
+                sum += term / (2.0 * n + 1.0);
+                n += 1.0;
+                term *= -x * x / n;
+                if n > 400.0 {
+                    break;
+                }
+            }
+            (2.0 / std::f64::consts::PI.sqrt() * sum).clamp(-1.0, 1.0)
+        }
+
+        #[test]
+        fn softmax_and_layer_norm() {
+            let mut row = vec![1.0, 2.0, 3.0, f32::NEG_INFINITY];
+            softmax(&mut row);
+            let want = [0.090_030_57, 0.244_728_48, 0.665_240_94, 0.0];
+            for (g, w) in row.iter().zip(want) {
+                assert!((g - w).abs() < 1e-6, "{row:?}");
+            }
+            let mut x: Vec<f32> = (0..40).map(|i| i as f32).collect();
+            let zeros = vec![0.0; 40];
+            add_layer_norm(&mut x, &zeros, &[1.0; 40], &[0.0; 40], 1e-12);
+            let mean: f32 = x.iter().sum::<f32>() / 40.0;
+            let var: f32 = x.iter().map(|v| v * v).sum::<f32>() / 40.0;
+            assert!(
+                mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4,
+                "{mean} {var}"
+            );
+        }
+    }
+}
