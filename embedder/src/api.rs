@@ -502,7 +502,7 @@ async fn info(State(state): State<AppState>) -> Json<Value> {
         "default_model": registry.default_model(),
         "models": models,
         "limits": state.limits,
-        "threads": candle_core::utils::get_num_threads(),
+        "threads": rayon::current_num_threads(),
         "fault_injection": {
             "latency_ms": state.faults.latency.as_millis() as u64,
             "error_rate": state.faults.error_rate,

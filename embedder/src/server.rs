@@ -62,7 +62,7 @@ pub async fn serve(
     tracing::info!(
         listen = %config.listen,
         default_model = registry.default_model(),
-        threads = candle_core::utils::get_num_threads(),
+        threads = rayon::current_num_threads(),
         "embedder listening; ready once the default model is warm"
     );
 
