@@ -28,7 +28,8 @@ r = json.load(sys.stdin)
 for text, v in zip(["Hello world", "Test embedding"], r["embeddings"]):
     norm = sum(x * x for x in v) ** 0.5
     print(f"  {text!r}: {len(v)} dimensions, norm {norm:.4f}, first values {[round(x, 4) for x in v[:4]]}")
-print(f"  model {r[\"model\"]}, tokens {r[\"usage\"][\"tokens\"]}")
+model, tokens = r["model"], r["usage"]["tokens"]
+print(f"  model {model}, {tokens} tokens")
 '
 echo
 echo "demo: serving on http://$listen (POST /api/v1/embed, POST /v1/embeddings, GET /metrics, /info); Ctrl-C stops"
