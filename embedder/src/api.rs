@@ -4,12 +4,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -75,9 +76,13 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
-    Router::new()
+    // Admission runs before the body is read, so requests turned away cost no buffering.
+    let embed_routes = Router::new()
         .route(NATIVE_ROUTE, post(embed_native))
         .route(OPENAI_ROUTE, post(embed_openai))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admit));
+    Router::new()
+        .merge(embed_routes)
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/info", get(info))
@@ -162,8 +167,66 @@ struct EmbedOutput {
     tokens: usize,
 }
 
-/// Runs admission, parsing, validation, model lookup, faults, tokenisation and batching, and
-/// records the request's metrics whatever the outcome.
+/// Turns requests away with 429 once `--max-concurrent-requests` are in flight; the permit
+/// is held until the response is ready.
+async fn admit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Ok(_permit) = state.admission.clone().try_acquire_owned() else {
+        // Only the two embed routes carry this layer, so the path is one of two values.
+        let route = if request.uri().path() == OPENAI_ROUTE {
+            OPENAI_ROUTE
+        } else {
+            NATIVE_ROUTE
+        };
+        state
+            .metrics
+            .observe_request(NO_MODEL, route, 429, Duration::ZERO);
+        return ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "overloaded",
+            format!(
+                "more than {} requests in flight; retry shortly",
+                state.limits.max_concurrent_requests
+            ),
+        )
+        .into_response();
+    };
+    next.run(request).await
+}
+
+/// Records one request's metrics exactly once: with its status when answered, or as 499
+/// (client closed the request) when the client went away first, so requests abandoned
+/// because the server was slow still count.
+struct RequestRecord<'a> {
+    metrics: &'a Metrics,
+    route: &'static str,
+    model: String,
+    started: Instant,
+    answered: bool,
+}
+
+impl RequestRecord<'_> {
+    fn answer(mut self, status: StatusCode) {
+        self.answered = true;
+        self.metrics.observe_request(
+            &self.model,
+            self.route,
+            status.as_u16(),
+            self.started.elapsed(),
+        );
+    }
+}
+
+impl Drop for RequestRecord<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.metrics
+                .observe_request(&self.model, self.route, 499, self.started.elapsed());
+        }
+    }
+}
+
+/// Runs parsing, validation, model lookup, faults, tokenisation and batching, and records the
+/// request's metrics whatever the outcome.
 async fn serve_embed(
     state: &AppState,
     route: &'static str,
@@ -171,25 +234,25 @@ async fn serve_embed(
     parse: fn(&[u8]) -> Result<EmbedJob, ApiError>,
     render: impl FnOnce(EmbedOutput) -> Response,
 ) -> Response {
-    let started = Instant::now();
     let _inflight = state.metrics.inflight();
-    let mut model_label = NO_MODEL.to_string();
-    let result = embed(state, body, parse, &mut model_label).await;
+    let mut record = RequestRecord {
+        metrics: &state.metrics,
+        route,
+        model: NO_MODEL.to_string(),
+        started: Instant::now(),
+        answered: false,
+    };
+    let result = embed(state, body, parse, &mut record.model).await;
     let response = match result {
         Ok(output) => render(output),
         Err(error) => {
             if error.status.is_server_error() {
-                tracing::warn!(route, model = %model_label, code = error.code, error = %error.message, "request failed");
+                tracing::warn!(route, model = %record.model, code = error.code, error = %error.message, "request failed");
             }
             error.into_response()
         }
     };
-    state.metrics.observe_request(
-        &model_label,
-        route,
-        response.status().as_u16(),
-        started.elapsed(),
-    );
+    record.answer(response.status());
     response
 }
 
@@ -199,16 +262,6 @@ async fn embed(
     parse: fn(&[u8]) -> Result<EmbedJob, ApiError>,
     model_label: &mut String,
 ) -> Result<EmbedOutput, ApiError> {
-    let _permit = state.admission.clone().try_acquire_owned().map_err(|_| {
-        ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "overloaded",
-            format!(
-                "more than {} requests in flight; retry shortly",
-                state.limits.max_concurrent_requests
-            ),
-        )
-    })?;
     let body = body.map_err(ApiError::from_body)?;
     let mut job = parse(&body)?;
     let registry = &state.registry;
@@ -231,10 +284,11 @@ async fn embed(
                 registry.names().collect::<Vec<_>>().join(", ")
             ),
         ),
+        // Details (file paths) go to the server log, not to clients.
         LookupError::LoadFailed { .. } => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "model_unavailable",
-            error.to_string(),
+            format!("model {name:?} could not be loaded; the server log says why"),
         ),
     })?;
     let info = &loaded.model.info;

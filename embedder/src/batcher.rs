@@ -55,10 +55,13 @@ impl Batcher {
         let mut replies = Vec::with_capacity(texts.len());
         for ids in texts {
             let (reply, rx) = oneshot::channel();
-            self.queue
-                .send(Entry { ids, reply })
-                .map_err(|_| Error::BatcherGone)?;
-            self.metrics.queue_depth(&self.model).inc();
+            // Counted before sending so the batcher's decrement can never come first.
+            let depth = self.metrics.queue_depth(&self.model);
+            depth.inc();
+            if self.queue.send(Entry { ids, reply }).is_err() {
+                depth.dec();
+                return Err(Error::BatcherGone);
+            }
             replies.push(rx);
         }
         let mut vectors = Vec::with_capacity(replies.len());

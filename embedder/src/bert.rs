@@ -65,6 +65,9 @@ fn to_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
 impl Linear {
     fn from_parts(weight: &Tensor, bias: &Tensor) -> candle_core::Result<Self> {
         let (n_out, n_in) = weight.dims2()?;
+        if bias.elem_count() != n_out {
+            candle_core::bail!("bias has {} values for {n_out} outputs", bias.elem_count());
+        }
         Ok(Self {
             weight_t: to_vec(&weight.t()?.contiguous()?)?,
             bias: to_vec(bias)?,
@@ -79,7 +82,9 @@ impl Linear {
 
     /// `out = x · Wᵀ + b` for `rows` rows of `x`.
     fn forward(&self, x: &[f32], rows: usize, out: &mut Vec<f32>) {
-        debug_assert_eq!(x.len(), rows * self.n_in);
+        // The gemm call below relies on these sizes; checking costs nothing next to it.
+        assert_eq!(x.len(), rows * self.n_in, "linear input size");
+        assert_eq!(self.bias.len(), self.n_out, "linear bias size");
         out.clear();
         out.reserve(rows * self.n_out);
         for _ in 0..rows {
@@ -320,6 +325,10 @@ impl BertEncoder {
         let d = h / self.heads;
         let stride = 3 * h;
         let scale = 1.0 / (d as f32).sqrt();
+        let tokens = spans.last().map_or(0, |s| s.end);
+        // The unsafe block below relies on these sizes.
+        assert_eq!(qkv.len(), tokens * stride, "qkv size");
+        assert_eq!(context.len(), tokens * h, "context size");
         let out = SharedMut(context.as_mut_ptr());
         let tasks: Vec<(usize, usize)> = (0..spans.len())
             .flat_map(|s| (0..self.heads).map(move |head| (s, head)))

@@ -58,9 +58,8 @@ pub struct Config {
     #[arg(long, env = "EMBEDDER_MAX_MODELS", default_value_t = 4)]
     pub max_models: usize,
 
-    /// Token budget of one batching round: texts waiting are packed first-come first-served
-    /// until their tokens reach it, then split into forward passes of similar lengths, each
-    /// padded to at most this many tokens.
+    /// Token budget of one forward pass: texts waiting are packed first-come first-served,
+    /// without padding, until their tokens reach it (a single longer text still runs alone).
     #[arg(long, env = "EMBEDDER_MAX_BATCH_TOKENS", default_value_t = 16384)]
     pub max_batch_tokens: usize,
 

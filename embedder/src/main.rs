@@ -31,10 +31,14 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(embedder::server::serve(
+    let outcome = runtime.block_on(embedder::server::serve(
         config,
         embedder::server::shutdown_signal(),
-    )) {
+    ));
+    // A model load still running on the blocking pool must not hold the exit past the
+    // orchestrator's grace period; in-flight requests have already finished.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "embedder stopped");

@@ -74,7 +74,7 @@ impl Metrics {
             Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
         registry.register_with_unit(
             "request_duration",
-            "Embedding request latency, queueing included, of requests answered 2xx or 5xx",
+            "Embedding request latency, queueing included, of requests answered 2xx or 5xx or abandoned by the client (499)",
             Unit::Seconds,
             request_duration.clone(),
         );
@@ -138,7 +138,8 @@ impl Metrics {
             .inc();
         // Client errors and overload rejections answer in microseconds; counting them would
         // drag the latency quantiles rollouts gate on down exactly when things go wrong.
-        if (400..500).contains(&code) {
+        // 499 (client gave up waiting) is the opposite: its duration is server slowness.
+        if (400..500).contains(&code) && code != 499 {
             return;
         }
         inner

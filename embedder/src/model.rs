@@ -34,6 +34,7 @@ pub struct SentenceModel {
     pub info: ModelInfo,
     tokenizer: Tokenizer,
     lowercase_input: bool,
+    vocab_size: usize,
     bert: BertEncoder,
 }
 
@@ -155,6 +156,7 @@ impl SentenceModel {
             },
             tokenizer,
             lowercase_input: st_config.do_lower_case,
+            vocab_size: config.vocab_size,
             bert,
         })
     }
@@ -170,7 +172,28 @@ impl SentenceModel {
             model: self.info.name.clone(),
             reason: e.to_string(),
         })?;
-        Ok(encoding.get_ids().to_vec())
+        // Checked here, per text, so a text the model cannot take fails its own request with
+        // a 4xx instead of the forward pass it would share with other requests.
+        let ids = encoding.get_ids();
+        let reason = if ids.is_empty() {
+            Some("the text produced no tokens".to_string())
+        } else {
+            ids.iter()
+                .find(|&&id| id as usize >= self.vocab_size)
+                .map(|id| {
+                    format!(
+                        "token id {id} is outside the model's vocabulary of {}",
+                        self.vocab_size
+                    )
+                })
+        };
+        if let Some(reason) = reason {
+            return Err(Error::Tokenizer {
+                model: self.info.name.clone(),
+                reason,
+            });
+        }
+        Ok(ids.to_vec())
     }
 
     /// Pooled, not yet normalised, embeddings for a batch of tokenised texts, in input order.

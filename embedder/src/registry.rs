@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
 
@@ -18,6 +18,9 @@ use crate::model::{ModelInfo, SentenceModel};
 /// Text used to warm a model before it serves: touches every layer and allocates the
 /// buffers a typical request needs.
 const WARM_UP_TEXT: &str = "Warming up the embedding model before it serves traffic.";
+/// After a failed load, requests for that model fail fast for this long instead of each
+/// retrying the whole load.
+const LOAD_RETRY_AFTER: Duration = Duration::from_secs(10);
 
 pub struct LoadedModel {
     pub model: Arc<SentenceModel>,
@@ -35,6 +38,7 @@ pub enum LookupError {
 struct Slot {
     cell: Arc<OnceCell<Arc<LoadedModel>>>,
     last_used: u64,
+    last_failure: Option<(Instant, Arc<Error>)>,
 }
 
 pub struct Registry {
@@ -97,7 +101,7 @@ impl Registry {
     }
 
     /// The model, loading and warming it first if it is not in memory.
-    pub async fn get(&self, name: &str) -> Result<Arc<LoadedModel>, LookupError> {
+    pub async fn get(self: &Arc<Self>, name: &str) -> Result<Arc<LoadedModel>, LookupError> {
         let Some(dir) = self.catalog.get(name) else {
             return Err(LookupError::Unknown(name.to_string()));
         };
@@ -107,23 +111,54 @@ impl Registry {
             let slot = slots.entry(name.to_string()).or_insert_with(|| Slot {
                 cell: Arc::new(OnceCell::new()),
                 last_used: now,
+                last_failure: None,
             });
             slot.last_used = now;
+            if let Some(loaded) = slot.cell.get() {
+                return Ok(loaded.clone());
+            }
+            if let Some((at, error)) = &slot.last_failure
+                && at.elapsed() < LOAD_RETRY_AFTER
+            {
+                return Err(LookupError::LoadFailed {
+                    name: name.to_string(),
+                    source: error.clone(),
+                });
+            }
             slot.cell.clone()
         };
-        if let Some(loaded) = cell.get() {
-            return Ok(loaded.clone());
-        }
-        let loaded = cell
-            .get_or_try_init(|| self.load(name.to_string(), dir.clone()))
+        // Make room first, so memory never holds more than the limit plus the one loading.
+        self.evict_beyond(self.max_loaded.saturating_sub(1), name);
+        // The load runs in its own task: a client that disconnects mid-load cancels only its
+        // wait, never the load others are waiting for.
+        let registry = self.clone();
+        let (name_owned, dir) = (name.to_string(), dir.clone());
+        let loading = tokio::spawn(async move {
+            cell.get_or_try_init(|| registry.load(name_owned, dir))
+                .await
+                .cloned()
+        });
+        let outcome = loading
             .await
-            .map_err(|source| LookupError::LoadFailed {
-                name: name.to_string(),
-                source: Arc::new(source),
-            })?
-            .clone();
-        self.evict_beyond_limit(name);
-        Ok(loaded)
+            .unwrap_or_else(|e| Err(Error::Config(format!("model loading task failed: {e}"))));
+        match outcome {
+            Ok(loaded) => {
+                self.evict_beyond(self.max_loaded, name);
+                Ok(loaded)
+            }
+            Err(error) => {
+                tracing::error!(model = name, %error, "model failed to load");
+                let error = Arc::new(error);
+                let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(slot) = slots.get_mut(name) {
+                    slot.last_failure = Some((Instant::now(), error.clone()));
+                }
+                Err(LookupError::LoadFailed {
+                    name: name.to_string(),
+                    source: error,
+                })
+            }
+        }
     }
 
     async fn load(&self, name: String, dir: PathBuf) -> Result<Arc<LoadedModel>> {
@@ -152,19 +187,20 @@ impl Registry {
         Ok(Arc::new(LoadedModel { model, batcher }))
     }
 
-    /// Drops least recently used models until at most `max_loaded` remain. Requests already
-    /// holding an evicted model finish on it; its memory goes when they do.
-    fn evict_beyond_limit(&self, just_used: &str) {
+    /// Drops least recently used models until at most `limit` remain loaded, never the
+    /// default model nor `keep`. Requests already holding an evicted model finish on it; its
+    /// memory goes when they do.
+    fn evict_beyond(&self, limit: usize, keep: &str) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let loaded = slots.values().filter(|s| s.cell.initialized()).count();
-            if loaded <= self.max_loaded {
+            if loaded <= limit {
                 break;
             }
             let victim = slots
                 .iter()
                 .filter(|(name, slot)| {
-                    slot.cell.initialized() && *name != &self.default_model && *name != just_used
+                    slot.cell.initialized() && *name != &self.default_model && *name != keep
                 })
                 .min_by_key(|(_, slot)| slot.last_used)
                 .map(|(name, _)| name.clone());

@@ -639,3 +639,75 @@ async fn sigterm_turns_unready_finishes_in_flight_then_exits() {
         .unwrap();
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn abandoned_requests_count_as_499_with_their_duration() {
+    let server = Server::start(&["--fault-latency-ms", "1500"]).await;
+    let client = Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let result = client
+        .post(server.url("/api/v1/embed"))
+        .json(&json!({"texts": ["slow"]}))
+        .send()
+        .await;
+    assert!(result.is_err(), "the client should have timed out");
+    let series =
+        format!(r#"embedder_requests_total{{model="{MODEL}",route="/api/v1/embed",code="499"}}"#);
+    let mut seen = None;
+    for _ in 0..50 {
+        seen = series_value(&server.metrics().await, &series);
+        if seen.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, Some(1.0));
+    let metrics = server.metrics().await;
+    let duration = format!(
+        r#"embedder_request_duration_seconds_count{{model="{MODEL}",route="/api/v1/embed"}}"#
+    );
+    assert_eq!(
+        series_value(&metrics, &duration),
+        Some(1.0),
+        "abandoned requests keep their latency"
+    );
+    assert_eq!(
+        series_value(&metrics, "embedder_inflight_requests"),
+        Some(0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_model_answers_503_without_leaking_paths_and_spares_the_rest() {
+    let broken =
+        std::env::temp_dir().join(format!("embedroll-broken-model-{}", std::process::id()));
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("config.json"), "{ not json").unwrap();
+    let spec = format!("broken={}", broken.display());
+    let server = Server::start(&["--model", &spec]).await;
+    for _ in 0..2 {
+        let (status, body) = post(
+            &server,
+            "/api/v1/embed",
+            json!({"texts": ["x"], "model": "broken"}),
+        )
+        .await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "model_unavailable");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            !message.contains(&*broken.to_string_lossy()),
+            "server path leaked: {message}"
+        );
+    }
+    let (status, _) = post(
+        &server,
+        "/api/v1/embed",
+        json!({"texts": ["the default still works"]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    std::fs::remove_dir_all(&broken).unwrap();
+}

@@ -51,7 +51,7 @@ async fn check_model(server: &Server, model: &str) {
         "fixture lacks a truncated text"
     );
 
-    // One at a time: no padding involved.
+    // One at a time.
     for r in &refs {
         let body = embed(server, model, &[&r.text]).await;
         let got = &vectors(&body)[0];
@@ -65,7 +65,7 @@ async fn check_model(server: &Server, model: &str) {
         assert_eq!(body["dimensions"], 384);
     }
 
-    // All in one request: mixed lengths share forward passes with padding.
+    // All in one request: mixed lengths packed into shared forward passes.
     let texts: Vec<&str> = refs.iter().map(|r| r.text.as_str()).collect();
     let body = embed(server, model, &texts).await;
     let got = vectors(&body);
