@@ -1,0 +1,5 @@
+//! Pieces of the local real cluster used by e2e tests and the demo: a kubelet that runs pods as
+//! local processes (work in progress) and, later, an nginx-based ingress stand-in.
+
+pub mod images;
+pub mod node;
