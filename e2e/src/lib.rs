@@ -4,3 +4,4 @@
 pub mod container_env;
 pub mod images;
 pub mod node;
+pub mod pods;

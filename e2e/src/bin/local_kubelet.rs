@@ -1,8 +1,12 @@
-//! A kubelet for the local e2e cluster: registers a Node and keeps it Ready. Running pods as
-//! local processes comes next (see e2e/README.md once it lands).
+//! A kubelet for the local e2e cluster: registers a Node, keeps it Ready, and runs the pods
+//! bound to it as local processes (container images map to workspace binaries).
+
+use std::path::PathBuf;
 
 use clap::Parser;
+use embedroll_e2e::images::ImageMap;
 use embedroll_e2e::node::{NodeConfig, run_heartbeat};
+use embedroll_e2e::pods::Kubelet;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,6 +26,16 @@ struct Args {
     /// Pods the node accepts.
     #[arg(long, default_value_t = 110)]
     max_pods: u32,
+    /// Directory holding the workspace binaries that images map to (embedder,
+    /// embedroll-operator).
+    #[arg(long, env = "EMBEDROLL_BIN_DIR")]
+    bin_dir: PathBuf,
+    /// Extra image mapping NAME=PATH: images whose repository's last segment is NAME run PATH.
+    #[arg(long = "image", value_name = "NAME=PATH")]
+    images: Vec<String>,
+    /// Where container logs go, one file per container.
+    #[arg(long, default_value = "/tmp/embedroll-kubelet-logs")]
+    log_dir: PathBuf,
 }
 
 #[tokio::main]
@@ -42,10 +56,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_pods: args.max_pods,
         address: "127.0.0.1".into(),
     };
+    let mut images = ImageMap::workspace(&args.bin_dir);
+    for spec in &args.images {
+        images.insert_spec(spec)?;
+    }
+    let kubelet = Kubelet::new(client.clone(), config.name.clone(), images, args.log_dir);
     let heartbeat = tokio::spawn(run_heartbeat(client, config));
+    let pods = tokio::spawn(kubelet.run());
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
         _ = heartbeat => {}
+        _ = pods => {}
     }
     Ok(())
 }
