@@ -350,17 +350,11 @@ async fn client_errors_are_json_with_a_reason() {
         (413, Some("body_too_large"))
     );
 
-    let response = Client::new()
-        .get(server.url("/api/v1/embed"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 405);
-    let body: Value = response.json().await.unwrap();
+    let (status, body) = server.get("/api/v1/embed").await;
+    assert_eq!(status, 405);
     assert_eq!(body["error"]["code"], "method_not_allowed");
-    let response = Client::new().get(server.url("/nope")).send().await.unwrap();
-    assert_eq!(response.status(), 404);
-    let body: Value = response.json().await.unwrap();
+    let (status, body) = server.get("/nope").await;
+    assert_eq!(status, 404);
     assert_eq!(body["error"]["code"], "not_found");
 
     // Nothing above hurt the server.
@@ -382,33 +376,14 @@ async fn ready_only_after_the_default_model_is_warm() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(live, Some(StatusCode::OK));
-    let response = client
-        .get(server.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 503);
-    let body: Value = response.json().await.unwrap();
+    let (status, body) = server.get("/health/ready").await;
+    assert_eq!(status, 503);
     assert_eq!(body["status"], "loading");
-    let info: Value = client
-        .get(server.url("/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = server.get_json("/info").await;
     assert_eq!(info["models"][0]["loaded"], false);
 
     server.wait_ready(Duration::from_secs(60)).await;
-    let info: Value = client
-        .get(server.url("/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = server.get_json("/info").await;
     assert_eq!(info["default_model"], MODEL);
     assert_eq!(info["models"][0]["loaded"], true);
     assert_eq!(info["models"][0]["dimensions"], 384);
@@ -567,14 +542,7 @@ async fn serves_several_models_with_lru_eviction() {
         "least recently used model evicted"
     );
 
-    let info: Value = Client::new()
-        .get(server.url("/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = server.get_json("/info").await;
     let state: Vec<(String, bool)> = info["models"]
         .as_array()
         .unwrap()
@@ -620,13 +588,8 @@ async fn sigterm_turns_unready_finishes_in_flight_then_exits() {
         .unwrap();
     assert!(killed.success());
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let response = Client::new()
-        .get(server.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 503);
-    let body: Value = response.json().await.unwrap();
+    let (status, body) = server.get("/health/ready").await;
+    assert_eq!(status, 503);
     assert_eq!(body["status"], "draining");
 
     assert_eq!(
