@@ -4,4 +4,5 @@
 pub mod container_env;
 pub mod images;
 pub mod node;
+pub mod pod_network;
 pub mod pods;

@@ -1,6 +1,7 @@
 //! Runs the pods bound to the local node as local processes: one process per container, its
-//! own loopback address per pod, the real readiness probe, restarts, and SIGTERM → grace →
-//! SIGKILL on deletion, with the pod status a real kubelet would report.
+//! own network namespace and address per pod (see `pod_network`), the real readiness probe,
+//! restarts, and SIGTERM → grace → SIGKILL on deletion, with the pod status a real kubelet
+//! would report.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -22,8 +23,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::container_env::{PodFacts, arguments, environment};
 use crate::images::ImageMap;
+use crate::pod_network;
 
-/// Pod addresses: 127.0.0.2 … 127.0.254.254, never 127.0.0.1 (the node's).
+/// Pod addresses: 10.88.0.2 … 10.88.254.254 on the pod bridge (10.88.0.1 is the host).
 #[derive(Default)]
 struct AddressPool {
     used: std::collections::BTreeSet<u32>,
@@ -31,8 +33,8 @@ struct AddressPool {
 
 impl AddressPool {
     fn take(&mut self) -> Option<Ipv4Addr> {
-        let first = u32::from(Ipv4Addr::new(127, 0, 0, 2));
-        let last = u32::from(Ipv4Addr::new(127, 0, 254, 254));
+        let first = u32::from(Ipv4Addr::new(10, 88, 0, 2));
+        let last = u32::from(Ipv4Addr::new(10, 88, 254, 254));
         let free =
             (first..=last).find(|a| !self.used.contains(a) && a & 0xff != 0 && a & 0xff != 255)?;
         self.used.insert(free);
@@ -165,7 +167,7 @@ impl Kubelet {
             self.fail_pod(
                 &pod,
                 "NoAddress",
-                "the local kubelet ran out of loopback addresses",
+                "the local kubelet ran out of pod addresses",
             )
             .await;
             return;
@@ -185,6 +187,12 @@ impl Kubelet {
                 return;
             }
         }
+        let network = tokio::task::spawn_blocking(move || pod_network::setup(ip)).await;
+        if let Err(message) = network.unwrap_or_else(|e| Err(e.to_string())) {
+            lock(&self.addresses).give_back(ip);
+            self.fail_pod(&pod, "NetworkSetupFailed", &message).await;
+            return;
+        }
         let running = Arc::new(RunningPod {
             name: name.clone(),
             namespace: namespace.clone(),
@@ -199,7 +207,11 @@ impl Kubelet {
         });
         lock(&self.pods).insert(uid.clone(), running.clone());
         tracing::info!(pod = %name, %namespace, %ip, "starting pod");
-        let facts = PodFacts::of(&pod, &ip.to_string(), "127.0.0.1");
+        let facts = PodFacts::of(
+            &pod,
+            &ip.to_string(),
+            &pod_network::HOST_ADDRESS.to_string(),
+        );
         for container in containers {
             tokio::spawn(self.clone().supervise(
                 running.clone(),
@@ -311,7 +323,11 @@ impl Kubelet {
             .open(&log_path)
             .map_err(|e| e.to_string())?;
         let log_err = log.try_clone().map_err(|e| e.to_string())?;
-        let mut command = tokio::process::Command::new(binary);
+        // `ip netns exec` enters the pod's namespace and execs the binary (same pid).
+        let mut command = tokio::process::Command::new("ip");
+        command
+            .args(["netns", "exec", &pod_network::namespace_for(running.ip)])
+            .arg(binary);
         // A container sees its own environment, not the kubelet's, plus what any image has.
         command.env_clear();
         for key in ["PATH", "HOME"] {
@@ -408,7 +424,9 @@ impl Kubelet {
             signal(*pid, "KILL");
         }
         lock(&self.pods).remove(uid);
-        lock(&self.addresses).give_back(running.ip);
+        let address = running.ip;
+        let _ = tokio::task::spawn_blocking(move || pod_network::teardown(address)).await;
+        lock(&self.addresses).give_back(address);
     }
 
     async fn report(&self, running: &RunningPod, pod: &Pod) {
@@ -448,7 +466,8 @@ impl Kubelet {
             "status": {
                 "phase": phase,
                 "podIP": running.ip.to_string(), "podIPs": [{"ip": running.ip.to_string()}],
-                "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
+                "hostIP": pod_network::HOST_ADDRESS.to_string(),
+                "hostIPs": [{"ip": pod_network::HOST_ADDRESS.to_string()}],
                 "startTime": pod.status.as_ref().and_then(|s| s.start_time.clone()).unwrap_or_else(|| now.clone()),
                 "conditions": [condition("PodScheduled", true), condition("Initialized", true), condition("ContainersReady", all_ready), condition("Ready", all_ready)],
                 "containerStatuses": statuses,

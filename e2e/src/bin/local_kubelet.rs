@@ -54,12 +54,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         cpu: args.cpu,
         memory: args.memory,
         max_pods: args.max_pods,
-        address: "127.0.0.1".into(),
+        address: embedroll_e2e::pod_network::HOST_ADDRESS.to_string(),
     };
     let mut images = ImageMap::workspace(&args.bin_dir);
     for spec in &args.images {
         images.insert_spec(spec)?;
     }
+    embedroll_e2e::pod_network::prepare_host().map_err(|e| format!("pod network: {e}"))?;
     let kubelet = Kubelet::new(client.clone(), config.name.clone(), images, args.log_dir);
     let heartbeat = tokio::spawn(run_heartbeat(client, config));
     let pods = tokio::spawn(kubelet.run());
