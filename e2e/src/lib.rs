@@ -3,6 +3,7 @@
 
 pub mod container_env;
 pub mod images;
+pub mod ingress_render;
 pub mod node;
 pub mod pod_network;
 pub mod pods;
