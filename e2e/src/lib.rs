@@ -7,3 +7,10 @@ pub mod ingress_render;
 pub mod node;
 pub mod pod_network;
 pub mod pods;
+
+/// Human-readable logs on stderr, filtered by the environment variable `var` (default info).
+pub fn init_tracing(var: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env(var)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+}

@@ -38,12 +38,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("INGRESS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    embedroll_e2e::init_tracing("INGRESS_LOG");
     let args = Args::parse();
     std::fs::create_dir_all(&args.runtime_dir)?;
     let client = Client::try_default().await?;

@@ -40,12 +40,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KUBELET_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    embedroll_e2e::init_tracing("KUBELET_LOG");
     let args = Args::parse();
     // KUBECONFIG from the environment, as kubectl does.
     let client = kube::Client::try_default().await?;
