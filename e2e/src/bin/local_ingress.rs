@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use clap::Parser;
 use embedroll_e2e::ingress_render::{Snapshot, render};
+use futures::stream::BoxStream;
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
+use serde::de::DeserializeOwned;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,6 +38,28 @@ struct Args {
     nginx: PathBuf,
 }
 
+/// A local copy of every object of kind `K`, and a stream that yields once per change to it.
+fn mirror<K>(client: &Client) -> (reflector::Store<K>, BoxStream<'static, ()>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let changes = reflector(
+        writer,
+        watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .map(|_| ())
+    .boxed();
+    (store, changes)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     embedroll_e2e::init_tracing("INGRESS_LOG");
@@ -43,33 +67,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&args.runtime_dir)?;
     let client = Client::try_default().await?;
 
-    let (ingresses, ingress_writer) = reflector::store::<Ingress>();
-    let (services, service_writer) = reflector::store::<Service>();
-    let (slices, slice_writer) = reflector::store::<EndpointSlice>();
-    let cfg = watcher::Config::default;
-    let changes = stream::select_all(vec![
-        reflector(
-            ingress_writer,
-            watcher(Api::<Ingress>::all(client.clone()), cfg()),
-        )
-        .default_backoff()
-        .map(|_| ())
-        .boxed(),
-        reflector(
-            service_writer,
-            watcher(Api::<Service>::all(client.clone()), cfg()),
-        )
-        .default_backoff()
-        .map(|_| ())
-        .boxed(),
-        reflector(
-            slice_writer,
-            watcher(Api::<EndpointSlice>::all(client.clone()), cfg()),
-        )
-        .default_backoff()
-        .map(|_| ())
-        .boxed(),
-    ]);
+    let (ingresses, ingress_changes) = mirror::<Ingress>(&client);
+    let (services, service_changes) = mirror::<Service>(&client);
+    let (slices, slice_changes) = mirror::<EndpointSlice>(&client);
+    let changes = stream::select_all([ingress_changes, service_changes, slice_changes]);
     // Bursts of events (a rollout touches many objects) coalesce into one render.
     let mut changes = changes.ready_chunks(256);
 
