@@ -1,0 +1,528 @@
+//! The `EmbeddingRollout` API (`embedroll.dev/v1alpha1`): spec, status, and the schema/CEL
+//! validation the apiserver enforces, so a mistake is rejected at `kubectl apply` with the
+//! field named instead of surfacing later as a stuck rollout.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::api::networking::v1::IngressTLS;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Go-style durations (`500ms`, `30s`, `5m`, `1h30m`), the format `kubectl` users know.
+pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
+/// Longest rollout name: children are named `<name>-green` and the name is a label value.
+pub const MAX_NAME_LEN: usize = 57;
+
+/// A progressive rollout of an embedding service: two colors of embedder pods behind an
+/// ingress-nginx primary and canary Ingress; a new revision goes to the idle color and takes an
+/// increasing share of traffic, each step gated on Prometheus, and is rolled back on a breach.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "embedroll.dev",
+    version = "v1alpha1",
+    kind = "EmbeddingRollout",
+    namespaced,
+    shortname = "er",
+    category = "embedroll",
+    status = "EmbeddingRolloutStatus",
+    derive = "PartialEq",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Stable", type_ = "string", json_path = ".status.stableRevision"),
+    printcolumn(name = "Canary", type_ = "string", json_path = ".status.canaryRevision"),
+    printcolumn(name = "Weight", type_ = "integer", json_path = ".status.canaryWeight"),
+    printcolumn(name = "Step", type_ = "integer", json_path = ".status.currentStepIndex"),
+    printcolumn(name = "P95", type_ = "string", json_path = ".status.analysis.latencyP95"),
+    printcolumn(name = "Errors", type_ = "string", json_path = ".status.analysis.errorRate"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.message",
+        priority = 1
+    ),
+    validation = Rule::new("self.metadata.name.size() <= 57")
+        .message("metadata.name: at most 57 characters (children are named <name>-green)"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EmbeddingRolloutSpec {
+    /// Pods per color. The scale subresource points here, so an HPA can drive it.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub replicas: i32,
+    /// The embedder pod. `embedroll.dev/{rollout,color,revision}` labels are added to it.
+    pub template: PodTemplateSpec,
+    /// The model the pods serve; part of the revision, so changing it is an upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelSpec>,
+    #[serde(default)]
+    pub service: ServiceSpec,
+    pub traffic: TrafficSpec,
+    #[serde(default)]
+    pub strategy: StrategySpec,
+    #[serde(default)]
+    pub analysis: AnalysisSpec,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub dimensions: Option<i32>,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// The port the embedder listens on; the Services expose the same port.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        Self { port: default_port() }
+    }
+}
+
+fn default_port() -> i32 {
+    8080
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficSpec {
+    pub nginx: NginxTraffic,
+}
+
+/// Traffic through ingress-nginx: a primary Ingress to the stable color and a canary Ingress
+/// (`nginx.ingress.kubernetes.io/canary-weight`) to the new one, on the same host and paths.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.paths) || self.paths.all(p, self.paths.filter(q, q == p).size() == 1)").message("paths must be unique").field_path(".paths"))]
+pub struct NginxTraffic {
+    /// Host the Ingresses match; empty matches every host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253), regex(pattern = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"))]
+    pub host: Option<String>,
+    /// Path prefixes routed to the embedder.
+    #[serde(default = "default_paths")]
+    #[schemars(length(min = 1, max = 16), inner(length(max = 256), regex(pattern = r"^/")))]
+    pub paths: Vec<String>,
+    #[serde(default = "default_ingress_class")]
+    #[schemars(length(min = 1, max = 253))]
+    pub ingress_class_name: String,
+    /// Extra annotations for both Ingresses (timeouts, body size, ...). The canary ones are
+    /// the operator's and cannot be set here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('nginx.ingress.kubernetes.io/canary'))").message("canary annotations are managed by the operator"))]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub tls: Vec<IngressTLS>,
+}
+
+fn default_paths() -> Vec<String> {
+    vec!["/".to_owned()]
+}
+
+fn default_ingress_class() -> String {
+    "nginx".to_owned()
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.steps) || self.steps.size() == 0 || (has(self.steps[self.steps.size() - 1].setWeight) && self.steps[self.steps.size() - 1].setWeight == 100)")
+        .message("the last step must be setWeight: 100").field_path(".steps"),
+    validation = Rule::new("!has(self.steps) || self.steps.filter(s, has(s.setWeight)).map(s, s.setWeight).isSorted() && self.steps.filter(s, has(s.setWeight)).all(s, self.steps.filter(t, has(t.setWeight) && t.setWeight == s.setWeight).size() == 1)")
+        .message("setWeight values must be strictly ascending").field_path(".steps"),
+)]
+pub struct StrategySpec {
+    /// Steps of the rollout; default `setWeight` 1, 10, 50, 100, each held for one analysis
+    /// interval.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub steps: Vec<Step>,
+    /// Seconds the new color has to become Ready before the rollout is rolled back.
+    #[serde(default = "default_progress_deadline")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub progress_deadline_seconds: i32,
+    /// Seconds the previous color is kept running after a promotion or rollback, so traffic
+    /// can go back to it at once.
+    #[serde(default = "default_scale_down_delay")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub scale_down_delay_seconds: i32,
+}
+
+impl Default for StrategySpec {
+    fn default() -> Self {
+        Self {
+            steps: Vec::new(),
+            progress_deadline_seconds: default_progress_deadline(),
+            scale_down_delay_seconds: default_scale_down_delay(),
+        }
+    }
+}
+
+fn default_progress_deadline() -> i32 {
+    600
+}
+
+fn default_scale_down_delay() -> i32 {
+    300
+}
+
+/// One step: exactly one of `setWeight` or `pause`.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.setWeight) != has(self.pause)").message("a step has exactly one of setWeight or pause"))]
+pub struct Step {
+    /// Percent of requests sent to the new color.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub set_weight: Option<i32>,
+    /// Hold the current weight: for `duration`, or until promoted when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<PauseStep>,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PauseStep {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub duration: Option<String>,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.metrics) || self.metrics.size() == 0 || has(self.prometheus)")
+        .message("metrics need analysis.prometheus.address").field_path(".prometheus"),
+    validation = Rule::new("!has(self.metrics) || self.metrics.all(m, self.metrics.filter(n, n.name == m.name).size() == 1)")
+        .message("metric names must be unique").field_path(".metrics"),
+)]
+pub struct AnalysisSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusSpec>,
+    /// How often checks run, and the range of their queries (`{{interval}}`). Each weight is
+    /// held for at least one interval.
+    #[serde(default = "default_interval")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub interval: String,
+    /// Failed checks in one rollout before it is rolled back automatically.
+    #[serde(default = "default_failure_limit")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_limit: i32,
+    /// Canary requests a check needs in its window; fewer makes it inconclusive, never failed.
+    #[serde(default = "default_min_requests")]
+    #[schemars(range(min = 0))]
+    pub min_requests: i64,
+    /// What an inconclusive check (no data, Prometheus unreachable) does: `Pause` holds the
+    /// current weight until a check passes; `Fail` counts it as a failed check.
+    #[serde(default)]
+    pub on_inconclusive: OnInconclusive,
+    /// Largest accepted gap, in percentage points beyond sampling noise, between the weight set
+    /// and the canary's observed share of requests.
+    #[serde(default = "default_weight_tolerance")]
+    #[schemars(range(min = 0, max = 100))]
+    pub weight_tolerance_percent: i32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub metrics: Vec<MetricSpec>,
+}
+
+impl Default for AnalysisSpec {
+    fn default() -> Self {
+        Self {
+            prometheus: None,
+            interval: default_interval(),
+            failure_limit: default_failure_limit(),
+            min_requests: default_min_requests(),
+            on_inconclusive: OnInconclusive::default(),
+            weight_tolerance_percent: default_weight_tolerance(),
+            metrics: Vec::new(),
+        }
+    }
+}
+
+fn default_interval() -> String {
+    "30s".to_owned()
+}
+
+fn default_failure_limit() -> i32 {
+    2
+}
+
+fn default_min_requests() -> i64 {
+    50
+}
+
+fn default_weight_tolerance() -> i32 {
+    5
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusSpec {
+    /// Base URL of the Prometheus HTTP API, e.g. `http://prometheus.monitoring:9090`.
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub address: String,
+    #[serde(default = "default_timeout")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub timeout: String,
+}
+
+fn default_timeout() -> String {
+    "10s".to_owned()
+}
+
+#[derive(schemars::JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OnInconclusive {
+    #[default]
+    Pause,
+    Fail,
+}
+
+/// Built-in checks, PromQL over the embedder's metrics and the pod labels the scrape config maps
+/// to `rollout`, `color` and `revision`.
+#[derive(schemars::JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    /// The canary's P95 request latency (`histogram_quantile`), against `max` (a duration).
+    LatencyP95,
+    /// The canary's share of 5xx answers, against `max` (a fraction, e.g. `"0.01"`).
+    ErrorRate,
+    /// Canary P95 minus stable P95, against `maxIncrease` (a duration).
+    LatencyP95VsStable,
+}
+
+/// One check. Thresholds are strings: durations (`35ms`) for latency presets, decimal numbers
+/// (`"0.001"`) otherwise.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.preset) != has(self.query)")
+        .message("a metric has exactly one of preset or query"),
+    validation = Rule::new("has(self.preset) && self.preset == 'LatencyP95VsStable' ? has(self.maxIncrease) : (has(self.max) || has(self.min))")
+        .message("a metric needs a threshold: max or min (maxIncrease for LatencyP95VsStable)"),
+    validation = Rule::new("!has(self.maxIncrease) || (has(self.preset) && self.preset == 'LatencyP95VsStable')")
+        .message("maxIncrease is only for LatencyP95VsStable").field_path(".maxIncrease"),
+    validation = Rule::new("!(has(self.preset) && self.preset.startsWith('Latency')) || ((!has(self.max) || self.max.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$')) && (!has(self.min) || self.min.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$')))")
+        .message("latency thresholds are durations, e.g. 35ms").field_path(".max"),
+    validation = Rule::new("(has(self.preset) && self.preset.startsWith('Latency')) || ((!has(self.max) || self.max.matches('^-?[0-9]+(\\\\.[0-9]+)?([eE]-?[0-9]+)?$')) && (!has(self.min) || self.min.matches('^-?[0-9]+(\\\\.[0-9]+)?([eE]-?[0-9]+)?$')))")
+        .message("thresholds are decimal numbers, e.g. \"0.01\"").field_path(".max"),
+)]
+pub struct MetricSpec {
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<Preset>,
+    /// PromQL returning one sample; `{{namespace}} {{rollout}} {{canaryColor}} {{stableColor}}
+    /// {{canaryRevision}} {{stableRevision}} {{interval}}` are substituted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub query: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub max: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub min: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub max_increase: Option<String>,
+}
+
+// ---------------------------------------------------------------- status
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum Phase {
+    /// Stable serves all traffic; nothing in flight.
+    Healthy,
+    /// A new revision is taking traffic step by step.
+    Progressing,
+    /// Held: a pause step, the pause annotation, or an inconclusive check.
+    Paused,
+    /// Traffic is being moved back to stable.
+    RollingBack,
+    /// Stable itself is not serving (no Ready pods, or the first install missed its deadline).
+    Degraded,
+    /// The last rollout was rolled back or aborted; waits for a spec change or a retry.
+    Failed,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Color {
+    Blue,
+    Green,
+}
+
+impl Color {
+    pub fn other(self) -> Self {
+        match self {
+            Color::Blue => Color::Green,
+            Color::Green => Color::Blue,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Color::Blue => "blue",
+            Color::Green => "green",
+        }
+    }
+}
+
+impl std::fmt::Display for Color {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EmbeddingRolloutStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_color: Option<Color>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_revision: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_color: Option<Color>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_revision: Option<String>,
+    /// Index into the effective steps while a rollout is in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_step_index: Option<i32>,
+    /// Percent of requests the canary Ingress sends to the canary color.
+    #[serde(default)]
+    pub canary_weight: i32,
+    /// When the current step began (weight set or pause started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_started_at: Option<Time>,
+    /// When the in-flight revision was first deployed (progress deadline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_started_at: Option<Time>,
+    /// A revision that was rolled back or aborted; not retried until the spec changes or
+    /// `embedroll.dev/retry` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_revision: Option<String>,
+    /// The idle color and when it is scaled to zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down: Option<ScaleDown>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<AnalysisStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_check: Option<WeightCheck>,
+    /// Ready pods of the stable color (scale subresource).
+    #[serde(default)]
+    pub replicas: i32,
+    /// Label selector of the stable color's pods (scale subresource, HPA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleDown {
+    pub color: Color,
+    pub at: Time,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum CheckResult {
+    Passed,
+    Failed,
+    Inconclusive,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisStatus {
+    /// Failed checks in the current rollout (rollback at `failureLimit`).
+    #[serde(default)]
+    pub failed_checks: i32,
+    /// Inconclusive checks in a row.
+    #[serde(default)]
+    pub inconclusive_checks: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<CheckResult>,
+    /// The canary's P95 from the last check, for `kubectl get` (e.g. `12.3ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p95: Option<String>,
+    /// The canary's error rate from the last check, for `kubectl get` (e.g. `0.10%`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_rate: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<MetricStatus>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricStatus {
+    pub name: String,
+    /// The measured value, formatted (`41.2ms`, `0.0031`); absent when there was no data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// The limit it was held to, e.g. `<= 35ms`.
+    pub threshold: String,
+    pub result: CheckResult,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The canary's observed share of requests against the weight set.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightCheck {
+    pub weight: i32,
+    /// Observed canary share in percent, e.g. `9.7`; absent without enough traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_percent: Option<String>,
+    /// Requests to both colors in the window.
+    pub requests: i64,
+    pub result: WeightCheckResult,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum WeightCheckResult {
+    Matched,
+    Mismatched,
+    InsufficientTraffic,
+    Unknown,
+}
+
+/// Parses a Go-style duration as the schema's pattern admits (`500ms`, `30s`, `1h30m`).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let duration: kube::core::Duration =
+        text.parse().map_err(|e| format!("{text:?} is not a duration like 30s or 500ms: {e}"))?;
+    if duration.is_negative() {
+        return Err(format!("{text:?} is negative"));
+    }
+    Ok(duration.into())
+}
