@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use crate::crd::{AnalysisSpec, CheckResult, Color, MetricSpec, Preset, WeightCheck, WeightCheckResult};
+use crate::crd::{
+    AnalysisSpec, CheckResult, Color, MetricSpec, Preset, WeightCheck, WeightCheckResult,
+};
 
 /// The values substituted into queries.
 #[derive(Clone, Debug)]
@@ -30,7 +32,11 @@ impl Vars {
             "interval" => prom_duration(self.interval),
             // The stable baseline for comparisons: long enough to still hold data when the
             // canary takes 100% and stable gets nothing.
-            "baselineWindow" => prom_duration(self.interval.saturating_mul(10).max(Duration::from_secs(60))),
+            "baselineWindow" => prom_duration(
+                self.interval
+                    .saturating_mul(10)
+                    .max(Duration::from_secs(60)),
+            ),
             _ => return None,
         })
     }
@@ -38,7 +44,11 @@ impl Vars {
 
 /// A Prometheus range selector duration (`1500ms`, `30s`).
 pub fn prom_duration(d: Duration) -> String {
-    if d.subsec_millis() == 0 { format!("{}s", d.as_secs()) } else { format!("{}ms", d.as_millis()) }
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
 }
 
 /// Replaces `{{name}}` placeholders; an unknown one is an error naming it.
@@ -48,9 +58,15 @@ pub fn render(template: &str, vars: &Vars) -> Result<String, String> {
     while let Some(start) = rest.find("{{") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find("}}").ok_or_else(|| "unclosed {{ in query".to_owned())?;
+        let end = after
+            .find("}}")
+            .ok_or_else(|| "unclosed {{ in query".to_owned())?;
         let key = after[..end].trim();
-        out.push_str(&vars.get(key).ok_or_else(|| format!("unknown placeholder {{{{{key}}}}}"))?);
+        out.push_str(
+            &vars
+                .get(key)
+                .ok_or_else(|| format!("unknown placeholder {{{{{key}}}}}"))?,
+        );
         rest = &after[end + 2..];
     }
     out.push_str(rest);
@@ -75,7 +91,11 @@ pub enum Side {
 }
 
 pub fn p95_query(side: Side) -> String {
-    let window = if side == Side::Canary { "{{interval}}" } else { "{{baselineWindow}}" };
+    let window = if side == Side::Canary {
+        "{{interval}}"
+    } else {
+        "{{baselineWindow}}"
+    };
     format!(
         "histogram_quantile(0.95, sum by (le) (rate(embedder_request_duration_seconds_bucket{{{}}}[{window}])))",
         selector(side)
@@ -92,13 +112,19 @@ pub fn error_rate_query() -> String {
 }
 
 pub fn requests_query(side: Side) -> String {
-    format!("sum(increase(embedder_requests_total{{{}}}[{{{{interval}}}}]))", selector(side))
+    format!(
+        "sum(increase(embedder_requests_total{{{}}}[{{{{interval}}}}]))",
+        selector(side)
+    )
 }
 
 /// Runs PromQL instant queries. The real one is `prometheus::Prometheus`; tests use a map.
 pub trait Querier {
     /// The samples of the result (a scalar is one sample); empty when there is no data.
-    fn query(&self, promql: &str) -> impl std::future::Future<Output = Result<Vec<f64>, String>> + Send;
+    fn query(
+        &self,
+        promql: &str,
+    ) -> impl std::future::Future<Output = Result<Vec<f64>, String>> + Send;
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -129,7 +155,9 @@ enum Threshold {
 }
 
 fn parse_number(text: &str) -> Result<f64, String> {
-    text.trim().parse::<f64>().map_err(|_| format!("{text:?} is not a number"))
+    text.trim()
+        .parse::<f64>()
+        .map_err(|_| format!("{text:?} is not a number"))
 }
 
 fn parse_seconds(text: &str) -> Result<f64, String> {
@@ -146,12 +174,27 @@ fn format_value(preset: Option<Preset>, value: f64) -> String {
 
 /// One metric against its threshold; `value` is `Err(reason)` when there was nothing to judge.
 fn judge(metric: &MetricSpec, value: Result<f64, String>) -> MetricOutcome {
-    let latency = matches!(metric.preset, Some(Preset::LatencyP95 | Preset::LatencyP95VsStable));
-    let parse = |t: &str| if latency { parse_seconds(t) } else { parse_number(t) };
+    let latency = matches!(
+        metric.preset,
+        Some(Preset::LatencyP95 | Preset::LatencyP95VsStable)
+    );
+    let parse = |t: &str| {
+        if latency {
+            parse_seconds(t)
+        } else {
+            parse_number(t)
+        }
+    };
     let threshold = match (&metric.max, &metric.min, &metric.max_increase) {
-        (_, _, Some(t)) => parse(t).map(Threshold::Max).map(|th| (th, format!("<= +{t}"))),
-        (Some(t), _, _) => parse(t).map(Threshold::Max).map(|th| (th, format!("<= {t}"))),
-        (None, Some(t), _) => parse(t).map(Threshold::Min).map(|th| (th, format!(">= {t}"))),
+        (_, _, Some(t)) => parse(t)
+            .map(Threshold::Max)
+            .map(|th| (th, format!("<= +{t}"))),
+        (Some(t), _, _) => parse(t)
+            .map(Threshold::Max)
+            .map(|th| (th, format!("<= {t}"))),
+        (None, Some(t), _) => parse(t)
+            .map(Threshold::Min)
+            .map(|th| (th, format!(">= {t}"))),
         (None, None, None) => Err("no threshold".to_owned()),
     };
     let mut outcome = MetricOutcome {
@@ -187,7 +230,11 @@ fn judge(metric: &MetricSpec, value: Result<f64, String>) -> MetricOutcome {
         Threshold::Max(limit) => (value <= limit, limit),
         Threshold::Min(limit) => (value >= limit, limit),
     };
-    outcome.result = if passed { CheckResult::Passed } else { CheckResult::Failed };
+    outcome.result = if passed {
+        CheckResult::Passed
+    } else {
+        CheckResult::Failed
+    };
     if !passed {
         outcome.message = Some(format!(
             "{} = {display}, limit {} ({})",
@@ -201,11 +248,17 @@ fn judge(metric: &MetricSpec, value: Result<f64, String>) -> MetricOutcome {
 }
 
 async fn single<Q: Querier>(querier: &Q, promql: &str) -> Result<f64, String> {
-    let samples = querier.query(promql).await.map_err(|e| format!("Prometheus: {e}"))?;
+    let samples = querier
+        .query(promql)
+        .await
+        .map_err(|e| format!("Prometheus: {e}"))?;
     match samples.as_slice() {
         [] => Err("no data".to_owned()),
         [value] => Ok(*value),
-        many => Err(format!("the query returned {} series; it must return one", many.len())),
+        many => Err(format!(
+            "the query returned {} series; it must return one",
+            many.len()
+        )),
     }
 }
 
@@ -228,16 +281,37 @@ pub fn weight_check(weight: i32, canary: f64, stable: f64, tolerance_percent: i3
     let observed = canary / total;
     let sigma = (p * (1.0 - p) / total).sqrt();
     let allowed = (f64::from(tolerance_percent) / 100.0).max(4.0 * sigma);
-    let result =
-        if (observed - p).abs() <= allowed { WeightCheckResult::Matched } else { WeightCheckResult::Mismatched };
-    WeightCheck { weight, observed_percent: Some(format!("{:.1}", observed * 100.0)), requests, result }
+    let result = if (observed - p).abs() <= allowed {
+        WeightCheckResult::Matched
+    } else {
+        WeightCheckResult::Mismatched
+    };
+    WeightCheck {
+        weight,
+        observed_percent: Some(format!("{:.1}", observed * 100.0)),
+        requests,
+        result,
+    }
 }
 
 /// One analysis run at `weight`.
-pub async fn run<Q: Querier>(querier: &Q, spec: &AnalysisSpec, vars: &Vars, weight: i32) -> AnalysisOutcome {
+pub async fn run<Q: Querier>(
+    querier: &Q,
+    spec: &AnalysisSpec,
+    vars: &Vars,
+    weight: i32,
+) -> AnalysisOutcome {
     let render_q = |q: &str| render(q, vars);
-    let canary_requests = single(querier, &render_q(&requests_query(Side::Canary)).expect("preset renders")).await;
-    let stable_requests = single(querier, &render_q(&requests_query(Side::Stable)).expect("preset renders")).await;
+    let canary_requests = single(
+        querier,
+        &render_q(&requests_query(Side::Canary)).expect("preset renders"),
+    )
+    .await;
+    let stable_requests = single(
+        querier,
+        &render_q(&requests_query(Side::Stable)).expect("preset renders"),
+    )
+    .await;
     // No series at all means no requests, which is a count of zero.
     let count = |r: &Result<f64, String>| match r {
         Ok(v) => Ok(*v),
@@ -267,11 +341,17 @@ pub async fn run<Q: Querier>(querier: &Q, spec: &AnalysisSpec, vars: &Vars, weig
             Err(reason.clone())
         } else {
             match (metric.preset, &metric.query) {
-                (Some(Preset::LatencyP95), _) => single(querier, &render_q(&p95_query(Side::Canary)).unwrap()).await,
-                (Some(Preset::ErrorRate), _) => single(querier, &render_q(&error_rate_query()).unwrap()).await,
+                (Some(Preset::LatencyP95), _) => {
+                    single(querier, &render_q(&p95_query(Side::Canary)).unwrap()).await
+                }
+                (Some(Preset::ErrorRate), _) => {
+                    single(querier, &render_q(&error_rate_query()).unwrap()).await
+                }
                 (Some(Preset::LatencyP95VsStable), _) => {
-                    let canary = single(querier, &render_q(&p95_query(Side::Canary)).unwrap()).await;
-                    let stable = single(querier, &render_q(&p95_query(Side::Stable)).unwrap()).await;
+                    let canary =
+                        single(querier, &render_q(&p95_query(Side::Canary)).unwrap()).await;
+                    let stable =
+                        single(querier, &render_q(&p95_query(Side::Stable)).unwrap()).await;
                     if let Ok(c) = canary {
                         latency_p95 = latency_p95.or(Some(c));
                     }
@@ -297,9 +377,14 @@ pub async fn run<Q: Querier>(querier: &Q, spec: &AnalysisSpec, vars: &Vars, weig
         metrics.push(outcome);
     }
 
-    let failed: Vec<&MetricOutcome> = metrics.iter().filter(|m| m.result == CheckResult::Failed).collect();
-    let inconclusive: Vec<&MetricOutcome> =
-        metrics.iter().filter(|m| m.result == CheckResult::Inconclusive).collect();
+    let failed: Vec<&MetricOutcome> = metrics
+        .iter()
+        .filter(|m| m.result == CheckResult::Failed)
+        .collect();
+    let inconclusive: Vec<&MetricOutcome> = metrics
+        .iter()
+        .filter(|m| m.result == CheckResult::Inconclusive)
+        .collect();
     let (result, summary) = if !failed.is_empty() {
         let what: Vec<String> = failed.iter().filter_map(|m| m.message.clone()).collect();
         (CheckResult::Failed, format!("breach: {}", what.join("; ")))
@@ -308,17 +393,34 @@ pub async fn run<Q: Querier>(querier: &Q, spec: &AnalysisSpec, vars: &Vars, weig
             .iter()
             .map(|m| format!("{}: {}", m.name, m.message.as_deref().unwrap_or("no data")))
             .collect();
-        (CheckResult::Inconclusive, format!("inconclusive: {}", what.join("; ")))
+        (
+            CheckResult::Inconclusive,
+            format!("inconclusive: {}", what.join("; ")),
+        )
     } else if metrics.is_empty() {
         (CheckResult::Passed, "no metrics configured".to_owned())
     } else {
         let what: Vec<String> = metrics
             .iter()
-            .map(|m| format!("{} {} ({})", m.name, m.display.as_deref().unwrap_or("?"), m.threshold))
+            .map(|m| {
+                format!(
+                    "{} {} ({})",
+                    m.name,
+                    m.display.as_deref().unwrap_or("?"),
+                    m.threshold
+                )
+            })
             .collect();
         (CheckResult::Passed, format!("passed: {}", what.join(", ")))
     };
-    AnalysisOutcome { result, metrics, latency_p95, error_rate, weight_check, summary }
+    AnalysisOutcome {
+        result,
+        metrics,
+        latency_p95,
+        error_rate,
+        weight_check,
+        summary,
+    }
 }
 
 #[cfg(test)]
@@ -364,13 +466,19 @@ mod tests {
     fn prometheus(entries: &[(String, Vec<f64>)]) -> FakePrometheus {
         let v = vars();
         FakePrometheus {
-            answers: entries.iter().map(|(q, a)| (render(q, &v).unwrap(), Ok(a.clone()))).collect(),
+            answers: entries
+                .iter()
+                .map(|(q, a)| (render(q, &v).unwrap(), Ok(a.clone())))
+                .collect(),
             down: false,
         }
     }
 
     fn traffic(canary: f64, stable: f64) -> Vec<(String, Vec<f64>)> {
-        vec![(requests_query(Side::Canary), vec![canary]), (requests_query(Side::Stable), vec![stable])]
+        vec![
+            (requests_query(Side::Canary), vec![canary]),
+            (requests_query(Side::Stable), vec![stable]),
+        ]
     }
 
     #[test]
@@ -381,8 +489,15 @@ mod tests {
             "histogram_quantile(0.95, sum by (le) (rate(embedder_request_duration_seconds_bucket\
              {namespace=\"ml\",rollout=\"search\",color=\"green\",revision=\"c1\"}[30s])))"
         );
-        assert!(render(&p95_query(Side::Stable), &vars()).unwrap().contains("[300s]"));
-        assert_eq!(render("x{{ nope }}", &vars()).unwrap_err(), "unknown placeholder {{nope}}");
+        assert!(
+            render(&p95_query(Side::Stable), &vars())
+                .unwrap()
+                .contains("[300s]")
+        );
+        assert_eq!(
+            render("x{{ nope }}", &vars()).unwrap_err(),
+            "unknown placeholder {{nope}}"
+        );
         assert!(render("x{{interval", &vars()).is_err());
         assert!(error_rate_query().contains("or vector(0)"));
     }
@@ -427,12 +542,22 @@ mod tests {
         // NaN (0/0 in histogram_quantile).
         let mut answers = traffic(100.0, 900.0);
         answers.push((p95_query(Side::Canary), vec![f64::NAN]));
-        assert_eq!(run(&prometheus(&answers), &s, &vars(), 10).await.result, CheckResult::Inconclusive);
+        assert_eq!(
+            run(&prometheus(&answers), &s, &vars(), 10).await.result,
+            CheckResult::Inconclusive
+        );
         // Prometheus down.
-        let down = FakePrometheus { answers: HashMap::new(), down: true };
+        let down = FakePrometheus {
+            answers: HashMap::new(),
+            down: true,
+        };
         let out = run(&down, &s, &vars(), 10).await;
         assert_eq!(out.result, CheckResult::Inconclusive);
-        assert!(out.summary.contains("connection refused"), "{}", out.summary);
+        assert!(
+            out.summary.contains("connection refused"),
+            "{}",
+            out.summary
+        );
         assert!(out.weight_check.is_none());
     }
 
@@ -443,7 +568,12 @@ mod tests {
         answers.push((p95_query(Side::Canary), vec![9.0]));
         let out = run(&prometheus(&answers), &s, &vars(), 1).await;
         assert_eq!(out.result, CheckResult::Inconclusive);
-        assert!(out.summary.contains("12 canary requests in 30s, fewer than minRequests 50"), "{}", out.summary);
+        assert!(
+            out.summary
+                .contains("12 canary requests in 30s, fewer than minRequests 50"),
+            "{}",
+            out.summary
+        );
     }
 
     #[tokio::test]
@@ -452,10 +582,19 @@ mod tests {
             {"name": "dims", "query": "max(embedder_dims{color=\"{{canaryColor}}\"})", "min": "384"}
         ]));
         let mut answers = traffic(100.0, 900.0);
-        answers.push(("max(embedder_dims{color=\"{{canaryColor}}\"})".to_owned(), vec![384.0]));
-        assert_eq!(run(&prometheus(&answers), &s, &vars(), 10).await.result, CheckResult::Passed);
+        answers.push((
+            "max(embedder_dims{color=\"{{canaryColor}}\"})".to_owned(),
+            vec![384.0],
+        ));
+        assert_eq!(
+            run(&prometheus(&answers), &s, &vars(), 10).await.result,
+            CheckResult::Passed
+        );
         answers.pop();
-        answers.push(("max(embedder_dims{color=\"{{canaryColor}}\"})".to_owned(), vec![1.0, 2.0]));
+        answers.push((
+            "max(embedder_dims{color=\"{{canaryColor}}\"})".to_owned(),
+            vec![1.0, 2.0],
+        ));
         let out = run(&prometheus(&answers), &s, &vars(), 10).await;
         assert_eq!(out.result, CheckResult::Inconclusive);
         assert!(out.summary.contains("returned 2 series"));
@@ -463,14 +602,37 @@ mod tests {
 
     #[test]
     fn weight_check_allows_sampling_noise_and_flags_real_mismatches() {
-        assert_eq!(weight_check(10, 95.0, 905.0, 2).result, WeightCheckResult::Matched);
-        assert_eq!(weight_check(10, 300.0, 700.0, 2).result, WeightCheckResult::Mismatched);
+        assert_eq!(
+            weight_check(10, 95.0, 905.0, 2).result,
+            WeightCheckResult::Matched
+        );
+        assert_eq!(
+            weight_check(10, 300.0, 700.0, 2).result,
+            WeightCheckResult::Mismatched
+        );
         // 1% of 300 requests is 3 expected: too few to judge.
-        assert_eq!(weight_check(1, 0.0, 300.0, 2).result, WeightCheckResult::InsufficientTraffic);
+        assert_eq!(
+            weight_check(1, 0.0, 300.0, 2).result,
+            WeightCheckResult::InsufficientTraffic
+        );
         // Small samples get a wider band than the configured tolerance.
-        assert_eq!(weight_check(50, 60.0, 40.0, 2).result, WeightCheckResult::Matched);
-        assert_eq!(weight_check(100, 1000.0, 0.0, 2).result, WeightCheckResult::Matched);
-        assert_eq!(weight_check(100, 500.0, 500.0, 2).result, WeightCheckResult::Mismatched);
-        assert_eq!(weight_check(50, 500.0, 500.0, 2).observed_percent.as_deref(), Some("50.0"));
+        assert_eq!(
+            weight_check(50, 60.0, 40.0, 2).result,
+            WeightCheckResult::Matched
+        );
+        assert_eq!(
+            weight_check(100, 1000.0, 0.0, 2).result,
+            WeightCheckResult::Matched
+        );
+        assert_eq!(
+            weight_check(100, 500.0, 500.0, 2).result,
+            WeightCheckResult::Mismatched
+        );
+        assert_eq!(
+            weight_check(50, 500.0, 500.0, 2)
+                .observed_percent
+                .as_deref(),
+            Some("50.0")
+        );
     }
 }

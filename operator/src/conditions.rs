@@ -70,12 +70,36 @@ mod tests {
         let t0 = Timestamp::from_second(1_000).unwrap();
         let t1 = Timestamp::from_second(2_000).unwrap();
         let mut conditions = Vec::new();
-        set(&mut conditions, ANALYSIS, Status::True, "Passed", "ok", Some(1), t0);
-        set(&mut conditions, ANALYSIS, Status::True, "Passed", "still ok", Some(2), t1);
+        set(
+            &mut conditions,
+            ANALYSIS,
+            Status::True,
+            "Passed",
+            "ok",
+            Some(1),
+            t0,
+        );
+        set(
+            &mut conditions,
+            ANALYSIS,
+            Status::True,
+            "Passed",
+            "still ok",
+            Some(2),
+            t1,
+        );
         assert_eq!(conditions.len(), 1);
         assert_eq!(conditions[0].last_transition_time, Time(t0));
         assert_eq!(conditions[0].message, "still ok");
-        set(&mut conditions, ANALYSIS, Status::False, "Failed", "bad", Some(2), t1);
+        set(
+            &mut conditions,
+            ANALYSIS,
+            Status::False,
+            "Failed",
+            "bad",
+            Some(2),
+            t1,
+        );
         assert_eq!(conditions[0].last_transition_time, Time(t1));
     }
 }

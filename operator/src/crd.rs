@@ -95,7 +95,9 @@ pub struct ServiceSpec {
 
 impl Default for ServiceSpec {
     fn default() -> Self {
-        Self { port: default_port() }
+        Self {
+            port: default_port(),
+        }
     }
 }
 
@@ -117,11 +119,19 @@ pub struct TrafficSpec {
 pub struct NginxTraffic {
     /// Host the Ingresses match; empty matches every host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 253), regex(pattern = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"))]
+    #[schemars(
+        length(max = 253),
+        regex(
+            pattern = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+        )
+    )]
     pub host: Option<String>,
     /// Path prefixes routed to the embedder.
     #[serde(default = "default_paths")]
-    #[schemars(length(min = 1, max = 16), inner(length(max = 256), regex(pattern = r"^/")))]
+    #[schemars(
+        length(min = 1, max = 16),
+        inner(length(max = 256), regex(pattern = r"^/"))
+    )]
     pub paths: Vec<String>,
     #[serde(default = "default_ingress_class")]
     #[schemars(length(min = 1, max = 253))]
@@ -212,12 +222,11 @@ pub struct PauseStep {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("!has(self.metrics) || self.metrics.size() == 0 || has(self.prometheus)")
-        .message("metrics need analysis.prometheus.address").field_path(".prometheus"),
     validation = Rule::new("!has(self.metrics) || self.metrics.all(m, self.metrics.filter(n, n.name == m.name).size() == 1)")
         .message("metric names must be unique").field_path(".metrics"),
 )]
 pub struct AnalysisSpec {
+    /// Where to query; defaults to the operator's `--prometheus-url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prometheus: Option<PrometheusSpec>,
     /// How often checks run, and the range of their queries (`{{interval}}`). Each weight is
@@ -292,7 +301,9 @@ fn default_timeout() -> String {
     "10s".to_owned()
 }
 
-#[derive(schemars::JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum OnInconclusive {
     #[default]
     Pause,
@@ -328,7 +339,10 @@ pub enum Preset {
         .message("thresholds are decimal numbers, e.g. \"0.01\"").field_path(".max"),
 )]
 pub struct MetricSpec {
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<Preset>,
@@ -519,8 +533,9 @@ pub enum WeightCheckResult {
 
 /// Parses a Go-style duration as the schema's pattern admits (`500ms`, `30s`, `1h30m`).
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let duration: kube::core::Duration =
-        text.parse().map_err(|e| format!("{text:?} is not a duration like 30s or 500ms: {e}"))?;
+    let duration: kube::core::Duration = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a duration like 30s or 500ms: {e}"))?;
     if duration.is_negative() {
         return Err(format!("{text:?} is negative"));
     }

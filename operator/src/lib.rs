@@ -23,7 +23,11 @@ pub fn crd() -> CustomResourceDefinition {
     use kube::CustomResourceExt;
     let mut crd = crd::EmbeddingRollout::crd();
     for version in &mut crd.spec.versions {
-        let Some(schema) = version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) else {
+        let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        else {
             continue;
         };
         let template = schema

@@ -13,7 +13,11 @@ use kube_lease_manager::LeaseManagerBuilder;
 use tracing::{error, info, warn};
 
 #[derive(Parser)]
-#[command(name = "embedroll-operator", version, about = "Progressive delivery of embedding services on Kubernetes.")]
+#[command(
+    name = "embedroll-operator",
+    version,
+    about = "Progressive delivery of embedding services on Kubernetes."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -37,13 +41,20 @@ struct RunArgs {
     /// Watch one namespace only (default: all).
     #[arg(long, env = "EMBEDROLL_NAMESPACE")]
     namespace: Option<String>,
+    /// Prometheus for rollouts that name none in spec.analysis.prometheus.
+    #[arg(long, env = "EMBEDROLL_PROMETHEUS_URL")]
+    prometheus_url: Option<String>,
     /// Hold a Lease before reconciling, so several replicas can run safely.
     #[arg(long, env = "EMBEDROLL_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
     /// Namespace of the leader Lease (defaults to the pod's namespace, else "default").
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
-    #[arg(long, env = "EMBEDROLL_LEASE_NAME", default_value = "embedroll-operator")]
+    #[arg(
+        long,
+        env = "EMBEDROLL_LEASE_NAME",
+        default_value = "embedroll-operator"
+    )]
     lease_name: String,
     /// JSON logs (one object per line) instead of text.
     #[arg(long, env = "EMBEDROLL_LOG_JSON")]
@@ -54,7 +65,11 @@ fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_lease_manager=warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json { builder.json().init() } else { builder.init() }
+    if json {
+        builder.json().init()
+    } else {
+        builder.init()
+    }
 }
 
 #[tokio::main]
@@ -72,7 +87,8 @@ async fn main() {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -86,7 +102,10 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let ready = Arc::new(AtomicBool::new(false));
     let listener = tokio::net::TcpListener::bind(args.metrics_listen).await?;
     info!(listen = %args.metrics_listen, "serving /metrics, /healthz, /readyz");
-    let app = server::router(server::Health { metrics: metrics.clone(), ready: ready.clone() });
+    let app = server::router(server::Health {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             error!(error = %e, "metrics server stopped");
@@ -115,7 +134,15 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
 
     if !args.leader_election {
-        controller::run(client, metrics, args.namespace, instance, stopped).await;
+        controller::run(
+            client,
+            metrics,
+            args.namespace,
+            args.prometheus_url,
+            instance,
+            stopped,
+        )
+        .await;
         return Ok(());
     }
 
@@ -151,7 +178,15 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             _ = lost => {}
         }
     };
-    controller::run(client, metrics.clone(), args.namespace, instance, stop).await;
+    controller::run(
+        client,
+        metrics.clone(),
+        args.namespace,
+        args.prometheus_url,
+        instance,
+        stop,
+    )
+    .await;
     metrics.leader.set(0);
     // Dropping the channel makes the lease task release the Lease, so a standby takes over
     // at once instead of after the Lease expires.

@@ -50,8 +50,14 @@ pub struct ErrorLabels {
     pub error: String,
 }
 
-pub const PHASES: [Phase; 6] =
-    [Phase::Healthy, Phase::Progressing, Phase::Paused, Phase::RollingBack, Phase::Degraded, Phase::Failed];
+pub const PHASES: [Phase; 6] = [
+    Phase::Healthy,
+    Phase::Progressing,
+    Phase::Paused,
+    Phase::RollingBack,
+    Phase::Degraded,
+    Phase::Failed,
+];
 
 pub struct Metrics {
     pub registry: Registry,
@@ -71,7 +77,9 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("embedroll_operator");
         let reconciles = Counter::default();
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
-        let reconcile_duration = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        let reconcile_duration = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
         let phase = Family::<PhaseLabels, Gauge>::default();
         let canary_weight = Family::<RolloutLabels, Gauge>::default();
         let analysis_value = Family::<MetricLabels, Gauge<f64, AtomicU64>>::default();
@@ -79,14 +87,46 @@ impl Default for Metrics {
         let rollbacks = Family::<ReasonLabels, Counter>::default();
         let leader = Gauge::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
-        registry.register("reconcile_errors", "Reconciles that failed, by error kind", reconcile_errors.clone());
-        registry.register("reconcile_duration_seconds", "Reconcile duration", reconcile_duration.clone());
-        registry.register("rollout_phase", "1 for the rollout's current phase", phase.clone());
-        registry.register("rollout_canary_weight", "Percent of traffic on the canary", canary_weight.clone());
-        registry.register("analysis_value", "Last value of each analysis metric", analysis_value.clone());
-        registry.register("analysis_runs", "Analysis runs by result", analysis_runs.clone());
-        registry.register("rollbacks", "Automatic and manual rollbacks, by reason", rollbacks.clone());
-        registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, by error kind",
+            reconcile_errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration",
+            reconcile_duration.clone(),
+        );
+        registry.register(
+            "rollout_phase",
+            "1 for the rollout's current phase",
+            phase.clone(),
+        );
+        registry.register(
+            "rollout_canary_weight",
+            "Percent of traffic on the canary",
+            canary_weight.clone(),
+        );
+        registry.register(
+            "analysis_value",
+            "Last value of each analysis metric",
+            analysis_value.clone(),
+        );
+        registry.register(
+            "analysis_runs",
+            "Analysis runs by result",
+            analysis_runs.clone(),
+        );
+        registry.register(
+            "rollbacks",
+            "Automatic and manual rollbacks, by reason",
+            rollbacks.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            leader.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -110,13 +150,16 @@ impl Metrics {
                 rollout: rollout.to_owned(),
                 phase: format!("{phase:?}"),
             };
-            self.phase.get_or_create(&labels).set(i64::from(current == Some(phase)));
+            self.phase
+                .get_or_create(&labels)
+                .set(i64::from(current == Some(phase)));
         }
     }
 
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
         out
     }
 }

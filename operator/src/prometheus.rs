@@ -29,7 +29,12 @@ impl Prometheus {
 
 impl Querier for Prometheus {
     async fn query(&self, promql: &str) -> Result<Vec<f64>, String> {
-        let response = self.client.query(promql).get().await.map_err(|e| e.to_string())?;
+        let response = self
+            .client
+            .query(promql)
+            .get()
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(match response.data() {
             Data::Vector(samples) => samples.iter().map(|s| s.sample().value()).collect(),
             Data::Scalar(sample) => vec![sample.value()],

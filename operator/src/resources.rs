@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec as CoreServiceSpec};
 use k8s_openapi::api::networking::v1::{
-    HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule, IngressServiceBackend,
-    IngressSpec, ServiceBackendPort,
+    HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule,
+    IngressServiceBackend, IngressSpec, ServiceBackendPort,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -45,12 +45,19 @@ fn selector(er: &EmbeddingRollout, color: Color) -> BTreeMap<String, String> {
 
 /// `rollout=<name>,color=<color>` as a label-selector string (scale subresource, HPA).
 pub fn selector_string(er: &EmbeddingRollout, color: Color) -> String {
-    selector(er, color).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    selector(er, color)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn meta(er: &EmbeddingRollout, name: String, extra: BTreeMap<String, String>) -> ObjectMeta {
     let mut labels = BTreeMap::from([
-        ("app.kubernetes.io/managed-by".to_owned(), "embedroll".to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            "embedroll".to_owned(),
+        ),
         (LABEL_ROLLOUT.to_owned(), er.name_any()),
     ]);
     labels.extend(extra);
@@ -64,7 +71,12 @@ fn meta(er: &EmbeddingRollout, name: String, extra: BTreeMap<String, String>) ->
 }
 
 /// The full Deployment of `color` running `revision` of the current spec.
-pub fn deployment(er: &EmbeddingRollout, color: Color, revision: &str, replicas: i32) -> Deployment {
+pub fn deployment(
+    er: &EmbeddingRollout,
+    color: Color,
+    revision: &str,
+    replicas: i32,
+) -> Deployment {
     let mut template = er.spec.template.clone();
     let pod_meta = template.metadata.get_or_insert_with(ObjectMeta::default);
     let labels = pod_meta.labels.get_or_insert_with(BTreeMap::new);
@@ -82,7 +94,10 @@ pub fn deployment(er: &EmbeddingRollout, color: Color, revision: &str, replicas:
         metadata: meta(er, color_name(er, color), labels),
         spec: Some(DeploymentSpec {
             replicas: Some(replicas),
-            selector: LabelSelector { match_labels: Some(selector(er, color)), ..LabelSelector::default() },
+            selector: LabelSelector {
+                match_labels: Some(selector(er, color)),
+                ..LabelSelector::default()
+            },
             template,
             ..DeploymentSpec::default()
         }),
@@ -119,12 +134,20 @@ pub fn stable_service(er: &EmbeddingRollout, stable: Color) -> Service {
     service(er, er.name_any(), stable)
 }
 
-fn ingress(er: &EmbeddingRollout, name: String, color: Color, annotations: BTreeMap<String, String>) -> Ingress {
+fn ingress(
+    er: &EmbeddingRollout,
+    name: String,
+    color: Color,
+    annotations: BTreeMap<String, String>,
+) -> Ingress {
     let nginx = &er.spec.traffic.nginx;
     let backend = IngressBackend {
         service: Some(IngressServiceBackend {
             name: color_name(er, color),
-            port: Some(ServiceBackendPort { number: Some(er.spec.service.port), name: None }),
+            port: Some(ServiceBackendPort {
+                number: Some(er.spec.service.port),
+                name: None,
+            }),
         }),
         resource: None,
     };
@@ -193,14 +216,21 @@ impl ColorState {
             .and_then(|m| m.labels.as_ref())
             .and_then(|l| l.get(LABEL_REVISION))
             .cloned();
-        let observed = status.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
+        let observed =
+            status.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
         let ready_replicas = status.ready_replicas.unwrap_or(0);
         let ready = observed
             && desired > 0
             && status.updated_replicas.unwrap_or(0) >= desired
             && ready_replicas >= desired
             && status.replicas.unwrap_or(0) == desired;
-        Self { exists: true, revision, desired_replicas: desired, ready_replicas, ready }
+        Self {
+            exists: true,
+            revision,
+            desired_replicas: desired,
+            ready_replicas,
+            ready,
+        }
     }
 
     /// Ready and running `revision`.
@@ -237,11 +267,18 @@ mod tests {
         let er = rollout();
         let d = deployment(&er, Color::Green, "abc", 3);
         assert_eq!(d.metadata.name.as_deref(), Some("search-green"));
-        assert_eq!(d.metadata.owner_references.as_ref().unwrap()[0].controller, Some(true));
+        assert_eq!(
+            d.metadata.owner_references.as_ref().unwrap()[0].controller,
+            Some(true)
+        );
         let spec = d.spec.unwrap();
         assert_eq!(spec.replicas, Some(3));
         let selector = spec.selector.match_labels.unwrap();
-        assert_eq!(selector.len(), 2, "the revision is not in the immutable selector");
+        assert_eq!(
+            selector.len(),
+            2,
+            "the revision is not in the immutable selector"
+        );
         let labels = spec.template.metadata.unwrap().labels.unwrap();
         assert_eq!(labels["team"], "a");
         assert_eq!(labels[LABEL_COLOR], "green");
@@ -256,13 +293,25 @@ mod tests {
         let canary = canary_ingress(&er, Color::Green, 10);
         let annotations = canary.metadata.annotations.clone().unwrap();
         assert_eq!(annotations[ANNOTATION_CANARY_WEIGHT], "10");
-        assert_eq!(annotations["nginx.ingress.kubernetes.io/proxy-body-size"], "2m");
-        assert!(!primary.metadata.annotations.unwrap().contains_key(ANNOTATION_CANARY));
+        assert_eq!(
+            annotations["nginx.ingress.kubernetes.io/proxy-body-size"],
+            "2m"
+        );
+        assert!(
+            !primary
+                .metadata
+                .annotations
+                .unwrap()
+                .contains_key(ANNOTATION_CANARY)
+        );
         let rule = &canary.spec.as_ref().unwrap().rules.as_ref().unwrap()[0];
         assert_eq!(rule.host.as_deref(), Some("api.example.com"));
         let paths = &rule.http.as_ref().unwrap().paths;
         assert_eq!(paths.len(), 2);
-        assert_eq!(paths[0].backend.service.as_ref().unwrap().name, "search-green");
+        assert_eq!(
+            paths[0].backend.service.as_ref().unwrap().name,
+            "search-green"
+        );
     }
 
     #[test]
@@ -281,9 +330,15 @@ mod tests {
         assert!(ColorState::from_deployment(Some(&d)).ready_at("r1"));
         assert!(!ColorState::from_deployment(Some(&d)).ready_at("r2"));
         d.status = Some(status(1, 2, 2, 2));
-        assert!(!ColorState::from_deployment(Some(&d)).ready, "stale observedGeneration");
+        assert!(
+            !ColorState::from_deployment(Some(&d)).ready,
+            "stale observedGeneration"
+        );
         d.status = Some(status(2, 2, 2, 3));
-        assert!(!ColorState::from_deployment(Some(&d)).ready, "an old pod is still there");
+        assert!(
+            !ColorState::from_deployment(Some(&d)).ready,
+            "an old pod is still there"
+        );
         d.status = Some(status(2, 2, 1, 2));
         assert!(!ColorState::from_deployment(Some(&d)).ready);
         assert!(!ColorState::from_deployment(None).exists);

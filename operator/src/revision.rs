@@ -40,7 +40,11 @@ mod tests {
         let mut scaled = base.clone();
         scaled.replicas = 7;
         scaled.analysis.interval = "5s".into();
-        assert_eq!(revision(&base), revision(&scaled), "replicas and analysis are not the revision");
+        assert_eq!(
+            revision(&base),
+            revision(&scaled),
+            "replicas and analysis are not the revision"
+        );
         assert_ne!(revision(&base), revision(&spec("embedder:2", Some("a"))));
         assert_ne!(revision(&base), revision(&spec("embedder:1", Some("b"))));
     }

@@ -28,7 +28,10 @@ pub fn router(health: Health) -> Router {
 
 async fn metrics(State(health): State<Health>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         health.metrics.encode(),
     )
 }

@@ -3,8 +3,12 @@
 
 #[test]
 fn committed_crd_matches_the_rust_types() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/embeddingrollouts.embedroll.dev.yaml");
-    let committed = std::fs::read_to_string(path).expect("crds/embeddingrollouts.embedroll.dev.yaml exists");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds/embeddingrollouts.embedroll.dev.yaml"
+    );
+    let committed =
+        std::fs::read_to_string(path).expect("crds/embeddingrollouts.embedroll.dev.yaml exists");
     let generated = embedroll_operator::crd_yaml();
     assert!(
         committed == generated,
