@@ -205,10 +205,14 @@ pub fn render(snapshot: &Snapshot, listen: &str, runtime_dir: &str) -> String {
         upstream(&mut out, &format!("r{i}_primary"), &route.primary);
         if let Some(canary) = &route.canary {
             upstream(&mut out, &format!("r{i}_canary"), &canary.backend);
+            // nginx rejects a 0% split; weight 0 (a canary Ingress between rollouts) is all primary.
+            let split = match canary.weight {
+                0 => "* primary;".to_owned(),
+                weight => format!("{weight}% canary; * primary;"),
+            };
             let _ = writeln!(
                 out,
-                "  split_clients \"${{request_id}}\" $r{i}_weighted {{ {}% canary; * primary; }}",
-                canary.weight
+                "  split_clients \"${{request_id}}\" $r{i}_weighted {{ {split} }}"
             );
             let header_rule = match &canary.header {
                 Some(header) => {
@@ -367,7 +371,7 @@ mod tests {
             ),
             "{conf}"
         );
-        assert!(conf.contains("0% canary"));
+        assert!(conf.contains("$r0_weighted { * primary; }"));
     }
 
     #[test]
@@ -386,6 +390,11 @@ mod tests {
             json!({"nginx.ingress.kubernetes.io/canary": "true", "nginx.ingress.kubernetes.io/canary-weight": "250"}),
         );
         assert!(render(&snap, "127.0.0.1:1", "/r").contains("100% canary"));
+        let zero = snapshot(
+            json!({"nginx.ingress.kubernetes.io/canary": "true", "nginx.ingress.kubernetes.io/canary-weight": "0"}),
+        );
+        let conf = render(&zero, "127.0.0.1:1", "/r");
+        assert!(conf.contains("$r0_weighted { * primary; }"), "{conf}");
         for ingress in &mut snap.ingresses {
             ingress.spec.as_mut().unwrap().ingress_class_name = Some("traefik".into());
         }
@@ -403,9 +412,16 @@ mod nginx_accepts {
 
     #[test]
     fn nginx_t_accepts_the_rendered_config() {
-        let dir = std::env::temp_dir().join(format!("embedroll-nginx-t-{}", std::process::id()));
+        for weight in ["0", "10", "100"] {
+            nginx_t(weight);
+        }
+    }
+
+    fn nginx_t(weight: &str) {
+        let dir =
+            std::env::temp_dir().join(format!("embedroll-nginx-t-{}-{weight}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let snap = tests_snapshot();
+        let snap = tests_snapshot(weight);
         let conf = render(&snap, "127.0.0.1:18099", dir.to_str().unwrap());
         let path = dir.join("nginx.conf");
         std::fs::write(&path, conf).unwrap();
@@ -423,12 +439,12 @@ mod nginx_accepts {
         let _ = std::fs::remove_dir_all(&dir);
         assert!(
             out.status.success(),
-            "nginx -t: {}",
+            "nginx -t at weight {weight}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
 
-    fn tests_snapshot() -> Snapshot {
+    fn tests_snapshot(weight: &str) -> Snapshot {
         let ingress = |name: &str, service: &str, annotations: serde_json::Value| -> Ingress {
             serde_json::from_value(json!({
                 "metadata": {"name": name, "namespace": "ns", "annotations": annotations},
@@ -451,7 +467,7 @@ mod nginx_accepts {
                     "web-canary",
                     "canary",
                     json!({"nginx.ingress.kubernetes.io/canary": "true",
-                           "nginx.ingress.kubernetes.io/canary-weight": "10",
+                           "nginx.ingress.kubernetes.io/canary-weight": weight,
                            "nginx.ingress.kubernetes.io/canary-by-header": "X-Canary",
                            "nginx.ingress.kubernetes.io/canary-by-header-value": "yes"}),
                 ),

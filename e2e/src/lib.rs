@@ -1,5 +1,6 @@
 //! Pieces of the local real cluster used by e2e tests and the demo: a kubelet that runs pods as
-//! local processes (work in progress) and, later, an nginx-based ingress stand-in.
+//! local processes and an nginx-based ingress stand-in. The rollout scenarios are in
+//! `tests/rollouts.rs`, run by `e2e/scenarios.sh`.
 
 pub mod container_env;
 pub mod images;

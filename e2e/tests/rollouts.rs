@@ -1,0 +1,1213 @@
+//! Rollout scenarios on the local real cluster: real kube-apiserver, real embedder pods run by
+//! the local kubelet, real nginx, real Prometheus, and the operator binary, with traffic
+//! through nginx during every rollout. Run by `e2e/scenarios.sh` (cluster up, then
+//! `cargo test -p embedroll-e2e --test rollouts -- --test-threads=1`), which sets:
+//! KUBECONFIG, PROMETHEUS_URL, INGRESS_URL, EMBEDROLL_BIN_DIR (operator and CLI binaries),
+//! EMBEDROLL_CLUSTER (the e2e/cluster script), EMBEDROLL_E2E_LOGS.
+//!
+//! Analysis intervals are seconds instead of minutes; the logic is the same.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use embedroll_operator::conditions;
+use embedroll_operator::crd::{EmbeddingRollout, EmbeddingRolloutStatus, Phase};
+use embedroll_operator::resources::{ANNOTATION_CANARY_WEIGHT, LABEL_COLOR, LABEL_ROLLOUT};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
+use k8s_openapi::api::networking::v1::Ingress;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+
+const OPERATOR_METRICS: &str = "127.0.0.1:18181";
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set; run e2e/scenarios.sh"))
+}
+
+fn say(scenario: &str, message: impl AsRef<str>) {
+    println!("scenario {scenario}: {}", message.as_ref());
+}
+
+// ------------------------------------------------------------------ operator process
+
+static OPERATOR: Mutex<Option<Child>> = Mutex::new(None);
+
+fn start_operator() {
+    let mut slot = OPERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(child) = slot.as_mut()
+        && child.try_wait().ok().flatten().is_none()
+    {
+        return;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(format!("{}/operator.log", env("EMBEDROLL_E2E_LOGS")))
+        .expect("operator log");
+    let child = Command::new(format!("{}/embedroll-operator", env("EMBEDROLL_BIN_DIR")))
+        .args([
+            "--metrics-listen",
+            OPERATOR_METRICS,
+            "--prometheus-url",
+            &env("PROMETHEUS_URL"),
+        ])
+        .args(["--lease-namespace", "default"])
+        .env("RUST_LOG", "info,embedroll_operator=debug")
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start embedroll-operator");
+    *slot = Some(child);
+}
+
+/// SIGKILL: no chance to release the Lease or finish a reconcile.
+fn kill_operator() {
+    let mut slot = OPERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(mut child) = slot.take() {
+        child.kill().expect("kill operator");
+        child.wait().expect("reap operator");
+    }
+}
+
+fn cli(args: &[&str]) -> String {
+    let output = Command::new(format!("{}/embedroll", env("EMBEDROLL_BIN_DIR")))
+        .args(args)
+        .output()
+        .expect("run embedroll CLI");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "embedroll {args:?} failed: {text}");
+    text
+}
+
+// ------------------------------------------------------------------ cluster helpers
+
+async fn client() -> Client {
+    Client::try_default()
+        .await
+        .expect("kube client from KUBECONFIG")
+}
+
+/// A fresh namespace per scenario.
+async fn namespace(client: &Client, name: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    if namespaces.get_opt(name).await.unwrap().is_some() {
+        let _ = namespaces.delete(name, &DeleteParams::default()).await;
+        wait_for(
+            &format!("namespace {name} deleted"),
+            Duration::from_secs(120),
+            || async { namespaces.get_opt(name).await.unwrap().is_none() },
+        )
+        .await;
+    }
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+}
+
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn host(scenario: &str) -> String {
+    format!("{scenario}.e2e.local")
+}
+
+/// An EmbeddingRollout with one pod per color, fast analysis, and `extra_args` for the
+/// embedder (fault flags make a bad revision).
+fn rollout_manifest(name: &str, extra_args: &[&str], spec_patch: Value) -> Value {
+    let mut args = vec!["--listen", "0.0.0.0:8080", "--threads", "1"];
+    args.extend_from_slice(extra_args);
+    let mut manifest = json!({
+        "apiVersion": "embedroll.dev/v1alpha1",
+        "kind": "EmbeddingRollout",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "model": {"name": "all-MiniLM-L6-v2", "dimensions": 384},
+            "template": {"spec": {
+                "terminationGracePeriodSeconds": 5,
+                "containers": [{
+                    "name": "embedder",
+                    "image": "ghcr.io/embedroll/embedroll-embedder:e2e",
+                    "args": args,
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "readinessProbe": {"httpGet": {"path": "/health/ready", "port": "http"}, "periodSeconds": 1}
+                }]
+            }},
+            "traffic": {"nginx": {"host": host(name), "paths": ["/api/v1/embed"]}},
+            "strategy": {"scaleDownDelaySeconds": 5, "progressDeadlineSeconds": 120},
+            "analysis": {
+                "interval": "2s",
+                "failureLimit": 1,
+                "minRequests": 3,
+                "metrics": [
+                    {"name": "p95-latency", "preset": "LatencyP95", "max": "100ms"},
+                    {"name": "error-rate", "preset": "ErrorRate", "max": "0.05"}
+                ]
+            }
+        }
+    });
+    merge(&mut manifest["spec"], spec_patch);
+    manifest
+}
+
+fn merge(target: &mut Value, patch: Value) {
+    match (target, patch) {
+        (Value::Object(target), Value::Object(patch)) => {
+            for (key, value) in patch {
+                merge(target.entry(key).or_insert(Value::Null), value);
+            }
+        }
+        (target, patch) => *target = patch,
+    }
+}
+
+async fn apply(client: &Client, ns: &str, manifest: &Value) {
+    let api: Api<EmbeddingRollout> = Api::namespaced(client.clone(), ns);
+    let name = manifest["metadata"]["name"].as_str().unwrap();
+    api.patch(
+        name,
+        &PatchParams::apply("e2e").force(),
+        &Patch::Apply(manifest),
+    )
+    .await
+    .unwrap();
+}
+
+async fn status(client: &Client, ns: &str, name: &str) -> EmbeddingRolloutStatus {
+    let api: Api<EmbeddingRollout> = Api::namespaced(client.clone(), ns);
+    api.get(name).await.unwrap().status.unwrap_or_default()
+}
+
+async fn wait_status<F>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    check: F,
+) -> EmbeddingRolloutStatus
+where
+    F: Fn(&EmbeddingRolloutStatus) -> bool,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let st = status(client, ns, name).await;
+        if check(&st) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; status: {}",
+            serde_json::to_string_pretty(&st).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The weight nginx is told: the canary Ingress annotation.
+async fn ingress_weight(client: &Client, ns: &str, name: &str) -> Option<i32> {
+    let api: Api<Ingress> = Api::namespaced(client.clone(), ns);
+    let ingress = api.get_opt(&format!("{name}-canary")).await.unwrap()?;
+    ingress
+        .annotations()
+        .get(ANNOTATION_CANARY_WEIGHT)?
+        .parse()
+        .ok()
+}
+
+async fn events(client: &Client, ns: &str, reason: &str) -> Vec<Event> {
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    api.list(&ListParams::default().fields(&format!("reason={reason}")))
+        .await
+        .unwrap()
+        .items
+}
+
+/// 200s counted by each pod of `color` itself, from its own /metrics.
+async fn served_by(client: &Client, ns: &str, name: &str, color: &str) -> f64 {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let selector = format!("{LABEL_ROLLOUT}={name},{LABEL_COLOR}={color}");
+    let mut total = 0.0;
+    for pod in pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .unwrap()
+    {
+        let Some(ip) = pod.status.and_then(|s| s.pod_ip) else {
+            continue;
+        };
+        let Ok(response) = reqwest::get(format!("http://{ip}:8080/metrics")).await else {
+            continue;
+        };
+        let text = response.text().await.unwrap_or_default();
+        total += text
+            .lines()
+            .filter(|l| {
+                l.starts_with("embedder_requests_total{") && l.contains("route=\"/api/v1/embed\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    total
+}
+
+// ------------------------------------------------------------------ traffic
+
+/// Clients posting embeddings through nginx until dropped.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    codes: Arc<Mutex<BTreeMap<u16, u64>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(host: String, clients: usize) -> Self {
+        let url = format!("{}/api/v1/embed", env("INGRESS_URL"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let codes = Arc::new(Mutex::new(BTreeMap::new()));
+        let tasks = (0..clients)
+            .map(|worker| {
+                let (url, host, stop, ok, failed, codes) = (
+                    url.clone(),
+                    host.clone(),
+                    stop.clone(),
+                    ok.clone(),
+                    failed.clone(),
+                    codes.clone(),
+                );
+                tokio::spawn(async move {
+                    let http = reqwest::Client::builder()
+                        .timeout(Duration::from_secs(10))
+                        .build()
+                        .unwrap();
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let body = json!({"texts": [format!("traffic {worker} request {n}")]});
+                        let result = http
+                            .post(&url)
+                            .header("Host", &host)
+                            .json(&body)
+                            .send()
+                            .await;
+                        match result {
+                            Ok(response) => {
+                                let code = response.status().as_u16();
+                                let _ = response.bytes().await;
+                                *codes.lock().unwrap().entry(code).or_default() += 1;
+                                if code == 200 { &ok } else { &failed }
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(_) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+            })
+            .collect();
+        Traffic {
+            stop,
+            ok,
+            failed,
+            codes,
+            tasks,
+        }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    async fn finish(mut self) -> BTreeMap<u16, u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        let _ = self.failed.load(Ordering::Relaxed);
+        self.codes.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Installs the first revision and waits for Healthy with traffic answering through nginx.
+async fn install(client: &Client, scenario: &str, manifest: &Value) -> EmbeddingRolloutStatus {
+    start_operator();
+    namespace(client, scenario).await;
+    apply(client, scenario, manifest).await;
+    let st = wait_status(
+        client,
+        scenario,
+        scenario,
+        "first install Healthy",
+        Duration::from_secs(120),
+        |s| s.phase == Some(Phase::Healthy),
+    )
+    .await;
+    // nginx picks up the Ingress and endpoints shortly after.
+    let url = format!("{}/api/v1/embed", env("INGRESS_URL"));
+    let http = reqwest::Client::new();
+    wait_for(
+        "an embedding through nginx",
+        Duration::from_secs(30),
+        || async {
+            http.post(&url)
+                .header("Host", host(scenario))
+                .json(&json!({"texts": ["hello"]}))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        },
+    )
+    .await;
+    st
+}
+
+fn condition(st: &EmbeddingRolloutStatus, type_: &str) -> (String, String, String) {
+    let c =
+        conditions::get(&st.conditions, type_).unwrap_or_else(|| panic!("no {type_} condition"));
+    (c.status.clone(), c.reason.clone(), c.message.clone())
+}
+
+async fn cleanup(client: &Client, ns: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let _ = namespaces.delete(ns, &DeleteParams::default()).await;
+}
+
+// ------------------------------------------------------------------ scenarios
+
+/// a) A first install goes Healthy at 100% (no canary, no steps), and `kubectl get er` tells it.
+#[tokio::test]
+async fn a_first_install_goes_healthy() {
+    let client = client().await;
+    let started = Instant::now();
+    let st = install(
+        &client,
+        "a-install",
+        &rollout_manifest("a-install", &[], json!({})),
+    )
+    .await;
+    say(
+        "a",
+        format!("Healthy after {:.1}s", started.elapsed().as_secs_f64()),
+    );
+    assert_eq!(st.canary_weight, 0);
+    assert_eq!(
+        st.stable_color.map(|c| c.to_string()).as_deref(),
+        Some("blue")
+    );
+    assert_eq!(condition(&st, conditions::AVAILABLE).0, "True");
+    let traffic = Traffic::start(host("a-install"), 2);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let codes = traffic.finish().await;
+    assert_eq!(
+        codes.keys().copied().collect::<Vec<_>>(),
+        [200],
+        "all answers 200: {codes:?}"
+    );
+    let table = Command::new("kubectl")
+        .args(["get", "er", "-n", "a-install"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    say("a", format!("kubectl get er:\n{table}"));
+    assert!(
+        table.contains("PHASE") && table.contains("Healthy") && table.contains("WEIGHT"),
+        "{table}"
+    );
+    cleanup(&client, "a-install").await;
+}
+
+/// b) An upgrade walks 1 -> 10 -> 50 -> 100; at each weight the share of requests the canary
+///    pods served (counted by the pods themselves) matches the weight; the old color is scaled
+///    down after scaleDownDelaySeconds.
+#[tokio::test]
+async fn b_upgrade_promotes_through_every_step() {
+    let client = client().await;
+    let ns = "b-upgrade";
+    let spec = json!({"analysis": {"interval": "4s"}});
+    install(&client, ns, &rollout_manifest(ns, &[], spec.clone())).await;
+    let traffic = Traffic::start(host(ns), 4);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    apply(
+        &client,
+        ns,
+        &rollout_manifest(ns, &["--max-batch-tokens", "8192"], spec),
+    )
+    .await;
+
+    // Watch the weight; count each color's requests between one change and the next,
+    // starting 1 s after a change so nginx has reloaded.
+    let mut shares: Vec<(i32, f64, f64)> = Vec::new();
+    let mut current = 0;
+    let mut window_start: Option<(Instant, f64, f64)> = None;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "upgrade did not finish: {:?}",
+            status(&client, ns, ns).await
+        );
+        let st = status(&client, ns, ns).await;
+        let weight = if st.phase == Some(Phase::Healthy) {
+            0
+        } else {
+            st.canary_weight
+        };
+        if weight != current {
+            if let Some((_, blue0, green0)) = window_start.take() {
+                let (blue, green) = (
+                    served_by(&client, ns, ns, "blue").await - blue0,
+                    served_by(&client, ns, ns, "green").await - green0,
+                );
+                shares.push((current, green, blue + green));
+            }
+            current = weight;
+            if st.phase == Some(Phase::Healthy) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            window_start = Some((
+                Instant::now(),
+                served_by(&client, ns, ns, "blue").await,
+                served_by(&client, ns, ns, "green").await,
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let weights: Vec<i32> = shares.iter().map(|s| s.0).collect();
+    assert_eq!(weights, [1, 10, 50, 100], "every step taken in order");
+    for (weight, canary, total) in &shares {
+        let p = f64::from(*weight) / 100.0;
+        let observed = canary / total;
+        // Binomial noise (4 sigma) plus 3 points for the edges of the counting window.
+        let tolerance = 4.0 * (p * (1.0 - p) / total).sqrt() + 0.03;
+        say(
+            "b",
+            format!(
+                "weight {weight}%: canary served {canary} of {total} ({:.1}%), tolerance ±{:.1} points",
+                observed * 100.0,
+                tolerance * 100.0
+            ),
+        );
+        assert!(
+            *total >= 50.0,
+            "too little traffic counted at {weight}%: {total}"
+        );
+        assert!(
+            (observed - p).abs() <= tolerance,
+            "weight {weight}%: observed share {observed:.3}"
+        );
+    }
+    let st = status(&client, ns, ns).await;
+    assert_eq!(
+        st.stable_color.map(|c| c.to_string()).as_deref(),
+        Some("green")
+    );
+    assert_eq!(st.canary_weight, 0);
+    assert!(!events(&client, ns, "Promoted").await.is_empty());
+    // Old color: scaled to 0 after scaleDownDelaySeconds (5 s).
+    let promoted = Instant::now();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    wait_for("blue scaled to 0", Duration::from_secs(30), || async {
+        deployments
+            .get(&format!("{ns}-blue"))
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .replicas
+            == Some(0)
+    })
+    .await;
+    say(
+        "b",
+        format!(
+            "old color scaled to 0 {:.1}s after promotion (delay 5s)",
+            promoted.elapsed().as_secs_f64()
+        ),
+    );
+    let codes = traffic.finish().await;
+    say("b", format!("answers during the rollout: {codes:?}"));
+    assert_eq!(
+        codes.keys().copied().collect::<Vec<_>>(),
+        [200],
+        "no failed request during the rollout"
+    );
+    cleanup(&client, ns).await;
+}
+
+/// Upgrades to a faulty revision and waits for the automatic rollback; returns the status.
+async fn faulty_upgrade(
+    client: &Client,
+    ns: &str,
+    fault: &[&str],
+    breach_query: &str,
+    limit: f64,
+) -> EmbeddingRolloutStatus {
+    install(client, ns, &rollout_manifest(ns, &[], json!({}))).await;
+    let traffic = Traffic::start(host(ns), 4);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    apply(client, ns, &rollout_manifest(ns, fault, json!({}))).await;
+    let canary_revision = wait_status(
+        client,
+        ns,
+        ns,
+        "canary at weight > 0",
+        Duration::from_secs(60),
+        |s| s.canary_weight > 0,
+    )
+    .await
+    .canary_revision
+    .unwrap();
+    // Reaction time: the breach first visible in Prometheus -> nginx told weight 0.
+    let prometheus = env("PROMETHEUS_URL");
+    let query = breach_query
+        .replace("{ns}", ns)
+        .replace("{rev}", &canary_revision);
+    let http = reqwest::Client::new();
+    let mut breach_seen: Option<Instant> = None;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let zero_at = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no rollback: {:?}",
+            status(client, ns, ns).await
+        );
+        if breach_seen.is_none() {
+            let response: Value = http
+                .get(format!("{prometheus}/api/v1/query"))
+                .query(&[("query", query.as_str())])
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let value = response["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|v| v.parse::<f64>().ok());
+            if value.is_some_and(|v| v > limit) {
+                breach_seen = Some(Instant::now());
+            }
+        }
+        if ingress_weight(client, ns, ns).await == Some(0)
+            && status(client, ns, ns).await.failed_revision.is_some()
+        {
+            break Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    match breach_seen {
+        Some(seen) => say(
+            ns,
+            format!(
+                "rollback reaction: breach visible in Prometheus -> canary weight 0 in {:.2}s",
+                zero_at.saturating_duration_since(seen).as_secs_f64()
+            ),
+        ),
+        None => say(
+            ns,
+            "rollback happened before this test's own Prometheus poll saw the breach",
+        ),
+    }
+    // Traffic is back on stable: the canary pods serve nothing more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = served_by(client, ns, ns, "green").await;
+    let ok_before = traffic.ok();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = served_by(client, ns, ns, "green").await;
+    assert_eq!(
+        after, before,
+        "canary still receives traffic after the rollback"
+    );
+    assert!(traffic.ok() > ok_before + 20, "stable serves the traffic");
+    let codes = traffic.finish().await;
+    say(ns, format!("answers during the rollout: {codes:?}"));
+    status(client, ns, ns).await
+}
+
+/// c) A canary slower than the P95 limit is rolled back automatically.
+#[tokio::test]
+async fn c_latency_breach_rolls_back() {
+    let client = client().await;
+    let ns = "c-latency";
+    let query = r#"histogram_quantile(0.95, sum by (le) (rate(embedder_request_duration_seconds_bucket{namespace="{ns}",color="green",revision="{rev}"}[2s])))"#;
+    let st = faulty_upgrade(&client, ns, &["--fault-latency-ms", "250"], query, 0.1).await;
+    assert_eq!(st.phase, Some(Phase::Failed));
+    assert_eq!(
+        st.stable_color.map(|c| c.to_string()).as_deref(),
+        Some("blue"),
+        "stable untouched"
+    );
+    let (cond_status, reason, message) = condition(&st, conditions::ROLLED_BACK);
+    say(
+        "c",
+        format!("RolledBack={cond_status} reason={reason}: {message}"),
+    );
+    assert_eq!(
+        (cond_status.as_str(), reason.as_str()),
+        ("True", "AnalysisFailed")
+    );
+    assert!(
+        message.contains("p95-latency") && message.contains("limit 100.0ms"),
+        "{message}"
+    );
+    let rolled_back = events(&client, ns, "RolledBack").await;
+    assert!(
+        rolled_back
+            .iter()
+            .any(|e| e.message.as_deref().unwrap_or("").contains("p95-latency")),
+        "a RolledBack Event names the metric"
+    );
+    cleanup(&client, ns).await;
+}
+
+/// d) A canary answering 5xx is rolled back automatically.
+#[tokio::test]
+async fn d_error_rate_breach_rolls_back() {
+    let client = client().await;
+    let ns = "d-errors";
+    let query = r#"sum(rate(embedder_requests_total{namespace="{ns}",color="green",revision="{rev}",code=~"5.."}[2s])) / sum(rate(embedder_requests_total{namespace="{ns}",color="green",revision="{rev}"}[2s]))"#;
+    let st = faulty_upgrade(&client, ns, &["--fault-error-rate", "0.5"], query, 0.05).await;
+    assert_eq!(st.phase, Some(Phase::Failed));
+    let (cond_status, reason, message) = condition(&st, conditions::ROLLED_BACK);
+    say(
+        "d",
+        format!("RolledBack={cond_status} reason={reason}: {message}"),
+    );
+    assert_eq!(
+        (cond_status.as_str(), reason.as_str()),
+        ("True", "AnalysisFailed")
+    );
+    assert!(message.contains("error-rate"), "{message}");
+    cleanup(&client, ns).await;
+}
+
+/// e) Prometheus stopped mid-analysis: no promotion, an Inconclusive condition; the rollout
+///    resumes when Prometheus is back.
+#[tokio::test]
+async fn e_prometheus_down_is_inconclusive_then_resumes() {
+    let client = client().await;
+    let ns = "e-prometheus";
+    let spec =
+        json!({"strategy": {"steps": [{"setWeight": 10}, {"setWeight": 50}, {"setWeight": 100}]}});
+    install(&client, ns, &rollout_manifest(ns, &[], spec.clone())).await;
+    let traffic = Traffic::start(host(ns), 4);
+    apply(
+        &client,
+        ns,
+        &rollout_manifest(ns, &["--max-batch-tokens", "8192"], spec),
+    )
+    .await;
+    wait_status(&client, ns, ns, "weight 10", Duration::from_secs(60), |s| {
+        s.canary_weight == 10
+    })
+    .await;
+    let cluster = env("EMBEDROLL_CLUSTER");
+    assert!(
+        Command::new(&cluster)
+            .args(["stop", "prometheus"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let stopped = Instant::now();
+    let st = wait_status(
+        &client,
+        ns,
+        ns,
+        "Analysis Unknown (Inconclusive)",
+        Duration::from_secs(30),
+        |s| {
+            conditions::get(&s.conditions, conditions::ANALYSIS)
+                .is_some_and(|c| c.reason == "Inconclusive")
+        },
+    )
+    .await;
+    let (_, _, message) = condition(&st, conditions::ANALYSIS);
+    say("e", format!("Prometheus down: {message}"));
+    assert!(message.contains("Prometheus"), "{message}");
+    // Several intervals pass: no promotion, no rollback.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let st = status(&client, ns, ns).await;
+    assert_eq!(st.canary_weight, 10, "no promotion without data");
+    assert_eq!(st.phase, Some(Phase::Paused));
+    assert!(st.failed_revision.is_none());
+    assert!(!events(&client, ns, "AnalysisInconclusive").await.is_empty());
+    assert!(
+        Command::new(&cluster)
+            .args(["start", "prometheus"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    say(
+        "e",
+        format!(
+            "Prometheus restarted after {:.0}s down",
+            stopped.elapsed().as_secs_f64()
+        ),
+    );
+    wait_status(
+        &client,
+        ns,
+        ns,
+        "Healthy after Prometheus is back",
+        Duration::from_secs(120),
+        |s| s.phase == Some(Phase::Healthy),
+    )
+    .await;
+    let codes = traffic.finish().await;
+    assert_eq!(
+        codes.keys().copied().collect::<Vec<_>>(),
+        [200],
+        "{codes:?}"
+    );
+    cleanup(&client, ns).await;
+}
+
+/// f) The operator is killed (SIGKILL) at weight 10: traffic stays at 10 while it is down, and
+///    the restarted operator resumes at weight 10, never lower.
+#[tokio::test]
+async fn f_operator_killed_at_weight_10_resumes_there() {
+    let client = client().await;
+    let ns = "f-restart";
+    let spec = json!({"analysis": {"interval": "3s"},
+                      "strategy": {"steps": [{"setWeight": 10}, {"setWeight": 50}, {"setWeight": 100}]}});
+    install(&client, ns, &rollout_manifest(ns, &[], spec.clone())).await;
+    let traffic = Traffic::start(host(ns), 2);
+    apply(
+        &client,
+        ns,
+        &rollout_manifest(ns, &["--max-batch-tokens", "8192"], spec),
+    )
+    .await;
+    wait_status(&client, ns, ns, "weight 10", Duration::from_secs(60), |s| {
+        s.canary_weight == 10
+    })
+    .await;
+    kill_operator();
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        ingress_weight(&client, ns, ns).await,
+        Some(10),
+        "nginx keeps weight 10 while the operator is down"
+    );
+    assert_eq!(status(&client, ns, ns).await.canary_weight, 10);
+    start_operator();
+    // The killed process never released its Lease: the new one waits for it to expire.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "did not finish after restart; weights seen {seen:?}"
+        );
+        let st = status(&client, ns, ns).await;
+        let weight = ingress_weight(&client, ns, ns).await.unwrap_or(-1);
+        if st.phase == Some(Phase::Healthy) {
+            break;
+        }
+        if seen.last() != Some(&weight) {
+            seen.push(weight);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    say(
+        "f",
+        format!(
+            "after the restart nginx weights went {seen:?} then promotion ({:.0}s after the kill)",
+            killed.elapsed().as_secs_f64()
+        ),
+    );
+    assert_eq!(seen.first(), Some(&10), "resumed at weight 10");
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "no traffic regression: {seen:?}"
+    );
+    let codes = traffic.finish().await;
+    assert_eq!(
+        codes.keys().copied().collect::<Vec<_>>(),
+        [200],
+        "{codes:?}"
+    );
+    cleanup(&client, ns).await;
+}
+
+/// g) Mistakes are rejected by the apiserver with a message naming the field.
+#[tokio::test]
+async fn g_invalid_rollouts_are_rejected_with_the_field_named() {
+    let client = client().await;
+    let gvk = GroupVersionKind::gvk("embedroll.dev", "v1alpha1", "EmbeddingRollout");
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &ApiResource::from_gvk(&gvk));
+    let valid = rollout_manifest("g-valid", &[], json!({}));
+    let cases: Vec<(&str, Value, &[&str])> = vec![
+        (
+            "weights not ascending",
+            json!({"strategy": {"steps": [{"setWeight": 50}, {"setWeight": 10}, {"setWeight": 100}]}}),
+            &["spec.strategy.steps", "strictly ascending"],
+        ),
+        (
+            "last step below 100",
+            json!({"strategy": {"steps": [{"setWeight": 10}, {"setWeight": 50}]}}),
+            &["spec.strategy.steps", "setWeight: 100"],
+        ),
+        (
+            "weight over 100",
+            json!({"strategy": {"steps": [{"setWeight": 150}]}}),
+            &["spec.strategy.steps[0].setWeight", "100"],
+        ),
+        (
+            "step with weight and pause",
+            json!({"strategy": {"steps": [{"setWeight": 10, "pause": {}}, {"setWeight": 100}]}}),
+            &[
+                "spec.strategy.steps[0]",
+                "exactly one of setWeight or pause",
+            ],
+        ),
+        (
+            "unparseable interval",
+            json!({"analysis": {"interval": "5 minutes"}}),
+            &["spec.analysis.interval"],
+        ),
+        (
+            "unparseable pause",
+            json!({"strategy": {"steps": [{"setWeight": 10}, {"pause": {"duration": "soon"}}, {"setWeight": 100}]}}),
+            &["spec.strategy.steps[1].pause.duration"],
+        ),
+        (
+            "preset and query",
+            json!({"analysis": {"metrics": [{"name": "x", "preset": "ErrorRate", "query": "up", "max": "1"}]}}),
+            &["spec.analysis.metrics[0]", "exactly one of preset or query"],
+        ),
+        (
+            "metric without threshold",
+            json!({"analysis": {"metrics": [{"name": "x", "preset": "ErrorRate"}]}}),
+            &["spec.analysis.metrics[0]", "needs a threshold"],
+        ),
+        (
+            "unknown preset",
+            json!({"analysis": {"metrics": [{"name": "x", "preset": "P99", "max": "1"}]}}),
+            &["spec.analysis.metrics[0].preset", "Unsupported value"],
+        ),
+        (
+            "latency limit not a duration",
+            json!({"analysis": {"metrics": [{"name": "x", "preset": "LatencyP95", "max": "0.035"}]}}),
+            &["spec.analysis.metrics[0].max", "durations"],
+        ),
+        (
+            "duplicate metric names",
+            json!({"analysis": {"metrics": [{"name": "x", "preset": "ErrorRate", "max": "1"}, {"name": "x", "preset": "LatencyP95", "max": "1s"}]}}),
+            &["spec.analysis.metrics", "unique"],
+        ),
+        ("zero replicas", json!({"replicas": 0}), &["spec.replicas"]),
+        (
+            "path without leading slash",
+            json!({"traffic": {"nginx": {"paths": ["api"]}}}),
+            &["spec.traffic.nginx.paths[0]"],
+        ),
+        (
+            "canary annotation set by hand",
+            json!({"traffic": {"nginx": {"annotations": {"nginx.ingress.kubernetes.io/canary-weight": "50"}}}}),
+            &["spec.traffic.nginx.annotations", "managed by the operator"],
+        ),
+        (
+            "onInconclusive typo",
+            json!({"analysis": {"onInconclusive": "Ignore"}}),
+            &["spec.analysis.onInconclusive", "Unsupported value"],
+        ),
+        (
+            "Prometheus address not a URL",
+            json!({"analysis": {"prometheus": {"address": "prometheus:9090"}}}),
+            &["spec.analysis.prometheus.address"],
+        ),
+    ];
+    let post = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let object = |manifest: Value| -> DynamicObject { serde_json::from_value(manifest).unwrap() };
+    api.create(&post, &object(valid.clone()))
+        .await
+        .expect("the valid base rollout is accepted");
+    let mut long_name = valid.clone();
+    long_name["metadata"]["name"] = json!("a".repeat(58));
+    let error = api
+        .create(&post, &object(long_name))
+        .await
+        .expect_err("58-character name");
+    assert!(error.to_string().contains("metadata.name"), "{error}");
+    for (what, patch, needles) in &cases {
+        let mut manifest = valid.clone();
+        merge(&mut manifest["spec"], patch.clone());
+        let error = api
+            .create(&post, &object(manifest))
+            .await
+            .expect_err(what)
+            .to_string();
+        for needle in *needles {
+            assert!(error.contains(needle), "{what}: {needle:?} not in {error}");
+        }
+        say(
+            "g",
+            format!("{what}: {}", error.chars().take(220).collect::<String>()),
+        );
+    }
+    say(
+        "g",
+        format!("{} kinds of mistakes rejected", cases.len() + 1),
+    );
+}
+
+/// h) Manual control with the `embedroll` CLI: promote past a pause, abort, retry, promote in full.
+#[tokio::test]
+async fn h_manual_promote_abort_retry() {
+    let client = client().await;
+    let ns = "h-manual";
+    let spec =
+        json!({"strategy": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]}});
+    install(&client, ns, &rollout_manifest(ns, &[], spec.clone())).await;
+    let traffic = Traffic::start(host(ns), 2);
+    apply(
+        &client,
+        ns,
+        &rollout_manifest(ns, &["--max-batch-tokens", "8192"], spec.clone()),
+    )
+    .await;
+    wait_status(
+        &client,
+        ns,
+        ns,
+        "paused at 10%",
+        Duration::from_secs(60),
+        |s| s.phase == Some(Phase::Paused) && s.current_step_index == Some(1),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        status(&client, ns, ns).await.current_step_index,
+        Some(1),
+        "pause {{}} waits for a promote"
+    );
+    let table = cli(&["status", ns, "-n", ns]);
+    say("h", format!("embedroll status:\n{table}"));
+    assert!(
+        table.contains("Step:") && table.contains("2/3") && table.contains("10%"),
+        "{table}"
+    );
+    cli(&["promote", ns, "-n", ns]);
+    wait_status(
+        &client,
+        ns,
+        ns,
+        "Healthy after promote",
+        Duration::from_secs(60),
+        |s| s.phase == Some(Phase::Healthy),
+    )
+    .await;
+    say("h", "promote: past the pause to 100%, then promoted");
+
+    // Abort a second upgrade at the pause, then retry it and promote it in full.
+    apply(
+        &client,
+        ns,
+        &rollout_manifest(ns, &["--max-batch-tokens", "4096"], spec),
+    )
+    .await;
+    let st = wait_status(
+        &client,
+        ns,
+        ns,
+        "paused at 10% again",
+        Duration::from_secs(60),
+        |s| s.phase == Some(Phase::Paused) && s.current_step_index == Some(1),
+    )
+    .await;
+    let revision = st.canary_revision.clone().unwrap();
+    cli(&["abort", ns, "-n", ns]);
+    let st = wait_status(
+        &client,
+        ns,
+        ns,
+        "Failed after abort",
+        Duration::from_secs(30),
+        |s| s.phase == Some(Phase::Failed),
+    )
+    .await;
+    assert_eq!(condition(&st, conditions::ROLLED_BACK).1, "Aborted");
+    assert_eq!(st.failed_revision.as_deref(), Some(revision.as_str()));
+    assert_eq!(ingress_weight(&client, ns, ns).await, Some(0));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        status(&client, ns, ns).await.phase,
+        Some(Phase::Failed),
+        "no automatic retry"
+    );
+    say("h", "abort: weight 0, Failed, not retried by itself");
+    cli(&["retry", ns, "-n", ns]);
+    wait_status(
+        &client,
+        ns,
+        ns,
+        "paused at 10% after retry",
+        Duration::from_secs(60),
+        |s| {
+            s.canary_revision.as_deref() == Some(revision.as_str())
+                && s.current_step_index == Some(1)
+        },
+    )
+    .await;
+    cli(&["promote", "--full", ns, "-n", ns]);
+    let st = wait_status(
+        &client,
+        ns,
+        ns,
+        "Healthy after promote --full",
+        Duration::from_secs(30),
+        |s| s.phase == Some(Phase::Healthy),
+    )
+    .await;
+    assert_eq!(st.stable_revision.as_deref(), Some(revision.as_str()));
+    say(
+        "h",
+        "retry then promote --full: the retried revision is stable",
+    );
+    for reason in ["RolledBack", "Retried", "Promoted", "PromotedStep"] {
+        assert!(
+            !events(&client, ns, reason).await.is_empty(),
+            "Event {reason}"
+        );
+    }
+    let codes = traffic.finish().await;
+    assert_eq!(
+        codes.keys().copied().collect::<Vec<_>>(),
+        [200],
+        "{codes:?}"
+    );
+    cleanup(&client, ns).await;
+}
+
+/// i) A newer revision arriving mid-rollout supersedes the canary: its weight drops to 0 until
+///    the newest revision is Ready, and the newest one is what gets promoted.
+#[tokio::test]
+async fn i_newer_revision_supersedes_the_canary() {
+    let client = client().await;
+    let ns = "i-supersede";
+    let spec =
+        json!({"strategy": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]}});
+    install(&client, ns, &rollout_manifest(ns, &[], spec.clone())).await;
+    let traffic = Traffic::start(host(ns), 2);
+    apply(
+        &client,
+        ns,
+        &rollout_manifest(ns, &["--max-batch-tokens", "8192"], spec.clone()),
+    )
+    .await;
+    let first = wait_status(
+        &client,
+        ns,
+        ns,
+        "first canary paused at 10%",
+        Duration::from_secs(60),
+        |s| s.current_step_index == Some(1),
+    )
+    .await
+    .canary_revision
+    .unwrap();
+    apply(
+        &client,
+        ns,
+        &rollout_manifest(ns, &["--max-batch-tokens", "2048"], spec),
+    )
+    .await;
+    let st = wait_status(
+        &client,
+        ns,
+        ns,
+        "a new canary revision",
+        Duration::from_secs(30),
+        |s| s.canary_revision.as_deref().is_some_and(|r| r != first),
+    )
+    .await;
+    let second = st.canary_revision.clone().unwrap();
+    assert_eq!(
+        st.stable_color.map(|c| c.to_string()).as_deref(),
+        Some("blue"),
+        "stable untouched"
+    );
+    assert_eq!(
+        st.canary_color.map(|c| c.to_string()).as_deref(),
+        Some("green")
+    );
+    assert!(
+        st.canary_weight == 0 || st.current_step_index == Some(0),
+        "restarts from the first step"
+    );
+    assert!(!events(&client, ns, "Superseded").await.is_empty());
+    wait_status(
+        &client,
+        ns,
+        ns,
+        "second canary paused at 10%",
+        Duration::from_secs(60),
+        |s| {
+            s.canary_revision.as_deref() == Some(second.as_str()) && s.current_step_index == Some(1)
+        },
+    )
+    .await;
+    cli(&["promote", "--full", ns, "-n", ns]);
+    let st = wait_status(&client, ns, ns, "Healthy", Duration::from_secs(30), |s| {
+        s.phase == Some(Phase::Healthy)
+    })
+    .await;
+    assert_eq!(st.stable_revision.as_deref(), Some(second.as_str()));
+    say(
+        "i",
+        format!("canary {first} superseded by {second}, which was promoted"),
+    );
+    let codes = traffic.finish().await;
+    assert_eq!(
+        codes.keys().copied().collect::<Vec<_>>(),
+        [200],
+        "{codes:?}"
+    );
+    cleanup(&client, ns).await;
+}
