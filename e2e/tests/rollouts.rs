@@ -37,8 +37,17 @@ fn say(scenario: &str, message: impl AsRef<str>) {
 // ------------------------------------------------------------------ operator process
 
 static OPERATOR: Mutex<Option<Child>> = Mutex::new(None);
+static STALE_REMOVED: std::sync::Once = std::sync::Once::new();
 
 fn start_operator() {
+    // An operator left by an interrupted earlier run would hold the Lease and the port.
+    STALE_REMOVED.call_once(|| {
+        let pattern = format!("embedroll-operator --metrics-listen {OPERATOR_METRICS}");
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &pattern])
+            .status();
+        std::thread::sleep(Duration::from_millis(200));
+    });
     let mut slot = OPERATOR.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(child) = slot.as_mut()
         && child.try_wait().ok().flatten().is_none()
@@ -237,6 +246,19 @@ async fn ingress_weight(client: &Client, ns: &str, name: &str) -> Option<i32> {
         .get(ANNOTATION_CANARY_WEIGHT)?
         .parse()
         .ok()
+}
+
+/// Events are published after status and traffic are written, so give them a moment.
+async fn await_event(client: &Client, ns: &str, reason: &str) -> Vec<Event> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = events(client, ns, reason).await;
+        if !found.is_empty() {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "no {reason} Event in {ns}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn events(client: &Client, ns: &str, reason: &str) -> Vec<Event> {
@@ -540,7 +562,7 @@ async fn b_upgrade_promotes_through_every_step() {
         Some("green")
     );
     assert_eq!(st.canary_weight, 0);
-    assert!(!events(&client, ns, "Promoted").await.is_empty());
+    assert!(!await_event(&client, ns, "Promoted").await.is_empty());
     // Old color: scaled to 0 after scaleDownDelaySeconds (5 s).
     let promoted = Instant::now();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
@@ -580,10 +602,12 @@ async fn faulty_upgrade(
     breach_query: &str,
     limit: f64,
 ) -> EmbeddingRolloutStatus {
-    install(client, ns, &rollout_manifest(ns, &[], json!({}))).await;
+    // The failed canary stays up for 30 s, long enough to see that it gets no more traffic.
+    let spec = json!({"strategy": {"scaleDownDelaySeconds": 30}});
+    install(client, ns, &rollout_manifest(ns, &[], spec.clone())).await;
     let traffic = Traffic::start(host(ns), 4);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    apply(client, ns, &rollout_manifest(ns, fault, json!({}))).await;
+    apply(client, ns, &rollout_manifest(ns, fault, spec)).await;
     let canary_revision = wait_status(
         client,
         ns,
@@ -688,7 +712,7 @@ async fn c_latency_breach_rolls_back() {
         message.contains("p95-latency") && message.contains("limit 100.0ms"),
         "{message}"
     );
-    let rolled_back = events(&client, ns, "RolledBack").await;
+    let rolled_back = await_event(&client, ns, "RolledBack").await;
     assert!(
         rolled_back
             .iter()
@@ -769,7 +793,11 @@ async fn e_prometheus_down_is_inconclusive_then_resumes() {
     assert_eq!(st.canary_weight, 10, "no promotion without data");
     assert_eq!(st.phase, Some(Phase::Paused));
     assert!(st.failed_revision.is_none());
-    assert!(!events(&client, ns, "AnalysisInconclusive").await.is_empty());
+    assert!(
+        !await_event(&client, ns, "AnalysisInconclusive")
+            .await
+            .is_empty()
+    );
     assert!(
         Command::new(&cluster)
             .args(["start", "prometheus"])
@@ -820,6 +848,11 @@ async fn f_operator_killed_at_weight_10_resumes_there() {
     .await;
     wait_status(&client, ns, ns, "weight 10", Duration::from_secs(60), |s| {
         s.canary_weight == 10
+    })
+    .await;
+    // Status is written before the Ingress: kill once nginx has been told 10 as well.
+    wait_for("canary Ingress at 10", Duration::from_secs(10), || async {
+        ingress_weight(&client, ns, ns).await == Some(10)
     })
     .await;
     kill_operator();
@@ -1112,7 +1145,7 @@ async fn h_manual_promote_abort_retry() {
     );
     for reason in ["RolledBack", "Retried", "Promoted", "PromotedStep"] {
         assert!(
-            !events(&client, ns, reason).await.is_empty(),
+            !await_event(&client, ns, reason).await.is_empty(),
             "Event {reason}"
         );
     }
@@ -1181,7 +1214,7 @@ async fn i_newer_revision_supersedes_the_canary() {
         st.canary_weight == 0 || st.current_step_index == Some(0),
         "restarts from the first step"
     );
-    assert!(!events(&client, ns, "Superseded").await.is_empty());
+    assert!(!await_event(&client, ns, "Superseded").await.is_empty());
     wait_status(
         &client,
         ns,
