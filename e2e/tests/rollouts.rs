@@ -98,6 +98,9 @@ fn cli(args: &[&str]) -> String {
 // ------------------------------------------------------------------ cluster helpers
 
 async fn client() -> Client {
+    // reqwest's rustls has no built-in provider in this workspace (see operator/Cargo.toml);
+    // every scenario builds this client before any HTTP client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     Client::try_default()
         .await
         .expect("kube client from KUBECONFIG")

@@ -3,12 +3,14 @@
 
 #[test]
 fn committed_crd_matches_the_rust_types() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../crds/embeddingrollouts.embedroll.dev.yaml"
-    );
+    // The manifest dir at run time, not compile time: checkouts that share a target directory
+    // reuse each other's test binaries (cargo hashes workspace members by relative path).
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let path = manifest_dir.join("../crds/embeddingrollouts.embedroll.dev.yaml");
     let committed =
-        std::fs::read_to_string(path).expect("crds/embeddingrollouts.embedroll.dev.yaml exists");
+        std::fs::read_to_string(&path).expect("crds/embeddingrollouts.embedroll.dev.yaml exists");
     let generated = embedroll_operator::crd_yaml();
     assert!(
         committed == generated,

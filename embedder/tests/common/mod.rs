@@ -36,9 +36,21 @@ pub fn model_dir_of(name: &str) -> PathBuf {
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    // Read at run time: cargo hashes workspace members by relative path, so checkouts that
+    // share a target directory (CI's cache, a fresh clone) reuse each other's test binaries
+    // and a compile-time path could point into another, possibly deleted, checkout.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .join("tests/fixtures")
         .join(name)
+}
+
+/// The workspace's reqwest has rustls without a built-in crypto provider (the operator
+/// picks ring, as kube does, rather than compiling aws-lc); with `cargo test --workspace`
+/// that feature reaches these test clients too, so they install ring before building one.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 pub struct Server {
@@ -64,6 +76,7 @@ impl Server {
     }
 
     pub fn spawn(extra: &[&str]) -> Self {
+        install_crypto_provider();
         let port = free_port();
         let model = format!("{MODEL}={}", model_dir().display());
         let child = Command::new(env!("CARGO_BIN_EXE_embedder"))
