@@ -2,7 +2,7 @@
 //! the local kubelet, real nginx, real Prometheus, and the operator binary, with traffic
 //! through nginx during every rollout. Run by `e2e/scenarios.sh` (cluster up, then
 //! `cargo test -p embedroll-e2e --test rollouts -- --test-threads=1`), which sets:
-//! KUBECONFIG, PROMETHEUS_URL, INGRESS_URL, EMBEDROLL_BIN_DIR (operator and CLI binaries),
+//! KUBECONFIG, PROMETHEUS_URL, INGRESS_URL, INGRESS_DIR, EMBEDROLL_BIN_DIR (operator and CLI binaries),
 //! EMBEDROLL_CLUSTER (the e2e/cluster script), EMBEDROLL_E2E_LOGS.
 //!
 //! Analysis intervals are seconds instead of minutes; the logic is the same.
@@ -73,6 +73,83 @@ fn start_operator() {
         .spawn()
         .expect("start embedroll-operator");
     *slot = Some(child);
+}
+
+/// The operator's reconcile latency (from its own histogram) and memory, for the record.
+async fn operator_report() -> String {
+    let pid = OPERATOR
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(Child::id);
+    let memory = pid
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .map(|status| {
+            status
+                .lines()
+                .filter(|l| l.starts_with("VmRSS") || l.starts_with("VmHWM"))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    let Ok(response) = reqwest::get(format!("http://{OPERATOR_METRICS}/metrics")).await else {
+        return format!("operator memory: {memory}; metrics unreachable");
+    };
+    let text = response.text().await.unwrap_or_default();
+    let value = |name: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    };
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest =
+                l.strip_prefix("embedroll_operator_reconcile_duration_seconds_bucket{le=\"")?;
+            let (le, count) = rest.split_once("\"}")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let count = value("embedroll_operator_reconcile_duration_seconds_count").unwrap_or(0.0);
+    let sum = value("embedroll_operator_reconcile_duration_seconds_sum").unwrap_or(0.0);
+    // histogram_quantile's linear interpolation within the bucket that holds the rank.
+    let quantile = |q: f64| -> f64 {
+        let rank = q * count;
+        let mut lower = (0.0, 0.0);
+        for &(le, cumulative) in &buckets {
+            if cumulative >= rank {
+                if le.is_infinite() {
+                    return lower.0;
+                }
+                let width = cumulative - lower.1;
+                let within = if width > 0.0 {
+                    (rank - lower.1) / width
+                } else {
+                    1.0
+                };
+                return lower.0 + (le - lower.0) * within;
+            }
+            lower = (le, cumulative);
+        }
+        f64::NAN
+    };
+    format!(
+        "operator: {count} reconciles, mean {:.1} ms, p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms; memory {memory}",
+        if count > 0.0 {
+            1000.0 * sum / count
+        } else {
+            f64::NAN
+        },
+        1000.0 * quantile(0.5),
+        1000.0 * quantile(0.95),
+        1000.0 * quantile(0.99),
+    )
 }
 
 /// SIGKILL: no chance to release the Lease or finish a reconcile.
@@ -308,6 +385,8 @@ struct Traffic {
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
     codes: Arc<Mutex<BTreeMap<u16, u64>>>,
+    /// The first few failures (time since start, code, body) to explain a failed assertion.
+    failures: Arc<Mutex<Vec<String>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -318,19 +397,35 @@ impl Traffic {
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let codes = Arc::new(Mutex::new(BTreeMap::new()));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let started = Instant::now();
         let tasks = (0..clients)
             .map(|worker| {
-                let (url, host, stop, ok, failed, codes) = (
+                let (url, host, stop, ok, failed, codes, failures) = (
                     url.clone(),
                     host.clone(),
                     stop.clone(),
                     ok.clone(),
                     failed.clone(),
                     codes.clone(),
+                    failures.clone(),
                 );
+                let note = move |what: String| {
+                    let mut failures = failures.lock().unwrap();
+                    if failures.len() < 5 {
+                        let at = started.elapsed().as_secs_f64();
+                        let wall = utc_clock();
+                        failures.push(format!("+{at:.2}s ({wall}) {what}"));
+                    }
+                };
                 tokio::spawn(async move {
+                    // A fresh connection per request: an nginx reload (ingress-nginx reloads
+                    // too when a backend changes, e.g. at promotion) closes idle keep-alive
+                    // connections, and a request sent on one at that instant fails in the
+                    // client whatever the rollout does. New connections are drained gracefully.
                     let http = reqwest::Client::builder()
                         .timeout(Duration::from_secs(10))
+                        .pool_max_idle_per_host(0)
                         .build()
                         .unwrap();
                     let mut n = 0u64;
@@ -346,12 +441,20 @@ impl Traffic {
                         match result {
                             Ok(response) => {
                                 let code = response.status().as_u16();
-                                let _ = response.bytes().await;
+                                let body = response.bytes().await.unwrap_or_default();
+                                if code != 200 {
+                                    let body = String::from_utf8_lossy(&body);
+                                    note(format!(
+                                        "{code} {}",
+                                        body.chars().take(120).collect::<String>()
+                                    ));
+                                }
                                 *codes.lock().unwrap().entry(code).or_default() += 1;
                                 if code == 200 { &ok } else { &failed }
                                     .fetch_add(1, Ordering::Relaxed);
                             }
-                            Err(_) => {
+                            Err(e) => {
+                                note(format!("transport error: {e}"));
                                 failed.fetch_add(1, Ordering::Relaxed);
                                 tokio::time::sleep(Duration::from_millis(50)).await;
                             }
@@ -366,6 +469,7 @@ impl Traffic {
             ok,
             failed,
             codes,
+            failures,
             tasks,
         }
     }
@@ -374,14 +478,54 @@ impl Traffic {
         self.ok.load(Ordering::Relaxed)
     }
 
-    async fn finish(mut self) -> BTreeMap<u16, u64> {
+    async fn finish(mut self) -> Answers {
         self.stop.store(true, Ordering::Relaxed);
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
-        let _ = self.failed.load(Ordering::Relaxed);
-        self.codes.lock().unwrap().clone()
+        let codes = self.codes.lock().unwrap().clone();
+        let answered_not_ok: u64 = codes
+            .iter()
+            .filter(|(c, _)| **c != 200)
+            .map(|(_, n)| n)
+            .sum();
+        let first_failures = self.failures.lock().unwrap().clone();
+        Answers {
+            transport_errors: self.failed.load(Ordering::Relaxed) - answered_not_ok,
+            codes,
+            first_failures,
+        }
     }
+}
+
+/// What the traffic generator got back: counts per status code, plus the first failures.
+#[derive(Debug)]
+struct Answers {
+    codes: BTreeMap<u16, u64>,
+    transport_errors: u64,
+    #[allow(dead_code)] // read through Debug, in assertion messages
+    first_failures: Vec<String>,
+}
+
+impl Answers {
+    fn all_ok(&self) -> bool {
+        self.transport_errors == 0 && self.codes.keys().all(|code| *code == 200)
+    }
+}
+
+/// Wall-clock UTC time of day, to line failures up with the cluster's logs.
+fn utc_clock() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        now.subsec_millis()
+    )
 }
 
 impl Drop for Traffic {
@@ -420,7 +564,22 @@ async fn install(client: &Client, scenario: &str, manifest: &Value) -> Embedding
         },
     )
     .await;
+    // The stand-in reloads nginx for endpoint changes; until the old worker has drained, a
+    // new connection can still land on it and its configuration without endpoints.
+    wait_for(
+        "nginx runs the current configuration",
+        Duration::from_secs(15),
+        || async { ingress_settled() },
+    )
+    .await;
     st
+}
+
+/// Every nginx worker runs the configuration last rendered (see e2e/src/bin/local_ingress.rs).
+fn ingress_settled() -> bool {
+    let dir = std::path::PathBuf::from(env("INGRESS_DIR"));
+    let rendered = std::fs::read(dir.join("nginx.conf"));
+    rendered.is_ok() && rendered.ok() == std::fs::read(dir.join("applied.conf")).ok()
 }
 
 fn condition(st: &EmbeddingRolloutStatus, type_: &str) -> (String, String, String) {
@@ -459,12 +618,8 @@ async fn a_first_install_goes_healthy() {
     assert_eq!(condition(&st, conditions::AVAILABLE).0, "True");
     let traffic = Traffic::start(host("a-install"), 2);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let codes = traffic.finish().await;
-    assert_eq!(
-        codes.keys().copied().collect::<Vec<_>>(),
-        [200],
-        "all answers 200: {codes:?}"
-    );
+    let answers = traffic.finish().await;
+    assert!(answers.all_ok(), "all answers 200: {answers:?}");
     let table = Command::new("kubectl")
         .args(["get", "er", "-n", "a-install"])
         .output()
@@ -587,13 +742,16 @@ async fn b_upgrade_promotes_through_every_step() {
             promoted.elapsed().as_secs_f64()
         ),
     );
-    let codes = traffic.finish().await;
-    say("b", format!("answers during the rollout: {codes:?}"));
-    assert_eq!(
-        codes.keys().copied().collect::<Vec<_>>(),
-        [200],
-        "no failed request during the rollout"
+    let answers = traffic.finish().await;
+    say(
+        "b",
+        format!("answers during the rollout: {:?}", answers.codes),
     );
+    assert!(
+        answers.all_ok(),
+        "no failed request during the rollout: {answers:?}"
+    );
+    say("b", operator_report().await);
     cleanup(&client, ns).await;
 }
 
@@ -684,8 +842,8 @@ async fn faulty_upgrade(
         "canary still receives traffic after the rollback"
     );
     assert!(traffic.ok() > ok_before + 20, "stable serves the traffic");
-    let codes = traffic.finish().await;
-    say(ns, format!("answers during the rollout: {codes:?}"));
+    let answers = traffic.finish().await;
+    say(ns, format!("answers during the rollout: {answers:?}"));
     status(client, ns, ns).await
 }
 
@@ -824,12 +982,8 @@ async fn e_prometheus_down_is_inconclusive_then_resumes() {
         |s| s.phase == Some(Phase::Healthy),
     )
     .await;
-    let codes = traffic.finish().await;
-    assert_eq!(
-        codes.keys().copied().collect::<Vec<_>>(),
-        [200],
-        "{codes:?}"
-    );
+    let answers = traffic.finish().await;
+    assert!(answers.all_ok(), "all answers 200: {answers:?}");
     cleanup(&client, ns).await;
 }
 
@@ -898,12 +1052,8 @@ async fn f_operator_killed_at_weight_10_resumes_there() {
         seen.windows(2).all(|w| w[0] <= w[1]),
         "no traffic regression: {seen:?}"
     );
-    let codes = traffic.finish().await;
-    assert_eq!(
-        codes.keys().copied().collect::<Vec<_>>(),
-        [200],
-        "{codes:?}"
-    );
+    let answers = traffic.finish().await;
+    assert!(answers.all_ok(), "all answers 200: {answers:?}");
     cleanup(&client, ns).await;
 }
 
@@ -1152,12 +1302,8 @@ async fn h_manual_promote_abort_retry() {
             "Event {reason}"
         );
     }
-    let codes = traffic.finish().await;
-    assert_eq!(
-        codes.keys().copied().collect::<Vec<_>>(),
-        [200],
-        "{codes:?}"
-    );
+    let answers = traffic.finish().await;
+    assert!(answers.all_ok(), "all answers 200: {answers:?}");
     cleanup(&client, ns).await;
 }
 
@@ -1239,11 +1385,7 @@ async fn i_newer_revision_supersedes_the_canary() {
         "i",
         format!("canary {first} superseded by {second}, which was promoted"),
     );
-    let codes = traffic.finish().await;
-    assert_eq!(
-        codes.keys().copied().collect::<Vec<_>>(),
-        [200],
-        "{codes:?}"
-    );
+    let answers = traffic.finish().await;
+    assert!(answers.all_ok(), "all answers 200: {answers:?}");
     cleanup(&client, ns).await;
 }

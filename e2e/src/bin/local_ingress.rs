@@ -2,6 +2,12 @@
 //! (class nginx), Services and EndpointSlices, renders a real nginx configuration with
 //! ingress-nginx canary semantics (`embedroll_e2e::ingress_render`), and reloads nginx when
 //! the configuration changes (after `nginx -t` accepts it).
+//!
+//! ingress-nginx applies endpoint and canary-weight changes without a reload (Lua); this
+//! stand-in reloads, and for a moment after a reload the old worker may still accept a
+//! connection with the old configuration. So each reload waits until the old workers have
+//! exited and only then copies the configuration to `applied.conf`: when `applied.conf`
+//! equals `nginx.conf`, every new connection gets the current configuration.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -114,10 +120,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         match &nginx {
             Some(child) => {
                 if let Some(pid) = child.id() {
+                    let started = std::time::Instant::now();
+                    let old_workers = children(pid);
                     let _ = std::process::Command::new("kill")
                         .args(["-HUP", &pid.to_string()])
                         .status();
-                    tracing::info!("configuration changed; nginx reloaded");
+                    let drained = wait_until(Duration::from_secs(10), || {
+                        let now = children(pid);
+                        !now.is_empty() && old_workers.iter().all(|w| !now.contains(w))
+                    })
+                    .await;
+                    if !drained {
+                        tracing::warn!("old nginx workers still running 10s after the reload");
+                    }
+                    mark_applied(&args.runtime_dir, &current)?;
+                    tracing::info!(
+                        upstreams = %upstream_summary(&current),
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "configuration changed; nginx reloaded"
+                    );
                 }
             }
             None => {
@@ -129,7 +150,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .args(["-g", "daemon off;"])
                     .kill_on_drop(true)
                     .spawn()?;
-                tracing::info!(listen = %args.listen, "nginx started");
+                if let Some(pid) = child.id() {
+                    wait_until(Duration::from_secs(10), || !children(pid).is_empty()).await;
+                }
+                mark_applied(&args.runtime_dir, &current)?;
+                tracing::info!(listen = %args.listen, upstreams = %upstream_summary(&current), "nginx started");
                 nginx = Some(child);
             }
         }
@@ -144,4 +169,69 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
     }
     Ok(())
+}
+
+/// `name=servers` per upstream of a rendered config, so the log shows what each reload routes to.
+fn upstream_summary(conf: &str) -> String {
+    let mut summary = Vec::new();
+    let mut current: Option<(&str, usize)> = None;
+    for line in conf.lines().map(str::trim) {
+        if let Some(name) = line
+            .strip_prefix("upstream ")
+            .and_then(|l| l.strip_suffix(" {"))
+        {
+            current = Some((name, 0));
+        } else if let Some((_, servers)) = current.as_mut()
+            && line.starts_with("server ")
+            && !line.ends_with(" down;")
+        {
+            *servers += 1;
+        } else if line == "}"
+            && let Some((name, servers)) = current.take()
+        {
+            summary.push(format!("{name}={servers}"));
+        }
+    }
+    summary.join(" ")
+}
+
+/// The pids whose parent is `pid` (nginx's workers, when `pid` is its master).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // The command name, in parentheses, may hold spaces: fields start after the last ')'.
+            let ppid: u32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            (ppid == pid).then_some(child)
+        })
+        .collect()
+}
+
+async fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    done()
+}
+
+/// Records `conf` as live in every nginx worker (see the module comment).
+fn mark_applied(runtime_dir: &std::path::Path, conf: &str) -> std::io::Result<()> {
+    let next = runtime_dir.join("applied.conf.next");
+    std::fs::write(&next, conf)?;
+    std::fs::rename(next, runtime_dir.join("applied.conf"))
 }
