@@ -392,7 +392,15 @@ impl EmbeddingRollout {
                 },
                 reason: transition.reason.to_owned(),
                 note: Some(transition.message.chars().take(1000).collect()),
-                action: "Reconcile".to_owned(),
+                // kube-runtime's Recorder folds Events with the same type, reason and action
+                // into one series that keeps its first note, so every later `WeightUpdated`
+                // would read "0% -> 1%". A digest of the note in `action` folds only repeats
+                // of the same message.
+                action: format!(
+                    "{}-{:08x}",
+                    transition.reason,
+                    crate::revision::fnv1a64(transition.message.as_bytes()) as u32
+                ),
                 secondary: None,
             };
             if let Err(e) = ctx.recorder.publish(&event, &reference).await {

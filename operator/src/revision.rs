@@ -12,7 +12,7 @@ pub fn revision(spec: &EmbeddingRolloutSpec) -> String {
 
 /// FNV-1a, as Kubernetes' pod-template-hash uses: stable across Rust versions and platforms,
 /// unlike `std::hash`.
-fn fnv1a64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
     })
