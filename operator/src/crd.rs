@@ -347,7 +347,9 @@ pub struct MetricSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<Preset>,
     /// PromQL returning one sample; `{{namespace}} {{rollout}} {{canaryColor}} {{stableColor}}
-    /// {{canaryRevision}} {{stableRevision}} {{interval}}` are substituted.
+    /// {{canaryRevision}} {{stableRevision}} {{interval}} {{baselineWindow}}` are substituted.
+    /// `{{baselineWindow}}` (10 intervals, at least 1m) is for the stable side of a comparison:
+    /// at 100% stable gets no requests, and `{{interval}}` would leave it without data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
     pub query: Option<String>,
