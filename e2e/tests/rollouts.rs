@@ -721,6 +721,20 @@ async fn b_upgrade_promotes_through_every_step() {
     );
     assert_eq!(st.canary_weight, 0);
     assert!(!await_event(&client, ns, "Promoted").await.is_empty());
+    // One Event per weight change, each with its own message (not folded into one series).
+    let weight_events: Vec<String> = events(&client, ns, "WeightUpdated")
+        .await
+        .into_iter()
+        .filter_map(|e| e.message)
+        .collect();
+    for weight in [1, 10, 50, 100] {
+        assert!(
+            weight_events
+                .iter()
+                .any(|m| m.contains(&format!("-> {weight}% "))),
+            "a WeightUpdated Event for {weight}%: {weight_events:?}"
+        );
+    }
     // Old color: scaled to 0 after scaleDownDelaySeconds (5 s).
     let promoted = Instant::now();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
@@ -1384,6 +1398,131 @@ async fn i_newer_revision_supersedes_the_canary() {
     say(
         "i",
         format!("canary {first} superseded by {second}, which was promoted"),
+    );
+    let answers = traffic.finish().await;
+    assert!(answers.all_ok(), "all answers 200: {answers:?}");
+    cleanup(&client, ns).await;
+}
+
+fn kubectl(args: &[&str]) -> String {
+    let output = Command::new("kubectl")
+        .args(args)
+        .output()
+        .expect("run kubectl");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "kubectl {args:?} failed: {text}");
+    text
+}
+
+/// j) `kubectl apply -f config/samples/` gives working rollouts: each goes Healthy and serves
+///    embeddings through nginx on its host, and `kubectl get er` tells it. The custom-query
+///    sample is then upgraded (its interval shortened to seconds) and promoted through every
+///    step on its own PromQL checks, so those queries are proven to parse and return data.
+#[tokio::test]
+async fn j_config_samples_work() {
+    let client = client().await;
+    let ns = "j-samples";
+    start_operator();
+    namespace(&client, ns).await;
+    let samples = format!("{}/../config/samples/", env("CARGO_MANIFEST_DIR"));
+    kubectl(&["apply", "-n", ns, "-f", &samples]);
+    let hosts = [
+        ("minilm", "embed.example.com"),
+        ("minilm-full", "embed-full.example.com"),
+        ("minilm-custom", "embed-custom.example.com"),
+    ];
+    for (name, _) in hosts {
+        wait_status(
+            &client,
+            ns,
+            name,
+            &format!("sample {name} Healthy"),
+            Duration::from_secs(180),
+            |s| s.phase == Some(Phase::Healthy),
+        )
+        .await;
+    }
+    wait_for(
+        "nginx runs the current configuration",
+        Duration::from_secs(30),
+        || async { ingress_settled() },
+    )
+    .await;
+    let url = format!("{}/api/v1/embed", env("INGRESS_URL"));
+    let http = reqwest::Client::new();
+    for (name, host) in hosts {
+        let post = || {
+            http.post(&url)
+                .header("Host", host)
+                .json(&json!({"texts": ["a sample rollout"]}))
+                .send()
+        };
+        wait_for(
+            &format!("an embedding from {name} through nginx"),
+            Duration::from_secs(30),
+            || async { post().await.is_ok_and(|r| r.status() == 200) },
+        )
+        .await;
+        let answer: Value = post().await.unwrap().json().await.unwrap();
+        let dims = answer["embeddings"][0].as_array().map_or(0, Vec::len);
+        assert_eq!(dims, 384, "{name}: {answer}");
+    }
+    say(
+        "j",
+        format!("kubectl get er:\n{}", kubectl(&["get", "er", "-n", ns])),
+    );
+
+    let name = "minilm-custom";
+    let before = status(&client, ns, name).await.stable_revision.unwrap();
+    let traffic = Traffic::start("embed-custom.example.com".to_owned(), 3);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    kubectl(&[
+        "patch",
+        "er",
+        name,
+        "-n",
+        ns,
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op": "replace", "path": "/spec/analysis/interval", "value": "4s"},
+            {"op": "replace", "path": "/spec/analysis/minRequests", "value": 3},
+            {"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": "--max-batch-tokens=8192"}]"#,
+    ]);
+    let st = wait_status(
+        &client,
+        ns,
+        name,
+        "the custom-query sample promoted",
+        Duration::from_secs(180),
+        |s| {
+            s.phase == Some(Phase::Healthy) && s.stable_revision.as_deref() != Some(before.as_str())
+        },
+    )
+    .await;
+    let checks = st.analysis.clone().unwrap_or_default().metrics;
+    let named: Vec<(String, Option<String>)> = checks
+        .iter()
+        .map(|m| (m.name.clone(), m.value.clone()))
+        .collect();
+    say("j", format!("custom checks at the last step: {named:?}"));
+    for want in [
+        "p99-latency",
+        "non-2xx-ratio",
+        "tokens-per-request-vs-stable",
+    ] {
+        let check = checks.iter().find(|m| m.name == want);
+        assert!(
+            check
+                .is_some_and(|m| m.value.is_some()
+                    && m.result == embedroll_operator::crd::CheckResult::Passed),
+            "{want} evaluated and passed: {checks:?}"
+        );
+    }
+    assert!(
+        !await_event(&client, ns, "Promoted").await.is_empty(),
+        "Promoted event"
     );
     let answers = traffic.finish().await;
     assert!(answers.all_ok(), "all answers 200: {answers:?}");

@@ -17,8 +17,10 @@ struct Args {
     /// Node name.
     #[arg(long, env = "EMBEDROLL_NODE_NAME", default_value = "embedroll-local")]
     node_name: String,
-    /// CPU capacity reported.
-    #[arg(long, default_value = "2")]
+    /// CPU capacity reported. Pods are processes sharing the host and requests are not
+    /// enforced, so this is scheduler bookkeeping only: large enough for the samples' requests
+    /// (both colors of several rollouts), as kwok's fake nodes do.
+    #[arg(long, default_value = "16")]
     cpu: String,
     /// Memory capacity reported.
     #[arg(long, default_value = "16Gi")]
