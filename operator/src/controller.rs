@@ -120,6 +120,10 @@ async fn reconcile(rollout: Arc<EmbeddingRollout>, ctx: Arc<Context>) -> Result<
 }
 
 fn error_policy(rollout: Arc<EmbeddingRollout>, error: &Error, ctx: Arc<Context>) -> Action {
+    if error.is_namespace_terminating() {
+        debug!(rollout = %rollout.name_any(), namespace = ?rollout.namespace(), "namespace is being deleted; not retrying");
+        return Action::await_change();
+    }
     warn!(rollout = %rollout.name_any(), namespace = ?rollout.namespace(), %error, "reconcile failed; retrying in 2s");
     ctx.metrics
         .reconcile_errors
@@ -404,7 +408,10 @@ impl EmbeddingRollout {
                 secondary: None,
             };
             if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-                warn!(error = %e, reason = transition.reason, "could not publish Event");
+                let e = Error::Kube(e);
+                if !e.is_namespace_terminating() {
+                    warn!(error = %e, reason = transition.reason, "could not publish Event");
+                }
             }
         }
     }
