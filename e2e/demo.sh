@@ -25,12 +25,7 @@ e2e/cluster deps
 e2e/cluster up
 eval "$(e2e/cluster env)"
 cluster_dir="${EMBEDROLL_CLUSTER_DIR:-$cache/cluster}"
-kubectl apply --server-side -f crds/ >/dev/null
-# Right after creation the CRD has no conditions yet and `kubectl wait` errors out; retry.
-for _ in $(seq 1 60); do
-  kubectl wait --for=condition=Established crd/embeddingrollouts.embedroll.dev --timeout=5s >/dev/null 2>&1 && break
-  sleep 0.5
-done
+e2e/cluster crds
 
 if ! pgrep -f "embedroll-operator --metrics-listen 127.0.0.1:18080" >/dev/null; then
   say "starting the operator (log: $cluster_dir/logs/operator.log, metrics: http://127.0.0.1:18080/metrics)"

@@ -38,12 +38,7 @@ trap cleanup EXIT
 started=$SECONDS
 "$cluster" up
 eval "$("$cluster" env)"
-kubectl apply --server-side -f "$root/crds/" >/dev/null
-# Right after creation the CRD has no conditions yet and `kubectl wait` errors out; retry.
-for _ in $(seq 1 60); do
-  kubectl wait --for=condition=Established crd/embeddingrollouts.embedroll.dev --timeout=5s >/dev/null 2>&1 && break
-  sleep 0.5
-done
+"$cluster" crds
 say "cluster up with the CRD in $((SECONDS - started))s"
 
 if [[ $EMBEDROLL_PROFILE == release ]]; then bin_dir="$CARGO_TARGET_DIR/release"; else bin_dir="$CARGO_TARGET_DIR/debug"; fi

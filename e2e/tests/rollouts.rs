@@ -564,22 +564,25 @@ async fn install(client: &Client, scenario: &str, manifest: &Value) -> Embedding
         },
     )
     .await;
-    // The stand-in reloads nginx for endpoint changes; until the old worker has drained, a
-    // new connection can still land on it and its configuration without endpoints.
-    wait_for(
-        "nginx runs the current configuration",
-        Duration::from_secs(15),
-        || async { ingress_settled() },
-    )
-    .await;
+    wait_ingress_settled().await;
     st
 }
 
-/// Every nginx worker runs the configuration last rendered (see e2e/src/bin/local_ingress.rs).
-fn ingress_settled() -> bool {
+/// Waits until every nginx worker runs the configuration last rendered (see
+/// e2e/src/bin/local_ingress.rs). The stand-in reloads nginx for endpoint changes; until the
+/// old worker has drained, a new connection can still land on it and its configuration
+/// without endpoints.
+async fn wait_ingress_settled() {
     let dir = std::path::PathBuf::from(env("INGRESS_DIR"));
-    let rendered = std::fs::read(dir.join("nginx.conf"));
-    rendered.is_ok() && rendered.ok() == std::fs::read(dir.join("applied.conf")).ok()
+    wait_for(
+        "nginx runs the current configuration",
+        Duration::from_secs(30),
+        || async {
+            let rendered = std::fs::read(dir.join("nginx.conf"));
+            rendered.is_ok() && rendered.ok() == std::fs::read(dir.join("applied.conf")).ok()
+        },
+    )
+    .await;
 }
 
 fn condition(st: &EmbeddingRolloutStatus, type_: &str) -> (String, String, String) {
@@ -1443,12 +1446,7 @@ async fn j_config_samples_work() {
         )
         .await;
     }
-    wait_for(
-        "nginx runs the current configuration",
-        Duration::from_secs(30),
-        || async { ingress_settled() },
-    )
-    .await;
+    wait_ingress_settled().await;
     let url = format!("{}/api/v1/embed", env("INGRESS_URL"));
     let http = reqwest::Client::new();
     for (name, host) in hosts {
