@@ -27,10 +27,13 @@ eval "$(e2e/cluster env)"
 cluster_dir="${EMBEDROLL_CLUSTER_DIR:-$cache/cluster}"
 e2e/cluster crds
 
-if ! pgrep -f "embedroll-operator --metrics-listen 127.0.0.1:18080" >/dev/null; then
+# The pid file lets `e2e/cluster down` stop the operator with the cluster.
+operator_pid="$cluster_dir/run/embedroll-operator.pid"
+if ! { [[ -f $operator_pid ]] && kill -0 "$(cat "$operator_pid")" 2>/dev/null; }; then
   say "starting the operator (log: $cluster_dir/logs/operator.log, metrics: http://127.0.0.1:18080/metrics)"
   setsid "$bin/embedroll-operator" --metrics-listen 127.0.0.1:18080 --prometheus-url "$PROMETHEUS_URL" \
     >>"$cluster_dir/logs/operator.log" 2>&1 </dev/null &
+  echo $! >"$operator_pid"
 fi
 
 kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
@@ -83,7 +86,7 @@ watch_until() { # phase... : print the rollout's row whenever it changes
       printf '%-5s %s\n' "+$((SECONDS - t0))s" "$line"
       last="$line"
     fi
-    phase="$(kubectl get er demo -n "$ns" -o jsonpath='{.status.phase}' 2>/dev/null || true)"
+    phase="${line%% *}"  # from the row just printed, so the last state is always shown
     for want in "$@"; do [[ $phase == "$want" ]] && return 0; done
     sleep 0.5
   done
@@ -135,7 +138,7 @@ watch_until Failed
 kubectl events -n "$ns" --for embeddingrollout/demo --types Warning | tail -n 6
 
 say "operator: reconcile latency and memory"
-pid="$(pgrep -f "embedroll-operator --metrics-listen 127.0.0.1:18080" | head -1)"
+pid="$(cat "$operator_pid")"
 curl -s http://127.0.0.1:18080/metrics | python3 -c '
 import re, sys
 text = sys.stdin.read()
