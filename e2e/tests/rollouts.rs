@@ -161,15 +161,24 @@ fn kill_operator() {
     }
 }
 
-fn cli(args: &[&str]) -> String {
-    let output = Command::new(format!("{}/embedroll", env("EMBEDROLL_BIN_DIR")))
+/// Runs `program` and returns its stdout and stderr; a failure fails the test with them.
+fn run_ok(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
         .args(args)
         .output()
-        .expect("run embedroll CLI");
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "embedroll {args:?} failed: {text}");
+    assert!(output.status.success(), "{program} {args:?} failed: {text}");
     text
+}
+
+fn cli(args: &[&str]) -> String {
+    run_ok(&format!("{}/embedroll", env("EMBEDROLL_BIN_DIR")), args)
+}
+
+fn kubectl(args: &[&str]) -> String {
+    run_ok("kubectl", args)
 }
 
 // ------------------------------------------------------------------ cluster helpers
@@ -1416,17 +1425,6 @@ async fn i_newer_revision_supersedes_the_canary() {
     let answers = traffic.finish().await;
     assert!(answers.all_ok(), "all answers 200: {answers:?}");
     cleanup(&client, ns).await;
-}
-
-fn kubectl(args: &[&str]) -> String {
-    let output = Command::new("kubectl")
-        .args(args)
-        .output()
-        .expect("run kubectl");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "kubectl {args:?} failed: {text}");
-    text
 }
 
 /// j) `kubectl apply -f config/samples/` gives working rollouts: each goes Healthy and serves
