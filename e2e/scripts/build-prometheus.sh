@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Builds Prometheus from its Go module, pinned, into
-# ${EMBEDROLL_CACHE:-~/.cache/embedroll}/prometheus-$PROMETHEUS_MODULE_VERSION/prometheus and
-# prints that path. Debian's prometheus package is built without Kubernetes service discovery,
-# which the cluster needs; only that discovery plugin is compiled in (remove_all_sd +
+# Builds Prometheus and promtool from their Go module, pinned, into
+# ${EMBEDROLL_CACHE:-~/.cache/embedroll}/prometheus-$PROMETHEUS_MODULE_VERSION/ and prints the
+# prometheus binary's path. Debian's prometheus package is built without Kubernetes service
+# discovery, which the cluster needs; only that discovery plugin is compiled in (remove_all_sd +
 # enable_kubernetes_sd), which also keeps out plugins whose dependencies the Go proxy lacks.
 # Idempotent: an existing stamped binary is reused.
 set -euo pipefail
@@ -14,7 +14,7 @@ root="$cache/prometheus-$PROMETHEUS_MODULE_VERSION"
 binary="$root/prometheus"
 stamp="$root/.embedroll-build"
 want="prometheus=$PROMETHEUS_MODULE_VERSION go=$(go env GOVERSION)"
-if [[ -x "$binary" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+if [[ -x "$binary" && -x "$root/promtool" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   echo "$binary"
   exit 0
 fi
@@ -31,7 +31,10 @@ cat > "$root/src/tools.go" <<'GO'
 
 package tools
 
-import _ "github.com/prometheus/prometheus/cmd/prometheus"
+import (
+	_ "github.com/prometheus/prometheus/cmd/prometheus"
+	_ "github.com/prometheus/prometheus/cmd/promtool"
+)
 GO
 echo "build-prometheus: building Prometheus $PROMETHEUS_VERSION (cold: about 2 minutes)" >&2
 started=$SECONDS
@@ -41,6 +44,10 @@ started=$SECONDS
   go build -trimpath -tags remove_all_sd,enable_kubernetes_sd \
     -ldflags "-s -w -X github.com/prometheus/common/version.Version=$PROMETHEUS_VERSION" \
     -o "$binary.tmp" github.com/prometheus/prometheus/cmd/prometheus
+  # promtool (rule checks) from the same module and version.
+  go build -trimpath -tags remove_all_sd,enable_kubernetes_sd \
+    -ldflags "-s -w -X github.com/prometheus/common/version.Version=$PROMETHEUS_VERSION" \
+    -o "$root/promtool" github.com/prometheus/prometheus/cmd/promtool
 )
 mv "$binary.tmp" "$binary"
 echo "$want" > "$stamp"
