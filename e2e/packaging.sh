@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Packaging checks (part of e2e/test), with real tools installed by e2e/scripts/build-tools.sh:
+#   1. the chart's copy of the CRD is the generated one in crds/;
+#   2. `helm lint --strict` of every chart with its default values and each ci/*-values.yaml;
+#   3. every value of values.schema.json is documented in the chart's README; the schema and
+#      the templates refuse bad values with a message naming them;
+#   4. on a local real cluster of its own: every rendering (`helm template`) is accepted by the
+#      apiserver with `kubectl apply --dry-run=server` (the Prometheus Operator's CRDs are
+#      installed first, so ServiceMonitor/PodMonitor are checked against their real schemas).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+cache="${EMBEDROLL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/embedroll}"
+export EMBEDROLL_CLUSTER_DIR="$cache/packaging-cluster"
+export EMBEDROLL_APISERVER_PORT=26443 EMBEDROLL_ETCD_PORT=22379 EMBEDROLL_ETCD_PEER_PORT=22380
+export EMBEDROLL_PROMETHEUS_PORT=29090 EMBEDROLL_INGRESS_PORT=28088
+cluster="$root/e2e/cluster"
+say() { printf 'packaging: %s\n' "$*"; }
+fail() { say "FAILED: $*"; exit 1; }
+
+if ip link show embedroll0 >/dev/null 2>&1; then
+  fail "another local cluster is running (bridge embedroll0 exists); run e2e/cluster down first"
+fi
+rm -rf "$EMBEDROLL_CLUSTER_DIR"
+tools="$(e2e/scripts/build-tools.sh)"
+helm="$tools/helm"
+work="$(mktemp -d)"
+cleanup() {
+  "$cluster" down >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+cmp -s crds/embeddingrollouts.embedroll.dev.yaml charts/embedroll-operator/crds/embeddingrollouts.embedroll.dev.yaml ||
+  fail "charts/embedroll-operator/crds/ differs from crds/; copy crds/embeddingrollouts.embedroll.dev.yaml there"
+say "chart CRD matches crds/"
+
+renderings=()
+for chart in charts/*/; do
+  chart="${chart%/}"
+  name="$(basename "$chart")"
+  for values in "" "$chart"/ci/*-values.yaml; do
+    [[ -z $values || -f $values ]] || continue
+    label="$name${values:+ with $(basename "$values")}"
+    args=(); [[ -n $values ]] && args=(-f "$values")
+    "$helm" lint --strict "$chart" "${args[@]}" >"$work/lint.log" 2>&1 || { cat "$work/lint.log"; fail "helm lint: $label"; }
+    out="$work/$name-$(basename "${values:-default}" .yaml).yaml"
+    "$helm" template "$name" "$chart" -n embedroll-system --include-crds "${args[@]}" >"$out" ||
+      fail "helm template: $label"
+    renderings+=("$out")
+    say "lint + template ok: $label ($(grep -c '^kind:' "$out") objects)"
+  done
+done
+
+# Every value in the schema (which helm lint holds values.yaml to) is in the chart's README.
+for chart in charts/*/; do
+  python3 - "$chart" <<'PY' || fail "values missing from ${chart}README.md"
+import json, sys
+chart = sys.argv[1]
+schema = json.load(open(chart + "values.schema.json"))
+readme = open(chart + "README.md").read()
+def leaves(node, path):
+    props = node.get("properties")
+    if not props or not path == "" and node.get("additionalProperties") is not False:
+        yield path
+        return
+    for key, child in props.items():
+        yield from leaves(child, f"{path}.{key}" if path else key)
+missing = [p for p in leaves(schema, "") if f"`{p}`" not in readme]
+for p in missing:
+    print(f"packaging: {chart}README.md does not document `{p}`")
+sys.exit(1 if missing else 0)
+PY
+  say "every value documented in ${chart}README.md"
+done
+
+# Bad values: refused, with the value named.
+expect_refused() { # chart, expected text, helm args...
+  local chart=$1 expected=$2; shift 2
+  if "$helm" template x "$chart" "$@" >"$work/bad.log" 2>&1; then fail "accepted: $*"; fi
+  grep -q -- "$expected" "$work/bad.log" || { cat "$work/bad.log"; fail "no '$expected' in the error for $*"; }
+  say "refused as expected: $* ($(grep -m1 -- "$expected" "$work/bad.log" | sed 's/^ *//'))"
+}
+expect_refused charts/embedroll-operator "logFormat" --set operator.logFormat=xml
+expect_refused charts/embedroll-operator "prometheusUrl" --set operator.prometheusUrl=prometheus:9090
+expect_refused charts/embedroll-operator "replicaCount" --set replicaCount=0
+expect_refused charts/embedroll-operator "leaderElection" --set replicaCount=2 --set operator.leaderElection=false
+expect_refused charts/embedroll-operator "additional properties" --set operatr.logFormat=json
+
+say "cluster up for server-side dry runs"
+"$cluster" up >/dev/null 2>"$work/up.log" || { cat "$work/up.log"; fail "cluster up"; }
+eval "$("$cluster" env)"
+kubectl apply --server-side -f "$tools/../crds/" >/dev/null
+"$cluster" crds
+for crd in servicemonitors podmonitors prometheusrules; do
+  kubectl wait --for=condition=Established "crd/$crd.monitoring.coreos.com" --timeout=30s >/dev/null
+done
+for ns in embedroll-system search; do kubectl create namespace "$ns" >/dev/null; done
+for out in "${renderings[@]}"; do
+  kubectl apply --dry-run=server -f "$out" >"$work/dry.log" 2>&1 || { cat "$work/dry.log"; fail "apiserver refused $(basename "$out")"; }
+  say "apiserver accepts $(basename "$out") (dry run): $(wc -l <"$work/dry.log") objects"
+done
+say "passed"
