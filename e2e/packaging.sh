@@ -6,7 +6,10 @@
 #      the templates refuse bad values with a message naming them;
 #   4. on a local real cluster of its own: every rendering (`helm template`) is accepted by the
 #      apiserver with `kubectl apply --dry-run=server` (the Prometheus Operator's CRDs are
-#      installed first, so ServiceMonitor/PodMonitor are checked against their real schemas).
+#      installed first, so ServiceMonitor/PodMonitor are checked against their real schemas);
+#   5. `helm install` of the operator chart on that cluster: its pods run with a token of the
+#      chart's ServiceAccount (the local kubelet issues it), take the leader Lease and promote a
+#      rollout through 50% and 100% gated on Prometheus, with traffic through nginx.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -100,4 +103,88 @@ for out in "${renderings[@]}"; do
   kubectl apply --dry-run=server -f "$out" >"$work/dry.log" 2>&1 || { cat "$work/dry.log"; fail "apiserver refused $(basename "$out")"; }
   say "apiserver accepts $(basename "$out") (dry run): $(wc -l <"$work/dry.log") objects"
 done
+# The chart installed for real: the operator runs as two pods of the local kubelet, each with
+# a token of the chart's ServiceAccount (so only the chart's RBAC lets it work), and completes
+# a rollout gated on Prometheus with traffic through nginx.
+say "helm install of the operator chart (operator pods on the local kubelet)"
+"$helm" install embedroll-operator charts/embedroll-operator -n embedroll-system --wait --timeout 3m \
+  --set operator.prometheusUrl="$POD_PROMETHEUS_URL" --set operator.logFormat=text >"$work/install.log" 2>&1 ||
+  { cat "$work/install.log"; kubectl -n embedroll-system get pods -o wide; fail "helm install"; }
+kubectl -n embedroll-system rollout status deployment/embedroll-operator --timeout=90s >/dev/null ||
+  { kubectl -n embedroll-system get pods -o wide; fail "the operator Deployment did not become Ready"; }
+kubectl -n embedroll-system get pods -l app.kubernetes.io/instance=embedroll-operator --no-headers
+lease_holder() { kubectl -n embedroll-system get lease embedroll-operator -o jsonpath='{.spec.holderIdentity}' 2>/dev/null; }
+for _ in $(seq 1 60); do [[ -n "$(lease_holder)" ]] && break; sleep 1; done
+[[ -n "$(lease_holder)" ]] || fail "no operator pod took the leader Lease"
+kubectl -n embedroll-system get pod "$(lease_holder)" >/dev/null 2>&1 ||
+  fail "the Lease holder $(lease_holder) is not an operator pod"
+say "leader: pod $(lease_holder)"
+
+rollout() { # revision marker
+  kubectl apply -n search -f - >/dev/null <<YAML
+apiVersion: embedroll.dev/v1alpha1
+kind: EmbeddingRollout
+metadata: {name: chart-check}
+spec:
+  replicas: 1
+  model: {name: all-MiniLM-L6-v2, dimensions: 384}
+  template:
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+        - name: embedder
+          image: ghcr.io/embedroll/embedroll-embedder:0.1.0
+          args: ["--listen", "0.0.0.0:8080", "--threads", "1", "--max-batch-tokens", "$1"]
+          ports: [{name: http, containerPort: 8080}]
+          readinessProbe: {httpGet: {path: /health/ready, port: http}, periodSeconds: 1}
+  traffic: {nginx: {host: chart-check.example.com, paths: [/api/v1/embed]}}
+  strategy: {steps: [{setWeight: 50}, {setWeight: 100}], scaleDownDelaySeconds: 5}
+  analysis:
+    interval: 3s
+    minRequests: 3
+    failureLimit: 1
+    metrics: [{name: error-rate, preset: ErrorRate, max: "0.05"}]
+YAML
+}
+wait_phase() { # want timeout-seconds jsonpath-condition-description
+  local want=$1 timeout=$2 phase
+  for _ in $(seq 1 $((timeout * 2))); do
+    phase="$(kubectl -n search get er chart-check -o jsonpath='{.status.phase}' 2>/dev/null || true)"
+    [[ $phase == "$want" ]] && return 0
+    sleep 0.5
+  done
+  kubectl -n search get er chart-check -o yaml | sed -n '/^status:/,$p'
+  kubectl -n embedroll-system logs -l app.kubernetes.io/instance=embedroll-operator --tail 20 2>/dev/null || true
+  tail -n 30 "$EMBEDROLL_CLUSTER_DIR"/logs/pods/embedroll-system_*operator*.log 2>/dev/null || true
+  fail "chart-check did not reach $want (phase ${phase:-none})"
+}
+rollout 16384
+wait_phase Healthy 120
+first="$(kubectl -n search get er chart-check -o jsonpath='{.status.stableRevision}')"
+( while :; do
+    curl -s -o /dev/null -H 'Host: chart-check.example.com' -H 'Content-Type: application/json' \
+      -d '{"texts":["chart check"]}' "$INGRESS_URL/api/v1/embed" || sleep 0.1
+  done ) &
+traffic=$!
+trap 'kill $traffic 2>/dev/null || true; cleanup' EXIT
+sleep 2
+rollout 8192
+for _ in $(seq 1 240); do
+  second="$(kubectl -n search get er chart-check -o jsonpath='{.status.stableRevision}')"
+  phase="$(kubectl -n search get er chart-check -o jsonpath='{.status.phase}')"
+  [[ $second != "$first" && $phase == Healthy ]] && break
+  sleep 0.5
+done
+[[ $second != "$first" && $phase == Healthy ]] || wait_phase "Healthy with a new revision" 1
+kill $traffic 2>/dev/null || true
+analysis="$(kubectl -n search get er chart-check -o jsonpath='{.status.analysis.metrics[0].name}={.status.analysis.metrics[0].value} {.status.analysis.result}')"
+[[ $analysis == *Passed* ]] || fail "the last analysis did not pass: $analysis"
+kubectl -n search get events --field-selector reason=Promoted -o name | grep -q . || fail "no Promoted Event"
+say "the chart's operator promoted $first -> $second through 50% and 100% (last analysis: $analysis)"
+if grep -l -i "forbidden" "$EMBEDROLL_CLUSTER_DIR"/logs/pods/embedroll-system_*.log 2>/dev/null; then
+  grep -h -i -m3 "forbidden" "$EMBEDROLL_CLUSTER_DIR"/logs/pods/embedroll-system_*.log
+  fail "the operator pods hit RBAC denials"
+fi
+say "no RBAC denial in the operator pods' logs"
+"$helm" uninstall embedroll-operator -n embedroll-system --wait >/dev/null
 say "passed"

@@ -8,6 +8,7 @@ pub mod ingress_render;
 pub mod node;
 pub mod pod_network;
 pub mod pods;
+pub mod service_account;
 
 /// Human-readable logs on stderr, filtered by the environment variable `var` (default info).
 pub fn init_tracing(var: &str) {

@@ -24,6 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::container_env::{PodFacts, arguments, environment};
 use crate::images::ImageMap;
 use crate::pod_network;
+use crate::service_account::{self, ApiAccess};
 
 /// Pod addresses: 10.88.0.2 … 10.88.254.254 on the pod bridge (10.88.0.1 is the host).
 #[derive(Default)]
@@ -59,6 +60,8 @@ struct RunningPod {
     name: String,
     namespace: String,
     ip: Ipv4Addr,
+    /// The pod's service-account kubeconfig, passed as `KUBECONFIG`.
+    kubeconfig: Option<PathBuf>,
     containers: Mutex<HashMap<String, ContainerState>>,
     terminating: std::sync::atomic::AtomicBool,
 }
@@ -68,6 +71,8 @@ pub struct Kubelet {
     node: String,
     images: ImageMap,
     log_dir: PathBuf,
+    /// Service-account credentials for pods; `None` gives pods no token.
+    api_access: Option<ApiAccess>,
     pods: Mutex<HashMap<String, Arc<RunningPod>>>,
     addresses: Mutex<AddressPool>,
 }
@@ -77,12 +82,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Kubelet {
-    pub fn new(client: Client, node: String, images: ImageMap, log_dir: PathBuf) -> Arc<Self> {
+    pub fn new(
+        client: Client,
+        node: String,
+        images: ImageMap,
+        log_dir: PathBuf,
+        api_access: Option<ApiAccess>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             client,
             node,
             images,
             log_dir,
+            api_access,
             pods: Mutex::new(HashMap::new()),
             addresses: Mutex::new(AddressPool::default()),
         })
@@ -187,6 +199,18 @@ impl Kubelet {
                 return;
             }
         }
+        let kubeconfig = match &self.api_access {
+            Some(access) => match service_account::provision(&self.client, access, &pod).await {
+                Ok(path) => path,
+                Err(message) => {
+                    lock(&self.addresses).give_back(ip);
+                    self.fail_pod(&pod, "ServiceAccountTokenFailed", &message)
+                        .await;
+                    return;
+                }
+            },
+            None => None,
+        };
         let network = tokio::task::spawn_blocking(move || pod_network::setup(ip)).await;
         if let Err(message) = network.unwrap_or_else(|e| Err(e.to_string())) {
             lock(&self.addresses).give_back(ip);
@@ -197,6 +221,7 @@ impl Kubelet {
             name: name.clone(),
             namespace: namespace.clone(),
             ip,
+            kubeconfig,
             containers: Mutex::new(
                 containers
                     .iter()
@@ -310,7 +335,12 @@ impl Kubelet {
         let binary = self
             .images
             .resolve(container.image.as_deref().unwrap_or_default())?;
-        let env = environment(container, pod, facts)?;
+        let mut env = environment(container, pod, facts)?;
+        if let Some(path) = &running.kubeconfig
+            && !env.iter().any(|(k, _)| k == "KUBECONFIG")
+        {
+            env.push(("KUBECONFIG".into(), path.display().to_string()));
+        }
         let args = arguments(container, &env);
         std::fs::create_dir_all(&self.log_dir).map_err(|e| e.to_string())?;
         let log_path = self.log_dir.join(format!(
@@ -424,6 +454,9 @@ impl Kubelet {
             signal(*pid, "KILL");
         }
         lock(&self.pods).remove(uid);
+        if let Some(access) = &self.api_access {
+            service_account::remove(access, uid);
+        }
         let address = running.ip;
         let _ = tokio::task::spawn_blocking(move || pod_network::teardown(address)).await;
         lock(&self.addresses).give_back(address);

@@ -7,6 +7,7 @@ use clap::Parser;
 use embedroll_e2e::images::ImageMap;
 use embedroll_e2e::node::{NodeConfig, run_heartbeat};
 use embedroll_e2e::pods::Kubelet;
+use embedroll_e2e::service_account::ApiAccess;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,6 +36,17 @@ struct Args {
     /// Extra image mapping NAME=PATH: images whose repository's last segment is NAME run PATH.
     #[arg(long = "image", value_name = "NAME=PATH")]
     images: Vec<String>,
+    /// The apiserver as pods reach it (e.g. https://10.88.0.1:6443). With --pod-ca-file and
+    /// --credentials-dir, every pod gets a token of its service account and a kubeconfig for
+    /// it in KUBECONFIG (see embedroll_e2e::service_account).
+    #[arg(long, requires_all = ["pod_ca_file", "credentials_dir"])]
+    pod_apiserver: Option<String>,
+    /// CA bundle of the apiserver's serving certificate, copied into pod credentials.
+    #[arg(long)]
+    pod_ca_file: Option<PathBuf>,
+    /// Where pod credentials are written (a directory per pod UID).
+    #[arg(long)]
+    credentials_dir: Option<PathBuf>,
     /// Where container logs go, one file per container.
     #[arg(long, default_value = "/tmp/embedroll-kubelet-logs")]
     log_dir: PathBuf,
@@ -58,7 +70,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         images.insert_spec(spec)?;
     }
     embedroll_e2e::pod_network::prepare_host().map_err(|e| format!("pod network: {e}"))?;
-    let kubelet = Kubelet::new(client.clone(), config.name.clone(), images, args.log_dir);
+    let api_access = match (args.pod_apiserver, args.pod_ca_file, args.credentials_dir) {
+        (Some(server), Some(ca_file), Some(dir)) => Some(ApiAccess {
+            server,
+            ca_file,
+            dir,
+        }),
+        _ => None,
+    };
+    let kubelet = Kubelet::new(
+        client.clone(),
+        config.name.clone(),
+        images,
+        args.log_dir,
+        api_access,
+    );
     let heartbeat = tokio::spawn(run_heartbeat(client, config));
     let pods = tokio::spawn(kubelet.run());
     tokio::select! {
