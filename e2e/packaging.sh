@@ -7,8 +7,12 @@
 #   4. on a local real cluster of its own: every rendering (`helm template`) is accepted by the
 #      apiserver with `kubectl apply --dry-run=server` (the Prometheus Operator's CRDs are
 #      installed first, so ServiceMonitor/PodMonitor are checked against their real schemas);
-#   5. hadolint on both Dockerfiles and actionlint (with shellcheck) on the workflows;
-#   6. `helm install` of the operator chart on that cluster: its pods run with a token of the
+#   5. promtool check rules on config/prometheus/ (the chart's PrometheusRule is a checked copy),
+#      every runbook_url leads to a section of docs/runbook.md;
+#      during the rollout of step 7, every alert is evaluated by the cluster's Prometheus without
+#      error and its signal returns series;
+#   6. hadolint on both Dockerfiles and actionlint (with shellcheck) on the workflows;
+#   7. `helm install` of the operator chart on that cluster: its pods run with a token of the
 #      chart's ServiceAccount (the local kubelet issues it), take the leader Lease and promote a
 #      rollout through 50% and 100% gated on Prometheus, with traffic through nginx.
 set -euo pipefail
@@ -38,6 +42,22 @@ trap cleanup EXIT
 cmp -s crds/embeddingrollouts.embedroll.dev.yaml charts/embedroll-operator/crds/embeddingrollouts.embedroll.dev.yaml ||
   fail "charts/embedroll-operator/crds/ differs from crds/; copy crds/embeddingrollouts.embedroll.dev.yaml there"
 say "chart CRD matches crds/"
+cmp -s config/prometheus/embedroll.rules.yaml charts/embedroll-operator/files/embedroll.rules.yaml ||
+  fail "charts/embedroll-operator/files/embedroll.rules.yaml differs from config/prometheus/embedroll.rules.yaml; copy it"
+printf 'groups:\n  - name: bad\n    rules:\n      - alert: Bad\n        expr: rate(x[5m] > 1\n' >"$work/bad.rules.yaml"
+if "$tools/promtool" check rules "$work/bad.rules.yaml" >/dev/null 2>&1; then fail "promtool passed a bad rule file"; fi
+"$tools/promtool" check rules config/prometheus/*.rules.yaml >"$work/promtool.log" 2>&1 || { cat "$work/promtool.log"; fail "promtool check rules"; }
+python3 - <<'PY' || fail "an alert's runbook_url has no section in docs/runbook.md"
+import re
+headings = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.+)$", open("docs/runbook.md").read(), re.M)}
+urls = re.findall(r"runbook_url: \S+/docs/runbook\.md#(\S+)", open("config/prometheus/embedroll.rules.yaml").read())
+missing = [u for u in urls if u not in headings]
+for u in missing:
+    print(f"packaging: runbook anchor #{u} not in docs/runbook.md")
+raise SystemExit(1 if missing or not urls else 0)
+PY
+say "promtool check rules: $(grep -o 'SUCCESS: [0-9]* rules found' "$work/promtool.log" | tr '\n' ' ')(chart copy identical)"
 
 renderings=()
 for chart in charts/*/; do
@@ -191,6 +211,57 @@ for _ in $(seq 1 240); do
   sleep 0.5
 done
 [[ $second != "$first" && $phase == Healthy ]] || wait_phase "Healthy with a new revision" 1
+# Every alert, loaded by the cluster's Prometheus from config/prometheus/: evaluated without
+# error, and its signal (the expression before its threshold) returns series now, with
+# embedders and operator pods scraped and traffic flowing.
+sleep 5
+python3 - "$PROMETHEUS_URL" <<'PY' || fail "alert expressions do not all evaluate to series"
+import json, sys, urllib.parse, urllib.request
+base = sys.argv[1]
+def get(path, **params):
+    url = f"{base}{path}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.load(r)["data"]
+
+def signal(expr):
+    """The expression before its last top-level comparison (`<signal> <op> <threshold>`)."""
+    depth, quote, cut = 0, None, None
+    for i, c in enumerate(expr):
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "\"'":
+            quote = c
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif depth == 0 and c in "<>=!" and expr[i + 1 : i + 2] != "~":
+            if c in "=!" and expr[i + 1 : i + 2] != "=":
+                continue
+            if i and expr[i - 1] in "<>=!":
+                continue
+            cut = i
+    if cut is None:
+        sys.exit(f"no threshold comparison in {expr!r}")
+    return expr[:cut].strip()
+
+rules = [r for g in get("/api/v1/rules")["groups"] for r in g["rules"]]
+bad = 0
+for rule in rules:
+    name = rule.get("name")
+    if rule.get("health") != "ok":
+        print(f"packaging: rule {name}: health {rule.get('health')}: {rule.get('lastError')}")
+        bad += 1
+        continue
+    series = get("/api/v1/query", query=signal(rule["query"]))["result"]
+    if not series:
+        print(f"packaging: rule {name}: signal {signal(rule['query'])!r} returned no series")
+        bad += 1
+    else:
+        print(f"packaging: rule {name}: evaluates ok; signal returns {len(series)} series")
+print(f"packaging: {len(rules)} rules checked against the running Prometheus")
+sys.exit(1 if bad or not rules else 0)
+PY
 kill $traffic 2>/dev/null || true
 analysis="$(kubectl -n search get er chart-check -o jsonpath='{.status.analysis.metrics[0].name}={.status.analysis.metrics[0].value} {.status.analysis.result}')"
 [[ $analysis == *Passed* ]] || fail "the last analysis did not pass: $analysis"

@@ -49,6 +49,7 @@ struct Inner {
     batch_duration: HistogramFamily<ModelLabels>,
     tokens: Family<ModelLabels, Counter>,
     model_loaded: Family<ModelLabels, Gauge>,
+    resident_memory: Gauge,
 }
 
 /// Cheap to clone; every clone records into the same registry.
@@ -113,6 +114,25 @@ impl Metrics {
             "1 while the model is loaded and serving",
             model_loaded.clone(),
         );
+        // Memory and restarts without cAdvisor or kube-state-metrics: the alerts on embedder
+        // memory and crash loops read these.
+        let resident_memory = Gauge::default();
+        registry.register(
+            "resident_memory_bytes",
+            "Resident set size of the embedder process (VmRSS), read at each scrape",
+            resident_memory.clone(),
+        );
+        let start_time = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        start_time.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+        registry.register(
+            "start_time_seconds",
+            "Unix time the process started; a change is a restart",
+            start_time,
+        );
         Self(Arc::new(Inner {
             registry,
             requests,
@@ -123,6 +143,7 @@ impl Metrics {
             batch_duration,
             tokens,
             model_loaded,
+            resident_memory,
         }))
     }
 
@@ -183,11 +204,22 @@ impl Metrics {
 
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
+        if let Some(bytes) = resident_memory_bytes() {
+            self.0.resident_memory.set(bytes);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.0.registry);
         out
     }
+}
+
+/// VmRSS of this process from /proc (Linux); `None` elsewhere.
+fn resident_memory_bytes() -> Option<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn labels(model: &str) -> ModelLabels {
@@ -227,5 +259,16 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+        // Process memory and start time, for the memory and crash-loop alerts.
+        let rss = text
+            .lines()
+            .find_map(|l| l.strip_prefix("embedder_resident_memory_bytes "))
+            .and_then(|v| v.parse::<f64>().ok());
+        assert!(rss.is_some_and(|b| b > 1e6), "resident memory in\n{text}");
+        let started = text
+            .lines()
+            .find_map(|l| l.strip_prefix("embedder_start_time_seconds "))
+            .and_then(|v| v.parse::<f64>().ok());
+        assert!(started.is_some_and(|t| t > 1.7e9), "start time in\n{text}");
     }
 }

@@ -434,6 +434,15 @@ impl EmbeddingRollout {
             .canary_weight
             .get_or_create(&labels)
             .set(i64::from(plan.status.canary_weight));
+        metrics
+            .inconclusive_checks
+            .get_or_create(&labels)
+            .set(i64::from(
+                plan.status
+                    .analysis
+                    .as_ref()
+                    .map_or(0, |a| a.inconclusive_checks),
+            ));
         if let Some(outcome) = outcome {
             let result = ResultLabels {
                 namespace: namespace.to_owned(),

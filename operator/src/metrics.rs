@@ -69,6 +69,7 @@ pub struct Metrics {
     pub analysis_value: Family<MetricLabels, Gauge<f64, AtomicU64>>,
     pub analysis_runs: Family<ResultLabels, Counter>,
     pub rollbacks: Family<ReasonLabels, Counter>,
+    pub inconclusive_checks: Family<RolloutLabels, Gauge>,
     pub leader: Gauge,
 }
 
@@ -85,6 +86,7 @@ impl Default for Metrics {
         let analysis_value = Family::<MetricLabels, Gauge<f64, AtomicU64>>::default();
         let analysis_runs = Family::<ResultLabels, Counter>::default();
         let rollbacks = Family::<ReasonLabels, Counter>::default();
+        let inconclusive_checks = Family::<RolloutLabels, Gauge>::default();
         let leader = Gauge::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
@@ -123,6 +125,11 @@ impl Default for Metrics {
             rollbacks.clone(),
         );
         registry.register(
+            "analysis_inconclusive_checks",
+            "Inconclusive checks in a row (no data, too little traffic, Prometheus down)",
+            inconclusive_checks.clone(),
+        );
+        registry.register(
             "leader",
             "1 while this replica holds the leader Lease",
             leader.clone(),
@@ -137,6 +144,7 @@ impl Default for Metrics {
             analysis_value,
             analysis_runs,
             rollbacks,
+            inconclusive_checks,
             leader,
         }
     }
