@@ -10,7 +10,7 @@
 #   5. promtool check rules on config/prometheus/ (the chart's PrometheusRule is a checked copy),
 #      every runbook_url leads to a section of docs/runbook.md;
 #      during the rollout of step 7, every alert is evaluated by the cluster's Prometheus without
-#      error and its signal returns series;
+#      error and its signal returns series, and so does every Grafana dashboard query;
 #   6. hadolint on both Dockerfiles and actionlint (with shellcheck) on the workflows;
 #   7. `helm install` of the operator chart on that cluster: its pods run with a token of the
 #      chart's ServiceAccount (the local kubelet issues it), take the leader Lease and promote a
@@ -261,6 +261,38 @@ for rule in rules:
         print(f"packaging: rule {name}: evaluates ok; signal returns {len(series)} series")
 print(f"packaging: {len(rules)} rules checked against the running Prometheus")
 sys.exit(1 if bad or not rules else 0)
+PY
+# Every dashboard query (panels and template variables) parses and returns series, with
+# Grafana's variables set to "All" and its range variables to fixed windows.
+python3 - "$PROMETHEUS_URL" config/grafana/*.json <<'PY' || fail "dashboard queries do not all return series"
+import json, re, sys, urllib.parse, urllib.request
+base, files = sys.argv[1], sys.argv[2:]
+def query(expr):
+    url = f"{base}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.load(r)["data"]["result"], None
+    except urllib.error.HTTPError as e:
+        return [], json.load(e).get("error", str(e))
+def concrete(expr):
+    expr = expr.replace("$__rate_interval", "1m").replace("$__range", "1h").replace("$__interval", "1m")
+    return re.sub(r"\$\{?[a-z]+\}?", ".+", expr)
+bad = checked = 0
+for path in files:
+    board = json.load(open(path))
+    for key in ("uid", "title", "panels", "templating", "schemaVersion"):
+        if key not in board:
+            print(f"packaging: {path}: no {key}"); bad += 1
+    exprs = [(f"variable {v['name']}", re.sub(r"^label_values\((.*), *\w+\)$", r"\1", v["query"]["query"]))
+             for v in board["templating"]["list"] if v.get("type") == "query"]
+    exprs += [(f"panel {p['title']!r}", t["expr"]) for p in board["panels"] for t in p.get("targets", [])]
+    for what, expr in exprs:
+        checked += 1
+        series, error = query(concrete(expr))
+        if error or not series:
+            print(f"packaging: {path}: {what}: {error or 'no series'}: {concrete(expr)}"); bad += 1
+    print(f"packaging: {path}: {len(board['panels'])} panels, {len(exprs)} queries return series")
+sys.exit(1 if bad or not checked else 0)
 PY
 kill $traffic 2>/dev/null || true
 analysis="$(kubectl -n search get er chart-check -o jsonpath='{.status.analysis.metrics[0].name}={.status.analysis.metrics[0].value} {.status.analysis.result}')"
