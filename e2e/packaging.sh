@@ -14,7 +14,8 @@
 #   6. hadolint on both Dockerfiles and actionlint (with shellcheck) on the workflows;
 #   7. `helm install` of the operator chart on that cluster: its pods run with a token of the
 #      chart's ServiceAccount (the local kubelet issues it), take the leader Lease and promote a
-#      rollout through 50% and 100% gated on Prometheus, with traffic through nginx.
+#      rollout through 50% and 100% gated on Prometheus, with traffic through nginx; then the
+#      embedder chart, whose pod serves embeddings.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -110,6 +111,9 @@ expect_refused charts/embedroll-operator "prometheusUrl" --set operator.promethe
 expect_refused charts/embedroll-operator "replicaCount" --set replicaCount=0
 expect_refused charts/embedroll-operator "leaderElection" --set replicaCount=2 --set operator.leaderElection=false
 expect_refused charts/embedroll-operator "additional properties" --set operatr.logFormat=json
+expect_refused charts/embedder "modelCache/type" --set modelCache.type=nfs
+expect_refused charts/embedder "embedder/models" --set "embedder.models={sre}"
+expect_refused charts/embedder "ingress/paths" --set "ingress.paths={api}"
 
 # Dockerfiles and workflows (no Docker engine or GitHub here: the release workflow builds and
 # pushes the images; these are the checks that can run). Each tool is shown failing on a
@@ -305,4 +309,17 @@ if grep -l -i "forbidden" "$EMBEDROLL_CLUSTER_DIR"/logs/pods/embedroll-system_*.
 fi
 say "no RBAC denial in the operator pods' logs"
 "$helm" uninstall embedroll-operator -n embedroll-system --wait >/dev/null
+
+# The embedder chart installed for real: its pod (no service-account token: it needs none)
+# becomes Ready and answers embeddings.
+say "helm install of the embedder chart"
+"$helm" install embedder charts/embedder -n plain-embedder --create-namespace --wait --timeout 3m \
+  --set replicaCount=1 --set embedder.threads=1 --set resources.requests.cpu=500m >"$work/install.log" 2>&1 ||
+  { cat "$work/install.log"; kubectl -n plain-embedder get pods -o wide; fail "helm install embedder"; }
+ip="$(kubectl -n plain-embedder get pods -l app.kubernetes.io/instance=embedder -o jsonpath='{.items[0].status.podIP}')"
+dims="$(curl -sf "http://$ip:8080/api/v1/embed" -H 'Content-Type: application/json' -d '{"texts":["hello from the chart"]}' |
+  python3 -c 'import json, sys; print(len(json.load(sys.stdin)["embeddings"][0]))')" || fail "no embedding from the embedder chart's pod"
+[[ $dims == 384 ]] || fail "the embedder chart's pod answered $dims dimensions, not 384"
+say "the embedder chart's pod ($ip) serves 384-dimension embeddings"
+"$helm" uninstall embedder -n plain-embedder --wait >/dev/null
 say "passed"
