@@ -159,7 +159,7 @@ kubectl -n embedroll-system get pod "$(lease_holder)" >/dev/null 2>&1 ||
   fail "the Lease holder $(lease_holder) is not an operator pod"
 say "leader: pod $(lease_holder)"
 
-rollout() { # revision marker
+rollout() { # --max-batch-tokens value: a different value is a new revision
   kubectl apply -n search -f - >/dev/null <<YAML
 apiVersion: embedroll.dev/v1alpha1
 kind: EmbeddingRollout
@@ -185,20 +185,20 @@ spec:
     metrics: [{name: error-rate, preset: ErrorRate, max: "0.05"}]
 YAML
 }
-wait_phase() { # want timeout-seconds jsonpath-condition-description
-  local want=$1 timeout=$2 phase
+wait_healthy() { # what, seconds, [a stable revision that must have been replaced]
+  local what=$1 timeout=$2 old=${3:-} phase stable
   for _ in $(seq 1 $((timeout * 2))); do
     phase="$(kubectl -n search get er chart-check -o jsonpath='{.status.phase}' 2>/dev/null || true)"
-    [[ $phase == "$want" ]] && return 0
+    stable="$(kubectl -n search get er chart-check -o jsonpath='{.status.stableRevision}' 2>/dev/null || true)"
+    [[ $phase == Healthy && $stable != "$old" ]] && return 0
     sleep 0.5
   done
   kubectl -n search get er chart-check -o yaml | sed -n '/^status:/,$p'
-  kubectl -n embedroll-system logs -l app.kubernetes.io/instance=embedroll-operator --tail 20 2>/dev/null || true
   tail -n 30 "$EMBEDROLL_CLUSTER_DIR"/logs/pods/embedroll-system_*operator*.log 2>/dev/null || true
-  fail "chart-check did not reach $want (phase ${phase:-none})"
+  fail "chart-check: $what did not happen (phase ${phase:-none})"
 }
 rollout 16384
-wait_phase Healthy 120
+wait_healthy "first install Healthy" 120
 first="$(kubectl -n search get er chart-check -o jsonpath='{.status.stableRevision}')"
 ( while :; do
     curl -s -o /dev/null -H 'Host: chart-check.example.com' -H 'Content-Type: application/json' \
@@ -208,13 +208,8 @@ traffic=$!
 trap 'kill $traffic 2>/dev/null || true; cleanup' EXIT
 sleep 2
 rollout 8192
-for _ in $(seq 1 240); do
-  second="$(kubectl -n search get er chart-check -o jsonpath='{.status.stableRevision}')"
-  phase="$(kubectl -n search get er chart-check -o jsonpath='{.status.phase}')"
-  [[ $second != "$first" && $phase == Healthy ]] && break
-  sleep 0.5
-done
-[[ $second != "$first" && $phase == Healthy ]] || wait_phase "Healthy with a new revision" 1
+wait_healthy "the upgrade promoted" 120 "$first"
+second="$(kubectl -n search get er chart-check -o jsonpath='{.status.stableRevision}')"
 # Every alert, loaded by the cluster's Prometheus from config/prometheus/: evaluated without
 # error, and its signal (the expression before its threshold) returns series now, with
 # embedders and operator pods scraped and traffic flowing.
