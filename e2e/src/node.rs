@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeStatus, NodeSystemInfo};
+use k8s_openapi::api::core::v1::{
+    DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeStatus,
+    NodeSystemInfo,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -24,6 +27,8 @@ pub struct NodeConfig {
     pub memory: String,
     pub max_pods: u32,
     pub address: String,
+    /// Port of the kubelet API (container logs), reported in the node's daemon endpoints.
+    pub kubelet_port: u16,
 }
 
 fn apply() -> PatchParams {
@@ -81,6 +86,11 @@ pub async fn report_ready(client: &Client, config: &NodeConfig) -> kube::Result<
                 address: config.name.clone(),
             },
         ]),
+        daemon_endpoints: Some(NodeDaemonEndpoints {
+            kubelet_endpoint: Some(DaemonEndpoint {
+                port: i32::from(config.kubelet_port),
+            }),
+        }),
         conditions: Some(vec![NodeCondition {
             type_: "Ready".into(),
             status: "True".into(),

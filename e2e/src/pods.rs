@@ -343,10 +343,12 @@ impl Kubelet {
         }
         let args = arguments(container, &env);
         std::fs::create_dir_all(&self.log_dir).map_err(|e| e.to_string())?;
-        let log_path = self.log_dir.join(format!(
-            "{}_{}_{}.log",
-            running.namespace, running.name, container.name
-        ));
+        let log_path = crate::container_logs::log_path(
+            &self.log_dir,
+            &running.namespace,
+            &running.name,
+            &container.name,
+        );
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use embedroll_e2e::container_logs;
 use embedroll_e2e::images::ImageMap;
 use embedroll_e2e::node::{NodeConfig, run_heartbeat};
 use embedroll_e2e::pods::Kubelet;
@@ -50,6 +51,19 @@ struct Args {
     /// Where container logs go, one file per container.
     #[arg(long, default_value = "/tmp/embedroll-kubelet-logs")]
     log_dir: PathBuf,
+    /// Serving certificate of the kubelet API (container logs for `kubectl logs`), for the
+    /// node's address. Without it the API is not served.
+    #[arg(long, requires_all = ["tls_private_key_file", "client_ca_file"])]
+    tls_cert_file: Option<PathBuf>,
+    /// Key of --tls-cert-file.
+    #[arg(long)]
+    tls_private_key_file: Option<PathBuf>,
+    /// CA that signs the apiserver's kubelet client certificate.
+    #[arg(long)]
+    client_ca_file: Option<PathBuf>,
+    /// Port of the kubelet API, on the node's address.
+    #[arg(long, default_value_t = embedroll_e2e::container_logs::DEFAULT_PORT)]
+    port: u16,
 }
 
 #[tokio::main]
@@ -64,6 +78,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         memory: args.memory,
         max_pods: args.max_pods,
         address: embedroll_e2e::pod_network::HOST_ADDRESS.to_string(),
+        kubelet_port: args.port,
     };
     let mut images = ImageMap::workspace(&args.bin_dir);
     for spec in &args.images {
@@ -76,6 +91,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ca_file,
             dir,
         }),
+        _ => None,
+    };
+    let kubelet_api = match (
+        args.tls_cert_file,
+        args.tls_private_key_file,
+        args.client_ca_file,
+    ) {
+        (Some(cert), Some(key), Some(ca)) => {
+            let tls = container_logs::tls_config(&cert, &key, &ca)?;
+            let address =
+                std::net::SocketAddr::from((embedroll_e2e::pod_network::HOST_ADDRESS, args.port));
+            let log_dir = args.log_dir.clone();
+            Some(tokio::spawn(container_logs::serve(address, tls, log_dir)))
+        }
         _ => None,
     };
     let kubelet = Kubelet::new(
@@ -91,6 +120,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
         _ = heartbeat => {}
         _ = pods => {}
+        Ok(Err(error)) = async { match kubelet_api { Some(task) => task.await, None => std::future::pending().await } } => {
+            return Err(format!("kubelet API: {error}").into());
+        }
     }
     Ok(())
 }
