@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Packaging checks (part of e2e/test), with real tools installed by e2e/scripts/build-tools.sh:
-#   1. the chart's copy of the CRD is the generated one in crds/;
+#   1. the chart's copies of the CRD, the alerts and the dashboards are the ones in crds/ and
+#      config/;
 #   2. `helm lint --strict` of every chart with its default values and each ci/*-values.yaml;
 #   3. every value of values.schema.json is documented in the chart's README; the schema and
 #      the templates refuse bad values with a message naming them;
@@ -43,6 +44,13 @@ trap cleanup EXIT
 cmp -s crds/embeddingrollouts.embedroll.dev.yaml charts/embedroll-operator/crds/embeddingrollouts.embedroll.dev.yaml ||
   fail "charts/embedroll-operator/crds/ differs from crds/; copy crds/embeddingrollouts.embedroll.dev.yaml there"
 say "chart CRD matches crds/"
+for board in config/grafana/*.json; do
+  cmp -s "$board" "charts/embedroll-operator/files/dashboards/$(basename "$board")" ||
+    fail "charts/embedroll-operator/files/dashboards/$(basename "$board") differs from $board; copy config/grafana/*.json there"
+done
+[[ $(ls charts/embedroll-operator/files/dashboards | wc -l) == $(ls config/grafana/*.json | wc -l) ]] ||
+  fail "charts/embedroll-operator/files/dashboards/ holds dashboards config/grafana/ does not"
+say "chart dashboards match config/grafana/"
 cmp -s config/prometheus/embedroll.rules.yaml charts/embedroll-operator/files/embedroll.rules.yaml ||
   fail "charts/embedroll-operator/files/embedroll.rules.yaml differs from config/prometheus/embedroll.rules.yaml; copy it"
 printf 'groups:\n  - name: bad\n    rules:\n      - alert: Bad\n        expr: rate(x[5m] > 1\n' >"$work/bad.rules.yaml"
@@ -137,7 +145,7 @@ kubectl apply --server-side -f "$tools/../crds/" >/dev/null
 for crd in servicemonitors podmonitors prometheusrules; do
   kubectl wait --for=condition=Established "crd/$crd.monitoring.coreos.com" --timeout=30s >/dev/null
 done
-for ns in embedroll-system search; do kubectl create namespace "$ns" >/dev/null; done
+for ns in embedroll-system search monitoring; do kubectl create namespace "$ns" >/dev/null; done
 for out in "${renderings[@]}"; do
   kubectl apply --dry-run=server -f "$out" >"$work/dry.log" 2>&1 || { cat "$work/dry.log"; fail "apiserver refused $(basename "$out")"; }
   say "apiserver accepts $(basename "$out") (dry run): $(wc -l <"$work/dry.log") objects"

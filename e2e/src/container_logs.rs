@@ -1,6 +1,6 @@
 //! The kubelet's HTTPS endpoint that `kubectl logs` reaches through the apiserver:
-//! `GET /containerLogs/{namespace}/{pod}/{container}` with `tailLines`, `limitBytes` and
-//! `follow`, served from the files the pods' stdout and stderr go to.
+//! `GET /containerLogs/{namespace}/{pod}/{container}` with `tailLines`, `limitBytes`,
+//! `previous` and `follow`, served from the files the pods' stdout and stderr go to.
 //!
 //! As a real kubelet, it serves TLS with a certificate for the node's address and requires a
 //! client certificate from the cluster CA (the apiserver's `--kubelet-client-certificate`).
@@ -37,6 +37,11 @@ type Body = BoxBody<Bytes, std::io::Error>;
 /// The file a container's output goes to; the pod runner writes, this module reads.
 pub fn log_path(dir: &Path, namespace: &str, pod: &str, container: &str) -> PathBuf {
     dir.join(format!("{namespace}_{pod}_{container}.log"))
+}
+
+/// Where the output of the container's previous instance is kept after a restart.
+pub fn previous(log: &Path) -> PathBuf {
+    log.with_extension("log.previous")
 }
 
 /// TLS with the serving certificate and key, clients verified against `client_ca`.
@@ -203,14 +208,16 @@ async fn respond(
         Ok(options) => options,
         Err(message) => return Ok(plain(StatusCode::BAD_REQUEST, message)),
     };
+    let mut path = log_path(&log_dir, namespace, pod, container);
     if options.previous {
-        // Restarts append to the same file, so an earlier instance's output is not separate.
-        return Ok(plain(
-            StatusCode::BAD_REQUEST,
-            format!("previous terminated container \"{container}\" in pod \"{pod}\" not found"),
-        ));
+        path = previous(&path);
+        if !path.exists() {
+            return Ok(plain(
+                StatusCode::BAD_REQUEST,
+                format!("previous terminated container \"{container}\" in pod \"{pod}\" not found"),
+            ));
+        }
     }
-    let path = log_path(&log_dir, namespace, pod, container);
     let text = match tokio::fs::read(&path).await {
         Ok(text) => text,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {

@@ -349,6 +349,14 @@ impl Kubelet {
             &running.name,
             &container.name,
         );
+        // A restart keeps the last instance's output apart, for `kubectl logs --previous`.
+        let restarted = lock(&running.containers)
+            .get(&container.name)
+            .is_some_and(|s| s.restarts > 0);
+        if restarted && log_path.exists() {
+            std::fs::rename(&log_path, crate::container_logs::previous(&log_path))
+                .map_err(|e| e.to_string())?;
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
