@@ -149,6 +149,12 @@ pub fn commands(annotations: &BTreeMap<String, String>) -> Commands {
 
 impl EmbeddingRollout {
     async fn reconcile(&self, ctx: &Context) -> Result<Action> {
+        if self.metadata.deletion_timestamp.is_some() {
+            // Being deleted (e.g. `--cascade=foreground`): the garbage collector is removing
+            // what it owns; applying them now would recreate them.
+            debug!(rollout = %self.name_any(), namespace = ?self.namespace(), "being deleted; nothing to reconcile");
+            return Ok(Action::await_change());
+        }
         let namespace = self.namespace().ok_or(Error::NoNamespace)?;
         let name = self.name_any();
         let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);

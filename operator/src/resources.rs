@@ -15,7 +15,7 @@ use k8s_openapi::api::networking::v1::{
     HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule,
     IngressServiceBackend, IngressSpec, ServiceBackendPort,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
@@ -65,7 +65,13 @@ fn meta(er: &EmbeddingRollout, name: String, extra: BTreeMap<String, String>) ->
         name: Some(name),
         namespace: er.namespace(),
         labels: Some(labels),
-        owner_references: er.controller_owner_ref(&()).map(|r| vec![r]),
+        // blockOwnerDeletion: `kubectl delete --cascade=foreground` waits for the children.
+        owner_references: er.controller_owner_ref(&()).map(|r| {
+            vec![OwnerReference {
+                block_owner_deletion: Some(true),
+                ..r
+            }]
+        }),
         ..ObjectMeta::default()
     }
 }
@@ -218,7 +224,10 @@ impl ColorState {
             .cloned();
         let observed =
             status.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
-        let ready_replicas = status.ready_replicas.unwrap_or(0);
+        // While the Deployment rolls over, its Ready count includes the old template's pods;
+        // taking them off (as if all Ready) gives a lower bound for the current template.
+        let old_pods = (status.replicas.unwrap_or(0) - status.updated_replicas.unwrap_or(0)).max(0);
+        let ready_replicas = (status.ready_replicas.unwrap_or(0) - old_pods).max(0);
         let ready = observed
             && desired > 0
             && status.updated_replicas.unwrap_or(0) >= desired
@@ -339,6 +348,9 @@ mod tests {
             !ColorState::from_deployment(Some(&d)).ready,
             "an old pod is still there"
         );
+        // Rolling over to a template whose pods crash: the 2 Ready pods are the old ones.
+        d.status = Some(status(2, 2, 2, 4));
+        assert_eq!(ColorState::from_deployment(Some(&d)).ready_replicas, 0);
         d.status = Some(status(2, 2, 1, 2));
         assert!(!ColorState::from_deployment(Some(&d)).ready);
         assert!(!ColorState::from_deployment(None).exists);
