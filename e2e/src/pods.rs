@@ -474,6 +474,15 @@ impl Kubelet {
 
     async fn report(&self, running: &RunningPod, pod: &Pod) {
         let states = lock(&running.containers).clone();
+        // A container that exited and will be started again keeps the pod Running (waiting
+        // in CrashLoopBackOff), as a real kubelet reports it; the ReplicaSet replaces only
+        // Failed pods.
+        let policy = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.as_deref())
+            .unwrap_or("Always");
+        let restarts_after = |exit: i32| policy == "Always" || (policy == "OnFailure" && exit != 0);
         let all_ready = !states.is_empty() && states.values().all(|s| s.ready);
         let now = Time(Timestamp::now());
         let condition = |type_: &str, ok: bool| json!({"type": type_, "status": if ok { "True" } else { "False" }, "lastTransitionTime": now});
@@ -483,10 +492,15 @@ impl Kubelet {
             .flat_map(|s| s.containers.iter())
             .map(|c| {
                 let s = states.get(&c.name).cloned().unwrap_or_default();
+                let terminated = |code: i32| json!({"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" }}});
                 let state = match (s.pid, s.started_at) {
                     (Some(_), Some(at)) => json!({"running": {"startedAt": Time(at)}}),
                     _ => match s.last_exit {
-                        Some(code) => json!({"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" }}}),
+                        Some(code) if restarts_after(code) => json!({"waiting": {
+                            "reason": "CrashLoopBackOff",
+                            "message": format!("back-off restarting failed container {} (exit code {code})", c.name),
+                        }}),
+                        Some(code) => terminated(code),
                         None => json!({"waiting": {"reason": "ContainerCreating"}}),
                     },
                 };
@@ -494,11 +508,16 @@ impl Kubelet {
                     "name": c.name, "image": c.image, "imageID": "",
                     "containerID": s.pid.map(|p| format!("process://{p}")),
                     "ready": s.ready, "started": s.pid.is_some(), "restartCount": s.restarts, "state": state,
+                    "lastState": s.last_exit.map(terminated).unwrap_or_else(|| json!({})),
                 })
             })
             .collect();
         let any_running = states.values().any(|s| s.pid.is_some());
-        let phase = if any_running || states.values().any(|s| s.last_exit.is_none()) {
+        let phase = if any_running
+            || states
+                .values()
+                .any(|s| s.last_exit.is_none_or(restarts_after))
+        {
             "Running"
         } else if states.values().all(|s| s.last_exit == Some(0)) {
             "Succeeded"
