@@ -59,7 +59,7 @@ if "$tools/promtool" check rules "$work/bad.rules.yaml" >/dev/null 2>&1; then fa
 python3 - <<'PY' || fail "an alert's runbook_url has no section in docs/runbook.md"
 import re
 headings = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
-            for h in re.findall(r"^#+ (.+)$", open("docs/runbook.md").read(), re.M)}
+            for h in re.findall(r"^#+ (.+)$", re.sub(r"(?ms)^\s*```.*?^\s*```", "", open("docs/runbook.md").read()), re.M)}
 urls = re.findall(r"runbook_url: \S+/docs/runbook\.md#(\S+)", open("config/prometheus/embedroll.rules.yaml").read())
 missing = [u for u in urls if u not in headings]
 for u in missing:
