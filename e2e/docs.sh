@@ -13,30 +13,12 @@
 # The addresses the docs ask the reader to set (PROM_IN_CLUSTER, PROM, INGRESS) are set to
 # the local cluster's. See docs/README.md.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-cache="${EMBEDROLL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/embedroll}"
+label=docs cluster_name=docs-cluster ports="27443 23379 23380 29190 28188"
+# shellcheck source=e2e/scripts/own-cluster.sh
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/own-cluster.sh"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
-export EMBEDROLL_CLUSTER_DIR="$cache/docs-cluster"
-export EMBEDROLL_APISERVER_PORT=27443 EMBEDROLL_ETCD_PORT=23379 EMBEDROLL_ETCD_PEER_PORT=23380
-export EMBEDROLL_PROMETHEUS_PORT=29190 EMBEDROLL_INGRESS_PORT=28188
-cluster="$root/e2e/cluster"
-say() { printf 'docs: %s\n' "$*"; }
-fail() { say "FAILED: $*"; exit 1; }
-
-if ip link show embedroll0 >/dev/null 2>&1; then
-  fail "another local cluster is running (bridge embedroll0 exists); run e2e/cluster down first"
-fi
-rm -rf "$EMBEDROLL_CLUSTER_DIR"
-tools="$(e2e/scripts/build-tools.sh)"
 profile="${EMBEDROLL_PROFILE:-release}"
 bin="$CARGO_TARGET_DIR/$profile"
-work="$(mktemp -d)"
-cleanup() {
-  "$cluster" down >/dev/null 2>&1 || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 
 # Turns one document into a bash script: each runnable block is announced with its place, shown,
 # then run. Prometheus configuration fragments are checked with promtool.

@@ -18,28 +18,10 @@
 #      rollout through 50% and 100% gated on Prometheus, with traffic through nginx; then the
 #      embedder chart, whose pod serves embeddings.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-cache="${EMBEDROLL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/embedroll}"
-export EMBEDROLL_CLUSTER_DIR="$cache/packaging-cluster"
-export EMBEDROLL_APISERVER_PORT=26443 EMBEDROLL_ETCD_PORT=22379 EMBEDROLL_ETCD_PEER_PORT=22380
-export EMBEDROLL_PROMETHEUS_PORT=29090 EMBEDROLL_INGRESS_PORT=28088
-cluster="$root/e2e/cluster"
-say() { printf 'packaging: %s\n' "$*"; }
-fail() { say "FAILED: $*"; exit 1; }
-
-if ip link show embedroll0 >/dev/null 2>&1; then
-  fail "another local cluster is running (bridge embedroll0 exists); run e2e/cluster down first"
-fi
-rm -rf "$EMBEDROLL_CLUSTER_DIR"
-tools="$(e2e/scripts/build-tools.sh)"
+label=packaging cluster_name=packaging-cluster ports="26443 22379 22380 29090 28088"
+# shellcheck source=e2e/scripts/own-cluster.sh
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/own-cluster.sh"
 helm="$tools/helm"
-work="$(mktemp -d)"
-cleanup() {
-  "$cluster" down >/dev/null 2>&1 || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 
 cmp -s crds/embeddingrollouts.embedroll.dev.yaml charts/embedroll-operator/crds/embeddingrollouts.embedroll.dev.yaml ||
   fail "charts/embedroll-operator/crds/ differs from crds/; copy crds/embeddingrollouts.embedroll.dev.yaml there"
