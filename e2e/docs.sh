@@ -100,6 +100,13 @@ left="$(kubectl -n search get deployments,services,ingresses -l embedroll.dev/ro
 [[ -z $left ]] || fail "objects of the deleted rollout minilm-custom remain: $left"
 [[ "$(kubectl -n search get er minilm -o jsonpath='{.spec.replicas} {.status.phase}')" == "3 Healthy" ]] ||
   fail "minilm is not Healthy at 3 replicas after operations.md"
+# Under the release-managers admission policy the operator still removed the promote it was
+# given (removing is always allowed), and no write of the operator's was refused.
+[[ "$(kubectl -n search get er minilm -o jsonpath='{.metadata.annotations}')" != *embedroll.dev/promote* ]] ||
+  fail "the promote annotation is still on minilm: the operator could not remove it under the policy"
+if grep -h -m3 "denied request" "$EMBEDROLL_CLUSTER_DIR"/logs/pods/embedroll-system_*.log; then
+  fail "the admission policy refused a write of the operator's"
+fi
 
 # An incident for the runbook: a revision whose model directory does not exist crash-loops,
 # its pods never become Ready, and the progress deadline rolls it back automatically.
