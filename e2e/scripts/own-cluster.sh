@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034,SC2154 # label, cluster_name and ports come from the caller; tools and work go to it
 # Sourced by e2e/packaging.sh and e2e/docs.sh: a fresh local cluster of the caller's own (state
 # directory and ports, so a leftover of another suite cannot interfere), the pinned tools, a
 # scratch directory, and teardown on exit. Before sourcing, the caller sets `label` (its log
