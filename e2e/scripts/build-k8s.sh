@@ -91,7 +91,8 @@ GO
 )
 
 "$bin/kube-apiserver" --version >&2
-"$bin/etcd" --version | head -n1 >&2
+# sed reads to the end: head would close the pipe and fail the script under pipefail.
+"$bin/etcd" --version | sed -n 1p >&2
 echo "$want" > "$stamp"
 log "done in $((SECONDS - started))s"
 echo "$bin"
