@@ -18,6 +18,8 @@ pub struct Vars {
     pub canary_revision: String,
     pub stable_revision: String,
     pub interval: Duration,
+    /// The evidence window: since the step began, at least one interval.
+    pub window: Duration,
 }
 
 impl Vars {
@@ -30,6 +32,7 @@ impl Vars {
             "canaryRevision" => self.canary_revision.clone(),
             "stableRevision" => self.stable_revision.clone(),
             "interval" => prom_duration(self.interval),
+            "window" => prom_duration(self.window),
             // The stable baseline for comparisons: long enough to still hold data when the
             // canary takes 100% and stable gets nothing.
             "baselineWindow" => prom_duration(
@@ -92,7 +95,7 @@ pub enum Side {
 
 pub fn p95_query(side: Side) -> String {
     let window = if side == Side::Canary {
-        "{{interval}}"
+        "{{window}}"
     } else {
         "{{baselineWindow}}"
     };
@@ -106,16 +109,21 @@ pub fn error_rate_query() -> String {
     let sel = selector(Side::Canary);
     // `or vector(0)`: no 5xx series at all means zero errors, not "no data".
     format!(
-        "(sum(rate(embedder_requests_total{{{sel},code=~\"5..\"}}[{{{{interval}}}}])) or vector(0)) \
-         / sum(rate(embedder_requests_total{{{sel}}}[{{{{interval}}}}]))"
+        "(sum(rate(embedder_requests_total{{{sel},code=~\"5..\"}}[{{{{window}}}}])) or vector(0)) \
+         / sum(rate(embedder_requests_total{{{sel}}}[{{{{window}}}}]))"
     )
 }
 
 pub fn requests_query(side: Side) -> String {
     format!(
-        "sum(increase(embedder_requests_total{{{}}}[{{{{interval}}}}]))",
+        "sum(increase(embedder_requests_total{{{}}}[{{{{window}}}}]))",
         selector(side)
     )
+}
+
+/// Whether Prometheus scrapes the canary's pods at all: `up` exists for every target.
+pub fn scraped_query() -> String {
+    format!("count(up{{{}}})", selector(Side::Canary))
 }
 
 /// Runs PromQL instant queries. The real one is `prometheus::Prometheus`; tests use a map.
@@ -323,11 +331,31 @@ pub async fn run<Q: Querier>(
         (Ok(c), Ok(s)) => Some(weight_check(weight, *c, s, spec.weight_tolerance_percent)),
         _ => None,
     };
+    // "No requests" and "not scraped" look alike (no series); only the second needs a person.
+    let unscraped = if matches!(&canary_requests, Err(e) if e == "no data") {
+        match single(
+            querier,
+            &render_q(&scraped_query()).expect("preset renders"),
+        )
+        .await
+        {
+            Err(e) if e == "no data" => Some(format!(
+                "Prometheus has no series for the canary's pods (namespace={}, rollout={}, color={}, revision={}): \
+                 check that the embedder container declares its port (containerPort), that a PodMonitor or scrape job \
+                 selects the pods, and that it maps their embedroll.dev/rollout, color and revision labels",
+                vars.namespace, vars.rollout, vars.canary_color, vars.canary_revision
+            )),
+            _ => None,
+        }
+    } else {
+        None
+    };
     let starved = match &canary_count {
+        _ if unscraped.is_some() => unscraped,
         Ok(n) if *n < spec.min_requests as f64 => Some(format!(
-            "{} canary requests in {}, fewer than minRequests {}",
+            "{} canary requests since the step began ({}), fewer than minRequests {}",
             n.round(),
-            prom_duration(vars.interval),
+            prom_duration(vars.window),
             spec.min_requests
         )),
         Ok(_) => None,
@@ -451,6 +479,7 @@ mod tests {
             canary_revision: "c1".into(),
             stable_revision: "s1".into(),
             interval: Duration::from_secs(30),
+            window: Duration::from_secs(30),
         }
     }
 
@@ -569,8 +598,9 @@ mod tests {
         let out = run(&prometheus(&answers), &s, &vars(), 1).await;
         assert_eq!(out.result, CheckResult::Inconclusive);
         assert!(
-            out.summary
-                .contains("12 canary requests in 30s, fewer than minRequests 50"),
+            out.summary.contains(
+                "12 canary requests since the step began (30s), fewer than minRequests 50"
+            ),
             "{}",
             out.summary
         );
@@ -633,6 +663,59 @@ mod tests {
                 .observed_percent
                 .as_deref(),
             Some("50.0")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unscraped_canary_is_told_apart_from_a_quiet_one() {
+        let s = spec(serde_json::json!([{"name": "p95", "preset": "LatencyP95", "max": "35ms"}]));
+        // No request series and no `up` series: Prometheus does not scrape the canary's pods.
+        let out = run(&prometheus(&[]), &s, &vars(), 1).await;
+        assert_eq!(out.result, CheckResult::Inconclusive);
+        assert!(
+            out.summary
+                .contains("Prometheus has no series for the canary's pods")
+                && out.summary.contains("containerPort")
+                && out.summary.contains("PodMonitor"),
+            "{}",
+            out.summary
+        );
+        // Scraped, no requests yet: a count of zero.
+        let out = run(&prometheus(&[(scraped_query(), vec![1.0])]), &s, &vars(), 1).await;
+        assert!(
+            out.summary
+                .contains("0 canary requests since the step began"),
+            "{}",
+            out.summary
+        );
+    }
+
+    #[tokio::test]
+    async fn checks_judge_the_whole_step_not_the_last_interval() {
+        // A quiet service: 0.2 canary requests per 3s interval never reach minRequests in one
+        // interval, but 100s into the step the window holds them.
+        let s = spec(serde_json::json!([{"name": "p95", "preset": "LatencyP95", "max": "35ms"}]));
+        let mut v = vars();
+        v.interval = Duration::from_secs(3);
+        v.window = Duration::from_secs(300);
+        let window_answers: Vec<(String, Vec<f64>)> = vec![
+            (requests_query(Side::Canary), vec![60.0]),
+            (requests_query(Side::Stable), vec![5900.0]),
+            (p95_query(Side::Canary), vec![0.020]),
+        ];
+        let querier = FakePrometheus {
+            answers: window_answers
+                .iter()
+                .map(|(q, a)| (render(q, &v).unwrap(), Ok(a.clone())))
+                .collect(),
+            down: false,
+        };
+        let out = run(&querier, &s, &v, 1).await;
+        assert_eq!(out.result, CheckResult::Passed, "{}", out.summary);
+        assert!(
+            render(&requests_query(Side::Canary), &v)
+                .unwrap()
+                .contains("[300s]")
         );
     }
 }

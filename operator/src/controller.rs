@@ -1,20 +1,26 @@
-//! The reconciler: reads the rollout and its two colors, asks the step machine what comes
-//! next, and makes it so: status first (the rollout's memory), then traffic (Ingresses), then
-//! pods (Deployments). Every write is server-side apply with one field manager.
+//! The reconciler: reads the rollout and its children from the controller's own caches, asks
+//! the step machine what comes next, and makes it so: status first (the rollout's memory,
+//! written only when it changed and only over the version it was planned from), then the
+//! consumed command annotations, then traffic (Ingresses), then pods (Deployments). A child is
+//! written only when it differs from what is live; an unchanged rollout costs no API request.
+//! Every write is server-side apply with one field manager.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::json;
@@ -24,8 +30,9 @@ use crate::analysis::{self, AnalysisOutcome, Vars};
 use crate::crd::{
     CheckResult, Color, EmbeddingRollout, EmbeddingRolloutStatus, Phase, parse_duration,
 };
+use crate::diff;
 use crate::error::{Error, Result};
-use crate::machine::{self, Commands, Input, Plan};
+use crate::machine::{self, Commands, Input, LiveTraffic, Plan};
 use crate::metrics::{MetricLabels, Metrics, ReasonLabels, ResultLabels, RolloutLabels};
 use crate::prometheus;
 use crate::resources::{self, ColorState, FIELD_MANAGER};
@@ -36,13 +43,51 @@ pub const ANNOTATION_PROMOTE_FULL: &str = "embedroll.dev/promote-full";
 pub const ANNOTATION_ABORT: &str = "embedroll.dev/abort";
 pub const ANNOTATION_RETRY: &str = "embedroll.dev/retry";
 pub const ANNOTATION_PAUSED: &str = "embedroll.dev/paused";
-/// One-shot commands: the controller removes them once read.
+/// One-shot commands: the controller removes them once their effect is saved in status.
 pub const ONE_SHOT: [&str; 4] = [
     ANNOTATION_PROMOTE,
     ANNOTATION_PROMOTE_FULL,
     ANNOTATION_ABORT,
     ANNOTATION_RETRY,
 ];
+
+/// How the controller runs: concurrency and error backoff.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Rollouts reconciled at once.
+    pub concurrency: u16,
+    /// First retry after an error; doubles per failure of the same rollout.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            concurrency: 8,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Settings {
+    /// The wait before retry `failures` (1 = first failure): base, doubling, capped.
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let factor = 1u32 << failures.saturating_sub(1).min(20);
+        self.backoff_base
+            .saturating_mul(factor)
+            .min(self.backoff_max)
+    }
+}
+
+/// The controller's caches of its children, filled by its own watches.
+#[derive(Clone)]
+pub struct Stores {
+    pub deployments: Store<Deployment>,
+    pub services: Store<Service>,
+    pub ingresses: Store<Ingress>,
+}
 
 pub struct Context {
     pub client: Client,
@@ -51,6 +96,70 @@ pub struct Context {
     pub prometheus: prometheus::Clients,
     /// Used when a rollout names no Prometheus.
     pub default_prometheus: Option<String>,
+    pub settings: Settings,
+    pub stores: Stores,
+    /// Set once every child cache holds a complete list: before that, a missing child may
+    /// only be not listed yet.
+    pub stores_ready: AtomicBool,
+    /// Failures in a row per rollout, for the backoff.
+    failures: Mutex<HashMap<ObjectRef<EmbeddingRollout>, u32>>,
+    /// Resource versions of a rollout that this process has written over: the cache still
+    /// showing one of them is stale, and acting on it could undo the newer status.
+    superseded: Mutex<HashMap<ObjectRef<EmbeddingRollout>, Vec<String>>>,
+    /// Children this process applied, keyed `kind/ns/name`: (the resourceVersion the cache
+    /// showed before, the applied stamp). The cache lags the write by a watch event; until
+    /// it catches up, the same apply is not repeated.
+    applied: Mutex<HashMap<String, (String, String)>>,
+}
+
+impl Context {
+    fn superseded(&self, key: &ObjectRef<EmbeddingRollout>, rv: Option<String>) {
+        if let Some(rv) = rv {
+            let mut map = self.superseded.lock().unwrap_or_else(|e| e.into_inner());
+            let list = map.entry(key.clone()).or_default();
+            list.push(rv);
+            // A handful is enough: the cache catches up within one watch event.
+            if list.len() > 8 {
+                list.remove(0);
+            }
+        }
+    }
+
+    /// Whether the cached rollout is a version this process already wrote over.
+    fn is_stale(&self, key: &ObjectRef<EmbeddingRollout>, rv: Option<&str>) -> bool {
+        let mut map = self.superseded.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(list) = map.get(key) else {
+            return false;
+        };
+        if rv.is_some_and(|rv| list.iter().any(|s| s == rv)) {
+            return true;
+        }
+        map.remove(key);
+        false
+    }
+
+    fn forget(&self, key: &ObjectRef<EmbeddingRollout>) {
+        self.superseded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        let namespace = key.namespace.as_deref().unwrap_or_default();
+        let children: Vec<String> = ["", "-blue", "-green", "-canary"]
+            .iter()
+            .map(|suffix| format!("/{namespace}/{}{suffix}", key.name))
+            .collect();
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| {
+                let k = k.split('#').next().unwrap_or(k);
+                !children.iter().any(|c| k.ends_with(c.as_str()))
+            });
+    }
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -60,6 +169,7 @@ pub async fn run(
     namespace: Option<String>,
     default_prometheus: Option<String>,
     instance: String,
+    settings: Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (rollouts, deployments, services, ingresses) = match &namespace {
@@ -83,19 +193,79 @@ pub async fn run(
         controller: FIELD_MANAGER.to_owned(),
         instance: Some(instance),
     };
+    // Children are labelled; watching only those keeps memory flat in busy clusters.
+    let children = watcher::Config::default().labels("app.kubernetes.io/managed-by=embedroll");
+    let (deployment_store, deployment_writer) = reflector::store();
+    let (service_store, service_writer) = reflector::store();
+    let (ingress_store, ingress_writer) = reflector::store();
+    let (rollout_store, rollout_writer) = reflector::store();
+    let stores = Stores {
+        deployments: deployment_store,
+        services: service_store,
+        ingresses: ingress_store,
+    };
     let context = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client, reporter),
         metrics,
         prometheus: prometheus::Clients::default(),
         default_prometheus,
+        settings: settings.clone(),
+        stores: stores.clone(),
+        stores_ready: AtomicBool::new(false),
+        failures: Mutex::default(),
+        superseded: Mutex::default(),
+        applied: Mutex::default(),
     });
-    // Children are labelled; watching only those keeps memory flat in busy clusters.
-    let children = watcher::Config::default().labels("app.kubernetes.io/managed-by=embedroll");
-    Controller::new(rollouts, watcher::Config::default().any_semantic())
-        .owns(deployments, children.clone())
-        .owns(services, children.clone())
-        .owns(ingresses, children)
+    {
+        let (context, stores) = (context.clone(), stores.clone());
+        tokio::spawn(async move {
+            let _ = tokio::join!(
+                stores.deployments.wait_until_ready(),
+                stores.services.wait_until_ready(),
+                stores.ingresses.wait_until_ready(),
+            );
+            context.stores_ready.store(true, Ordering::Release);
+            debug!("child caches listed");
+        });
+    }
+
+    // A deleted rollout's per-rollout series go with it (or its RolledBack alert fires on).
+    let forget = context.clone();
+    let rollout_events = watcher(rollouts, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(rollout_writer)
+        .inspect(move |event| {
+            if let Ok(watcher::Event::Delete(rollout)) = event {
+                let key = ObjectRef::from_obj(rollout);
+                forget.forget(&key);
+                forget.metrics.forget(
+                    &rollout.namespace().unwrap_or_default(),
+                    &rollout.name_any(),
+                );
+            }
+        })
+        .applied_objects();
+    Controller::for_stream(rollout_events, rollout_store)
+        .with_config(controller::Config::default().concurrency(settings.concurrency))
+        .owns_stream(
+            watcher(deployments, children.clone())
+                .default_backoff()
+                .reflect(deployment_writer)
+                .touched_objects(),
+        )
+        .owns_stream(
+            watcher(services, children.clone())
+                .default_backoff()
+                .reflect(service_writer)
+                .touched_objects(),
+        )
+        .owns_stream(
+            watcher(ingresses, children)
+                .default_backoff()
+                .reflect(ingress_writer)
+                .touched_objects(),
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
@@ -116,7 +286,23 @@ async fn reconcile(rollout: Arc<EmbeddingRollout>, ctx: Arc<Context>) -> Result<
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
-    result
+    let key = ObjectRef::from_obj(&*rollout);
+    match result {
+        Ok(action) => {
+            ctx.failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
+            Ok(action)
+        }
+        // Someone (or this process) wrote the rollout since it was read: plan again from the
+        // newer version, which its watch event brings.
+        Err(e) if e.is_conflict() => {
+            debug!(rollout = %rollout.name_any(), namespace = ?rollout.namespace(), "conflict; re-planning from the newer version");
+            Ok(Action::requeue(Duration::from_secs(1)))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn error_policy(rollout: Arc<EmbeddingRollout>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -124,30 +310,59 @@ fn error_policy(rollout: Arc<EmbeddingRollout>, error: &Error, ctx: Arc<Context>
         debug!(rollout = %rollout.name_any(), namespace = ?rollout.namespace(), "namespace is being deleted; not retrying");
         return Action::await_change();
     }
-    warn!(rollout = %rollout.name_any(), namespace = ?rollout.namespace(), %error, "reconcile failed; retrying in 2s");
+    let failures = {
+        let mut map = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ObjectRef::from_obj(&*rollout)).or_default();
+        *n = n.saturating_add(1);
+        *n
+    };
+    let wait = ctx.settings.backoff(failures);
+    warn!(rollout = %rollout.name_any(), namespace = ?rollout.namespace(), %error, failures, retry_in = ?wait, "reconcile failed");
     ctx.metrics
         .reconcile_errors
         .get_or_create(&crate::metrics::ErrorLabels {
             error: error.metric_label().to_owned(),
         })
         .inc();
-    Action::requeue(Duration::from_secs(2))
+    Action::requeue(wait)
 }
 
-pub fn commands(annotations: &BTreeMap<String, String>) -> Commands {
-    let set = |key: &str| annotations.get(key).is_some_and(|v| v != "false");
-    Commands {
-        promote: set(ANNOTATION_PROMOTE),
-        promote_full: set(ANNOTATION_PROMOTE_FULL),
-        abort: set(ANNOTATION_ABORT),
-        retry: set(ANNOTATION_RETRY),
+/// The commands to act on: one-shot annotations whose value status has not consumed yet, and
+/// the consumed map the next status should hold (one entry per one-shot annotation present,
+/// so an annotation set again later, even to the same value, counts again once removed).
+pub fn commands(
+    annotations: &BTreeMap<String, String>,
+    consumed: &BTreeMap<String, String>,
+) -> (Commands, BTreeMap<String, String>) {
+    let fresh = |key: &str| {
+        annotations
+            .get(key)
+            .is_some_and(|v| v != "false" && consumed.get(key) != Some(v))
+    };
+    let commands = Commands {
+        promote: fresh(ANNOTATION_PROMOTE),
+        promote_full: fresh(ANNOTATION_PROMOTE_FULL),
+        abort: fresh(ANNOTATION_ABORT),
+        retry: fresh(ANNOTATION_RETRY),
         paused: annotations
             .get(ANNOTATION_PAUSED)
             .is_some_and(|v| v == "true"),
-    }
+    };
+    let now_consumed = ONE_SHOT
+        .into_iter()
+        .filter_map(|key| Some((key.to_owned(), annotations.get(key)?.clone())))
+        .collect();
+    (commands, now_consumed)
 }
 
 impl EmbeddingRollout {
+    fn child<K>(&self, store: &Store<K>, name: &str) -> Option<Arc<K>>
+    where
+        K: Resource<DynamicType = ()> + Clone + 'static,
+    {
+        store.get(&ObjectRef::new(name).within(&self.namespace().unwrap_or_default()))
+    }
+
     async fn reconcile(&self, ctx: &Context) -> Result<Action> {
         if self.metadata.deletion_timestamp.is_some() {
             // Being deleted (e.g. `--cascade=foreground`): the garbage collector is removing
@@ -155,24 +370,30 @@ impl EmbeddingRollout {
             debug!(rollout = %self.name_any(), namespace = ?self.namespace(), "being deleted; nothing to reconcile");
             return Ok(Action::await_change());
         }
+        if !ctx.stores_ready.load(Ordering::Acquire) {
+            return Ok(Action::requeue(Duration::from_millis(500)));
+        }
+        let key = ObjectRef::from_obj(self);
+        if ctx.is_stale(&key, self.metadata.resource_version.as_deref()) {
+            debug!(rollout = %self.name_any(), "cached rollout is older than this process's last write; waiting for the newer one");
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
         let namespace = self.namespace().ok_or(Error::NoNamespace)?;
         let name = self.name_any();
-        let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
-        let blue = ColorState::from_deployment(
-            deployments
-                .get_opt(&resources::color_name(self, Color::Blue))
-                .await?
-                .as_ref(),
-        );
-        let green = ColorState::from_deployment(
-            deployments
-                .get_opt(&resources::color_name(self, Color::Green))
-                .await?
-                .as_ref(),
+        let deployment =
+            |color| self.child(&ctx.stores.deployments, &resources::color_name(self, color));
+        let blue = ColorState::from_deployment(deployment(Color::Blue).as_deref());
+        let green = ColorState::from_deployment(deployment(Color::Green).as_deref());
+        let live = resources::live_traffic(
+            self,
+            self.child(&ctx.stores.ingresses, &name).as_deref(),
+            self.child(&ctx.stores.ingresses, &resources::canary_ingress_name(self))
+                .as_deref(),
         );
         let desired = revision(&self.spec);
-        let commands = commands(self.annotations());
         let status = self.status.clone().unwrap_or_default();
+        let (commands, consumed) = commands(self.annotations(), &status.consumed_commands);
+        let now = Timestamp::now();
         let input = Input {
             name: &name,
             spec: &self.spec,
@@ -181,31 +402,37 @@ impl EmbeddingRollout {
             desired_revision: &desired,
             blue: &blue,
             green: &green,
+            live: &live,
             commands,
-            now: Timestamp::now(),
+            now,
         };
         let outcome = if machine::analysis_due(&input) {
-            Some(self.analyse(ctx, &status).await)
+            Some(self.analyse(ctx, &status, now).await)
         } else {
             None
         };
-        let plan = machine::plan(&input, outcome.as_ref());
+        let mut plan = machine::plan(&input, outcome.as_ref());
+        plan.status.consumed_commands = consumed;
 
-        self.consume_commands(ctx).await?;
+        // Status first: traffic moves only once the status that says so is saved over the
+        // version it was planned from.
+        let mut version = self.metadata.resource_version.clone();
         if plan.rollback.is_some() {
             // Say what is happening before traffic moves, in case this process dies mid-way.
             let mut rolling_back = plan.status.clone();
             rolling_back.phase = Some(Phase::RollingBack);
-            self.patch_status(ctx, &rolling_back).await?;
+            version = self.patch_status(ctx, &rolling_back, version).await?;
             self.apply_traffic(ctx, &plan).await?;
-            self.patch_status(ctx, &plan.status).await?;
+            version = self.patch_status(ctx, &plan.status, version).await?;
         } else {
             if plan.status != status {
-                self.patch_status(ctx, &plan.status).await?;
+                version = self.patch_status(ctx, &plan.status, version).await?;
             }
             self.apply_traffic(ctx, &plan).await?;
         }
-        self.apply_pods(ctx, &plan, &desired, &deployments).await?;
+        self.remove_consumed_commands(ctx, &plan.status.consumed_commands, version)
+            .await?;
+        self.apply_pods(ctx, &plan, &desired).await?;
         self.publish(ctx, &plan).await;
         self.record_metrics(ctx, &namespace, &name, &plan, outcome.as_ref());
         if status.phase != plan.status.phase || status.canary_weight != plan.status.canary_weight {
@@ -222,7 +449,12 @@ impl EmbeddingRollout {
         })
     }
 
-    async fn analyse(&self, ctx: &Context, status: &EmbeddingRolloutStatus) -> AnalysisOutcome {
+    async fn analyse(
+        &self,
+        ctx: &Context,
+        status: &EmbeddingRolloutStatus,
+        now: Timestamp,
+    ) -> AnalysisOutcome {
         let spec = &self.spec.analysis;
         let stable = status.stable_color.unwrap_or(Color::Blue);
         let vars = Vars {
@@ -233,6 +465,7 @@ impl EmbeddingRollout {
             canary_revision: status.canary_revision.clone().unwrap_or_default(),
             stable_revision: status.stable_revision.clone().unwrap_or_default(),
             interval: machine::interval(&self.spec),
+            window: machine::evidence_window(status, machine::interval(&self.spec), now),
         };
         if spec.metrics.is_empty() && spec.prometheus.is_none() && ctx.default_prometheus.is_none()
         {
@@ -275,21 +508,22 @@ impl EmbeddingRollout {
         }
     }
 
-    /// Removes one-shot command annotations, guarded by resourceVersion so a command is
-    /// consumed exactly by the reconcile that read it.
-    async fn consume_commands(&self, ctx: &Context) -> Result<()> {
-        let present: Vec<&str> = ONE_SHOT
-            .into_iter()
-            .filter(|k| self.annotations().contains_key(*k))
-            .collect();
-        if present.is_empty() {
+    /// Removes the one-shot annotations whose effect status now holds. Guarded by the
+    /// version just written, so an annotation set again meanwhile is not lost.
+    async fn remove_consumed_commands(
+        &self,
+        ctx: &Context,
+        consumed: &BTreeMap<String, String>,
+        version: Option<String>,
+    ) -> Result<()> {
+        if consumed.is_empty() {
             return Ok(());
         }
-        let removals: serde_json::Map<String, serde_json::Value> = present
-            .iter()
-            .map(|k| ((*k).to_owned(), serde_json::Value::Null))
+        let removals: serde_json::Map<String, serde_json::Value> = consumed
+            .keys()
+            .map(|k| (k.clone(), serde_json::Value::Null))
             .collect();
-        let patch = json!({"metadata": {"resourceVersion": self.resource_version(), "annotations": removals}});
+        let patch = json!({"metadata": {"resourceVersion": version, "annotations": removals}});
         let api: Api<EmbeddingRollout> =
             Api::namespaced(ctx.client.clone(), &self.namespace().unwrap_or_default());
         api.patch(
@@ -298,95 +532,171 @@ impl EmbeddingRollout {
             &Patch::Merge(&patch),
         )
         .await?;
-        info!(rollout = %self.name_any(), commands = ?present, "commands consumed");
+        ctx.superseded(&ObjectRef::from_obj(self), version);
+        info!(rollout = %self.name_any(), commands = ?consumed.keys().collect::<Vec<_>>(), "commands consumed");
         Ok(())
     }
 
-    async fn patch_status(&self, ctx: &Context, status: &EmbeddingRolloutStatus) -> Result<()> {
+    /// Writes status over `version` (a conflict if the rollout changed since); returns the
+    /// new version.
+    async fn patch_status(
+        &self,
+        ctx: &Context,
+        status: &EmbeddingRolloutStatus,
+        version: Option<String>,
+    ) -> Result<Option<String>> {
         let api: Api<EmbeddingRollout> =
             Api::namespaced(ctx.client.clone(), &self.namespace().unwrap_or_default());
         let patch = json!({
             "apiVersion": "embedroll.dev/v1alpha1",
             "kind": "EmbeddingRollout",
+            "metadata": {"resourceVersion": version},
             "status": status,
         });
-        api.patch_status(
-            &self.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-        Ok(())
+        let written = api
+            .patch_status(
+                &self.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        ctx.superseded(&ObjectRef::from_obj(self), version);
+        Ok(written.metadata.resource_version)
     }
 
-    async fn apply<K>(&self, ctx: &Context, object: &K) -> Result<()>
+    /// Applies `desired` unless the cached child already holds it.
+    async fn apply<K>(&self, ctx: &Context, store: &Store<K>, mut desired: K) -> Result<()>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
             + Clone
             + Serialize
             + serde::de::DeserializeOwned
-            + std::fmt::Debug,
+            + std::fmt::Debug
+            + 'static,
     {
-        let api: Api<K> =
-            Api::namespaced(ctx.client.clone(), &self.namespace().unwrap_or_default());
-        let name = object.meta().name.clone().unwrap_or_default();
+        let stamp = diff::stamp(&mut desired);
+        let name = desired.meta().name.clone().unwrap_or_default();
+        let live = self.child(store, &name);
+        if live
+            .as_deref()
+            .is_some_and(|live| diff::in_place(&desired, live))
+        {
+            return Ok(());
+        }
+        let namespace = self.namespace().unwrap_or_default();
+        let key = format!("{}/{namespace}/{name}", K::kind(&()));
+        let seen = live
+            .as_ref()
+            .and_then(|l| l.meta().resource_version.clone())
+            .unwrap_or_default();
+        if ctx
+            .applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            == Some(&(seen.clone(), stamp.clone()))
+        {
+            // This process applied exactly this over the version still cached.
+            return Ok(());
+        }
+        let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
         api.patch(
             &name,
             &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(object),
+            &Patch::Apply(&desired),
         )
         .await?;
+        ctx.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, (seen, stamp));
         Ok(())
     }
 
     /// Services, then the primary Ingress, then the canary Ingress. The primary goes first so
     /// a promotion never passes through "everything on the old color".
     async fn apply_traffic(&self, ctx: &Context, plan: &Plan) -> Result<()> {
-        let stable = plan.status.stable_color.unwrap_or(Color::Blue);
+        let live = LiveTraffic::written_by(&plan.status);
+        let stable = live.stable_color.unwrap_or(Color::Blue);
+        let services = &ctx.stores.services;
         for color in [Color::Blue, Color::Green] {
-            self.apply(ctx, &resources::color_service(self, color))
+            self.apply(ctx, services, resources::color_service(self, color))
                 .await?;
         }
-        self.apply(ctx, &resources::stable_service(self, stable))
+        self.apply(ctx, services, resources::stable_service(self, stable))
             .await?;
-        self.apply(ctx, &resources::primary_ingress(self, stable))
+        let ingresses = &ctx.stores.ingresses;
+        self.apply(ctx, ingresses, resources::primary_ingress(self, stable))
             .await?;
-        let canary = plan.status.canary_color.unwrap_or(stable.other());
-        self.apply(
-            ctx,
-            &resources::canary_ingress(self, canary, plan.status.canary_weight),
-        )
-        .await?;
+        self.apply(ctx, ingresses, resources::canary_ingress(self, &live))
+            .await?;
         Ok(())
     }
 
-    async fn apply_pods(
-        &self,
-        ctx: &Context,
-        plan: &Plan,
-        desired: &str,
-        deployments: &Api<Deployment>,
-    ) -> Result<()> {
+    async fn apply_pods(&self, ctx: &Context, plan: &Plan, desired: &str) -> Result<()> {
+        let store = &ctx.stores.deployments;
         for (color, replicas) in [
             (Color::Blue, plan.blue_replicas),
             (Color::Green, plan.green_replicas),
         ] {
             if plan.deploy == Some(color) {
-                self.apply(ctx, &resources::deployment(self, color, desired, replicas))
-                    .await?;
+                self.apply(
+                    ctx,
+                    store,
+                    resources::deployment(self, color, desired, replicas),
+                )
+                .await?;
                 continue;
             }
             // Another revision's template lives in this Deployment: only its size changes.
             let name = resources::color_name(self, color);
-            let Some(existing) = deployments.get_opt(&name).await? else {
+            let Some(existing) = self.child(store, &name) else {
                 continue;
             };
-            if existing.spec.as_ref().and_then(|s| s.replicas) != Some(replicas) {
-                let patch = json!({"spec": {"replicas": replicas}});
-                deployments
-                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await?;
+            // An orphaned Deployment (the rollout was re-created after `--cascade=orphan`)
+            // is adopted again, so it is garbage-collected with the rollout and its changes
+            // wake it.
+            let owned = existing
+                .owner_references()
+                .iter()
+                .any(|r| Some(&r.uid) == self.metadata.uid.as_ref());
+            if existing.spec.as_ref().and_then(|s| s.replicas) == Some(replicas) && owned {
+                continue;
             }
+            let namespace = self.namespace().unwrap_or_default();
+            let key = format!("Deployment/{namespace}/{name}#replicas");
+            let seen = (
+                existing
+                    .metadata
+                    .resource_version
+                    .clone()
+                    .unwrap_or_default(),
+                format!("{replicas}/{owned}"),
+            );
+            if ctx
+                .applied
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+                == Some(&seen)
+            {
+                continue;
+            }
+            let mut patch = json!({"spec": {"replicas": replicas}});
+            if !owned && let Some(owner) = self.controller_owner_ref(&()) {
+                let owner = OwnerReference {
+                    block_owner_deletion: Some(true),
+                    ..owner
+                };
+                patch["metadata"] = json!({"ownerReferences": [owner]});
+            }
+            Api::<Deployment>::namespaced(ctx.client.clone(), &namespace)
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            ctx.applied
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, seen);
         }
         Ok(())
     }
@@ -432,6 +742,7 @@ impl EmbeddingRollout {
     ) {
         let metrics = &ctx.metrics;
         metrics.set_phase(namespace, name, plan.status.phase);
+        metrics.track(namespace, name, outcome, plan.rollback);
         let labels = RolloutLabels {
             namespace: namespace.to_owned(),
             rollout: name.to_owned(),
@@ -476,5 +787,50 @@ impl EmbeddingRollout {
             };
             metrics.rollbacks.get_or_create(&labels).inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_command_is_acted_on_once_and_remembered_until_removed() {
+        let set = map(&[(ANNOTATION_PROMOTE, "2026-11-27T10:00:00Z"), ("other", "x")]);
+        let (first, consumed) = commands(&set, &BTreeMap::new());
+        assert!(first.promote);
+        assert_eq!(
+            consumed,
+            map(&[(ANNOTATION_PROMOTE, "2026-11-27T10:00:00Z")])
+        );
+        // The status write saved it but the annotation's removal failed: the next reconcile
+        // sees the same annotation again and must not promote a second step.
+        let (again, still) = commands(&set, &consumed);
+        assert_eq!(again, Commands::default());
+        assert_eq!(still, consumed, "kept until the annotation is gone");
+        // Once removed, the record goes, so the same value set again counts again.
+        let (none, cleared) = commands(&BTreeMap::new(), &consumed);
+        assert_eq!(none, Commands::default());
+        assert!(cleared.is_empty());
+        assert!(commands(&set, &cleared).0.promote);
+        // `false` is no command, but is removed like one.
+        let (off, consumed) = commands(&map(&[(ANNOTATION_ABORT, "false")]), &BTreeMap::new());
+        assert!(!off.abort);
+        assert_eq!(consumed.len(), 1);
+    }
+
+    #[test]
+    fn errors_back_off_exponentially_to_a_cap() {
+        let settings = Settings::default();
+        let waits: Vec<u64> = (1..=11).map(|n| settings.backoff(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        assert_eq!(settings.backoff(u32::MAX).as_secs(), 300);
     }
 }

@@ -177,6 +177,16 @@ pub struct StrategySpec {
     #[serde(default = "default_scale_down_delay")]
     #[schemars(range(min = 0, max = 86400))]
     pub scale_down_delay_seconds: i32,
+    /// Seconds a rolled-back or aborted canary keeps running (for `kubectl logs` and a look
+    /// at its pods) before it is scaled to 0. Nothing routes to it meanwhile.
+    #[serde(default = "default_abort_scale_down_delay")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub abort_scale_down_delay_seconds: i32,
+    /// How many pods the canary runs: `Full` (default) runs `replicas`, so promotion and
+    /// rollback only move traffic; `Proportional` runs pods in proportion to the weight it is
+    /// about to take (at least 1), which costs less while it takes a few percent.
+    #[serde(default)]
+    pub canary_scale: CanaryScale,
 }
 
 impl Default for StrategySpec {
@@ -185,8 +195,23 @@ impl Default for StrategySpec {
             steps: Vec::new(),
             progress_deadline_seconds: default_progress_deadline(),
             scale_down_delay_seconds: default_scale_down_delay(),
+            abort_scale_down_delay_seconds: default_abort_scale_down_delay(),
+            canary_scale: CanaryScale::default(),
         }
     }
+}
+
+#[derive(
+    schemars::JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum CanaryScale {
+    #[default]
+    Full,
+    Proportional,
+}
+
+fn default_abort_scale_down_delay() -> i32 {
+    30
 }
 
 fn default_progress_deadline() -> i32 {
@@ -229,8 +254,9 @@ pub struct AnalysisSpec {
     /// Where to query; defaults to the operator's `--prometheus-url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prometheus: Option<PrometheusSpec>,
-    /// How often checks run, and the range of their queries (`{{interval}}`). Each weight is
-    /// held for at least one interval.
+    /// How often checks run. Each weight is held for at least one interval. The built-in
+    /// checks look back over everything since the step began (`{{window}}`, at least one
+    /// interval), so a quiet service's step lasts until it has `minRequests` canary requests.
     #[serde(default = "default_interval")]
     #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
     pub interval: String,
@@ -238,7 +264,8 @@ pub struct AnalysisSpec {
     #[serde(default = "default_failure_limit")]
     #[schemars(range(min = 1, max = 100))]
     pub failure_limit: i32,
-    /// Canary requests a check needs in its window; fewer makes it inconclusive, never failed.
+    /// Canary requests a check needs since its step began; fewer makes it inconclusive, never
+    /// failed, and the step simply lasts longer.
     #[serde(default = "default_min_requests")]
     #[schemars(range(min = 0))]
     pub min_requests: i64,
@@ -246,6 +273,13 @@ pub struct AnalysisSpec {
     /// current weight until a check passes; `Fail` counts it as a failed check.
     #[serde(default)]
     pub on_inconclusive: OnInconclusive,
+    /// Inconclusive checks in a row after which `onInconclusive` decides: `Fail` rolls back,
+    /// `Pause` keeps holding and says so with an `InconclusiveLimit` Event. Until then the
+    /// weight is held. Unset: `Pause` holds for as long as it lasts, `Fail` counts every
+    /// inconclusive check as a failed one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_inconclusive: Option<i32>,
     /// Largest accepted gap, in percentage points beyond sampling noise, between the weight set
     /// and the canary's observed share of requests.
     #[serde(default = "default_weight_tolerance")]
@@ -264,6 +298,7 @@ impl Default for AnalysisSpec {
             failure_limit: default_failure_limit(),
             min_requests: default_min_requests(),
             on_inconclusive: OnInconclusive::default(),
+            max_inconclusive: None,
             weight_tolerance_percent: default_weight_tolerance(),
             metrics: Vec::new(),
         }
@@ -347,7 +382,9 @@ pub struct MetricSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<Preset>,
     /// PromQL returning one sample; `{{namespace}} {{rollout}} {{canaryColor}} {{stableColor}}
-    /// {{canaryRevision}} {{stableRevision}} {{interval}} {{baselineWindow}}` are substituted.
+    /// {{canaryRevision}} {{stableRevision}} {{interval}} {{window}} {{baselineWindow}}` are
+    /// substituted. `{{window}}` is the evidence window: since the step began, at least one
+    /// interval (what the built-in checks use).
     /// `{{baselineWindow}}` (10 intervals, at least 1m) is for the stable side of a comparison:
     /// at 100% stable gets no requests, and `{{interval}}` would leave it without data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -449,10 +486,20 @@ pub struct EmbeddingRolloutStatus {
     pub analysis: Option<AnalysisStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight_check: Option<WeightCheck>,
-    /// Ready pods of the stable color (scale subresource).
+    /// Hash of the effective steps of the rollout in flight; when the steps are edited, they
+    /// start over from the first instead of being skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps_hash: Option<String>,
+    /// One-shot command annotations whose effect this status already holds, by annotation and
+    /// value. The annotation is removed only after this is saved, so a failed write never
+    /// loses a command and a repeated reconcile never applies one twice.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub consumed_commands: BTreeMap<String, String>,
+    /// Ready pods of both colors (scale subresource).
     #[serde(default)]
     pub replicas: i32,
-    /// Label selector of the stable color's pods (scale subresource, HPA).
+    /// Label selector of the rollout's pods, both colors (scale subresource, HPA): an HPA
+    /// averages over every pod that serves traffic, and `spec.replicas` stays one fleet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

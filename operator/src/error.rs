@@ -22,6 +22,11 @@ impl Error {
         }))
     }
 
+    /// 409 Conflict: the object changed since it was read (a resourceVersion precondition).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube(kube::Error::Api(status)) if status.code == 409)
+    }
+
     /// Short label for the errors metric.
     pub fn metric_label(&self) -> &'static str {
         match self {

@@ -6,6 +6,7 @@ pub mod analysis;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod diff;
 pub mod error;
 pub mod machine;
 pub mod metrics;

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use embedroll_operator::{controller, metrics::Metrics, server};
-use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
 use tracing::{error, info, warn};
 
@@ -56,6 +55,15 @@ struct RunArgs {
         default_value = "embedroll-operator"
     )]
     lease_name: String,
+    /// Rollouts reconciled at once.
+    #[arg(long, env = "EMBEDROLL_MAX_CONCURRENT_RECONCILES", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    max_concurrent_reconciles: u16,
+    /// Sustained requests per second to the Kubernetes API (client side, like client-go's QPS).
+    #[arg(long, env = "EMBEDROLL_KUBE_API_QPS", default_value_t = 20.0)]
+    kube_api_qps: f64,
+    /// Requests allowed in a burst above the QPS.
+    #[arg(long, env = "EMBEDROLL_KUBE_API_BURST", default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..))]
+    kube_api_burst: u64,
     /// JSON logs (one object per line) instead of text.
     #[arg(long, env = "EMBEDROLL_LOG_JSON")]
     log_json: bool,
@@ -115,7 +123,26 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
     });
 
-    let client = Client::try_default().await?;
+    if !(args.kube_api_qps.is_finite() && args.kube_api_qps > 0.0) {
+        return Err(format!(
+            "--kube-api-qps must be a positive number, not {}",
+            args.kube_api_qps
+        )
+        .into());
+    }
+    // `burst` requests per `burst / qps` seconds: a burst may go at once, and the sustained
+    // rate is `qps`.
+    let window = Duration::from_secs_f64(args.kube_api_burst as f64 / args.kube_api_qps);
+    let client = kube::client::ClientBuilder::try_from(kube::Config::infer().await?)?
+        .with_layer(&tower::limit::RateLimitLayer::new(
+            args.kube_api_burst,
+            window,
+        ))
+        .build();
+    let settings = controller::Settings {
+        concurrency: args.max_concurrent_reconciles,
+        ..controller::Settings::default()
+    };
     let version = client.apiserver_version().await?;
     info!(apiserver = %version.git_version, namespace = ?args.namespace, "connected");
     ready.store(true, Ordering::Relaxed);
@@ -143,6 +170,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             args.namespace,
             args.prometheus_url,
             instance,
+            settings,
             stopped,
         )
         .await;
@@ -187,6 +215,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         args.namespace,
         args.prometheus_url,
         instance,
+        settings,
         stop,
     )
     .await;

@@ -7,8 +7,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
+use crate::analysis::AnalysisOutcome;
 use crate::crd::Phase;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -71,6 +74,16 @@ pub struct Metrics {
     pub rollbacks: Family<ReasonLabels, Counter>,
     pub inconclusive_checks: Family<RolloutLabels, Gauge>,
     pub leader: Gauge,
+    /// The label values each rollout's series were created with, so they can all be removed
+    /// when the rollout is deleted.
+    series: Mutex<HashMap<(String, String), RolloutSeries>>,
+}
+
+#[derive(Default)]
+struct RolloutSeries {
+    metrics: BTreeSet<String>,
+    results: BTreeSet<String>,
+    reasons: BTreeSet<String>,
 }
 
 impl Default for Metrics {
@@ -146,6 +159,7 @@ impl Default for Metrics {
             rollbacks,
             inconclusive_checks,
             leader,
+            series: Mutex::default(),
         }
     }
 }
@@ -164,10 +178,124 @@ impl Metrics {
         }
     }
 
+    /// Notes the label values this reconcile's series use (see `forget`).
+    pub fn track(
+        &self,
+        namespace: &str,
+        rollout: &str,
+        outcome: Option<&AnalysisOutcome>,
+        rollback: Option<&str>,
+    ) {
+        let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = series
+            .entry((namespace.to_owned(), rollout.to_owned()))
+            .or_default();
+        if let Some(outcome) = outcome {
+            entry.results.insert(format!("{:?}", outcome.result));
+            entry
+                .metrics
+                .extend(outcome.metrics.iter().map(|m| m.name.clone()));
+        }
+        if let Some(reason) = rollback {
+            entry.reasons.insert(reason.to_owned());
+        }
+    }
+
+    /// Removes every series of a deleted rollout, so its alerts (RolledBack, Degraded) stop.
+    pub fn forget(&self, namespace: &str, rollout: &str) {
+        let known = self
+            .series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(namespace.to_owned(), rollout.to_owned()))
+            .unwrap_or_default();
+        let (ns, name) = (namespace.to_owned(), rollout.to_owned());
+        for phase in PHASES {
+            self.phase.remove(&PhaseLabels {
+                namespace: ns.clone(),
+                rollout: name.clone(),
+                phase: format!("{phase:?}"),
+            });
+        }
+        let labels = RolloutLabels {
+            namespace: ns.clone(),
+            rollout: name.clone(),
+        };
+        self.canary_weight.remove(&labels);
+        self.inconclusive_checks.remove(&labels);
+        for metric in known.metrics {
+            self.analysis_value.remove(&MetricLabels {
+                namespace: ns.clone(),
+                rollout: name.clone(),
+                metric,
+            });
+        }
+        for result in known.results {
+            self.analysis_runs.remove(&ResultLabels {
+                namespace: ns.clone(),
+                rollout: name.clone(),
+                result,
+            });
+        }
+        for reason in known.reasons {
+            self.rollbacks.remove(&ReasonLabels {
+                namespace: ns.clone(),
+                rollout: name.clone(),
+                reason,
+            });
+        }
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deleted_rollouts_series_are_all_removed() {
+        let metrics = Metrics::default();
+        let labels = |rollout: &str| RolloutLabels {
+            namespace: "ml".into(),
+            rollout: rollout.into(),
+        };
+        for rollout in ["gone", "kept"] {
+            metrics.set_phase("ml", rollout, Some(Phase::Failed));
+            metrics.canary_weight.get_or_create(&labels(rollout)).set(0);
+            metrics
+                .rollbacks
+                .get_or_create(&ReasonLabels {
+                    namespace: "ml".into(),
+                    rollout: rollout.into(),
+                    reason: "AnalysisFailed".into(),
+                })
+                .inc();
+            metrics
+                .analysis_value
+                .get_or_create(&MetricLabels {
+                    namespace: "ml".into(),
+                    rollout: rollout.into(),
+                    metric: "p95".into(),
+                })
+                .set(0.05);
+            metrics.track("ml", rollout, None, Some("AnalysisFailed"));
+            let mut series = metrics.series.lock().unwrap();
+            series
+                .get_mut(&("ml".into(), rollout.into()))
+                .unwrap()
+                .metrics
+                .insert("p95".into());
+        }
+        metrics.forget("ml", "gone");
+        let text = metrics.encode();
+        assert!(!text.contains("rollout=\"gone\""), "{text}");
+        assert!(text.contains("rollout=\"kept\""));
+        assert!(text.contains("embedroll_operator_rollbacks_total{namespace=\"ml\",rollout=\"kept\",reason=\"AnalysisFailed\"} 1"));
     }
 }

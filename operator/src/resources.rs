@@ -20,6 +20,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use crate::crd::{Color, EmbeddingRollout};
+use crate::machine::LiveTraffic;
 
 pub const FIELD_MANAGER: &str = "embedroll-operator";
 pub const LABEL_ROLLOUT: &str = "embedroll.dev/rollout";
@@ -27,6 +28,10 @@ pub const LABEL_COLOR: &str = "embedroll.dev/color";
 pub const LABEL_REVISION: &str = "embedroll.dev/revision";
 pub const ANNOTATION_CANARY: &str = "nginx.ingress.kubernetes.io/canary";
 pub const ANNOTATION_CANARY_WEIGHT: &str = "nginx.ingress.kubernetes.io/canary-weight";
+/// What the operator records on the canary route so a lost status can be rebuilt from it.
+pub const ANNOTATION_CANARY_REVISION: &str = "embedroll.dev/canary-revision";
+pub const ANNOTATION_FAILED_REVISION: &str = "embedroll.dev/failed-revision";
+pub const ANNOTATION_STEP: &str = "embedroll.dev/step";
 
 pub fn color_name(er: &EmbeddingRollout, color: Color) -> String {
     format!("{}-{color}", er.name_any())
@@ -189,12 +194,68 @@ pub fn primary_ingress(er: &EmbeddingRollout, stable: Color) -> Ingress {
     ingress(er, er.name_any(), stable, BTreeMap::new())
 }
 
-pub fn canary_ingress(er: &EmbeddingRollout, canary: Color, weight: i32) -> Ingress {
-    let annotations = BTreeMap::from([
+/// The canary Ingress for the routes `live` describes: the weight for nginx, and the canary
+/// revision, failed revision and step for the operator itself (status recovery).
+pub fn canary_ingress(er: &EmbeddingRollout, live: &LiveTraffic) -> Ingress {
+    let canary = live.canary_color.unwrap_or(Color::Green);
+    let mut annotations = BTreeMap::from([
         (ANNOTATION_CANARY.to_owned(), "true".to_owned()),
-        (ANNOTATION_CANARY_WEIGHT.to_owned(), weight.to_string()),
+        (
+            ANNOTATION_CANARY_WEIGHT.to_owned(),
+            live.canary_weight.to_string(),
+        ),
     ]);
+    let recorded = [
+        (ANNOTATION_CANARY_REVISION, live.canary_revision.clone()),
+        (ANNOTATION_FAILED_REVISION, live.failed_revision.clone()),
+        (ANNOTATION_STEP, live.step_index.map(|i| i.to_string())),
+    ];
+    for (key, value) in recorded {
+        if let Some(value) = value {
+            annotations.insert(key.to_owned(), value);
+        }
+    }
     ingress(er, canary_ingress_name(er), canary, annotations)
+}
+
+/// The color an Ingress of this rollout sends to, from its first backend `<name>-<color>`.
+fn backend_color(er: &EmbeddingRollout, ingress: &Ingress) -> Option<Color> {
+    let service = ingress
+        .spec
+        .as_ref()?
+        .rules
+        .as_ref()?
+        .first()?
+        .http
+        .as_ref()?
+        .paths
+        .first()?
+        .backend
+        .service
+        .as_ref()?;
+    [Color::Blue, Color::Green]
+        .into_iter()
+        .find(|c| service.name == color_name(er, *c))
+}
+
+/// Reads the live routes back (status recovery).
+pub fn live_traffic(
+    er: &EmbeddingRollout,
+    primary: Option<&Ingress>,
+    canary: Option<&Ingress>,
+) -> LiveTraffic {
+    let annotations = canary.map(|c| c.annotations().clone()).unwrap_or_default();
+    let get = |key: &str| annotations.get(key).filter(|v| !v.is_empty()).cloned();
+    LiveTraffic {
+        stable_color: primary.and_then(|p| backend_color(er, p)),
+        canary_color: canary.and_then(|c| backend_color(er, c)),
+        canary_weight: get(ANNOTATION_CANARY_WEIGHT)
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(0),
+        canary_revision: get(ANNOTATION_CANARY_REVISION),
+        failed_revision: get(ANNOTATION_FAILED_REVISION),
+        step_index: get(ANNOTATION_STEP).and_then(|s| s.parse().ok()),
+    }
 }
 
 /// What a color's Deployment says about its pods.
@@ -299,7 +360,20 @@ mod tests {
     fn ingresses_route_all_paths_and_carry_canary_weight() {
         let er = rollout();
         let primary = primary_ingress(&er, Color::Blue);
-        let canary = canary_ingress(&er, Color::Green, 10);
+        let live = LiveTraffic {
+            stable_color: Some(Color::Blue),
+            canary_color: Some(Color::Green),
+            canary_weight: 10,
+            canary_revision: Some("r2".into()),
+            failed_revision: None,
+            step_index: Some(1),
+        };
+        let canary = canary_ingress(&er, &live);
+        assert_eq!(
+            live_traffic(&er, Some(&primary), Some(&canary)),
+            live,
+            "what the routes record reads back the same"
+        );
         let annotations = canary.metadata.annotations.clone().unwrap();
         assert_eq!(annotations[ANNOTATION_CANARY_WEIGHT], "10");
         assert_eq!(

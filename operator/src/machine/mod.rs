@@ -1,0 +1,367 @@
+//! The rollout step machine: a pure function from (spec, status, live colors and routes,
+//! commands, clock, this reconcile's analysis) to the next status, the Events to emit, and the
+//! replicas each color should run. Status is the rollout's memory, so a restarted operator
+//! resumes at the same step and weight; the controller writes status before it touches
+//! traffic. When status is lost, the live routes rebuild it before anything moves.
+//!
+//! One file per phase: `install` (first install, settled stable, status recovery), `steps`
+//! (weights, pauses, edited steps), `analysis` (recording checks, waking for the next),
+//! `rollback`, `promotion`, `scale` (replicas, HPA semantics).
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use crate::analysis::AnalysisOutcome;
+use crate::conditions::{self, Status};
+use crate::crd::{Color, EmbeddingRolloutSpec, EmbeddingRolloutStatus, Phase, parse_duration};
+use crate::resources::ColorState;
+
+mod analysis;
+mod install;
+mod promotion;
+mod rollback;
+mod scale;
+mod steps;
+#[cfg(test)]
+mod tests;
+
+pub use scale::{canary_replicas, replicas_for};
+pub use steps::{StepKind, steps, steps_hash};
+
+/// One-shot commands (annotations the controller removes once read) and the pause flag.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Commands {
+    pub promote: bool,
+    pub promote_full: bool,
+    pub abort: bool,
+    pub retry: bool,
+    pub paused: bool,
+}
+
+/// What the live traffic objects say: the primary route's color, and what the operator wrote
+/// on the canary route. Only read when status is empty (lost, restored, re-created), so a
+/// rollout resumes where its traffic is instead of starting over as a first install.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LiveTraffic {
+    /// The color the primary route sends to; `None` when there is no primary route.
+    pub stable_color: Option<Color>,
+    /// The color the canary route sends to, and its weight.
+    pub canary_color: Option<Color>,
+    pub canary_weight: i32,
+    pub canary_revision: Option<String>,
+    pub failed_revision: Option<String>,
+    pub step_index: Option<i32>,
+}
+
+impl LiveTraffic {
+    /// What the routes carry once `status` is applied: the controller writes exactly this.
+    pub fn written_by(status: &EmbeddingRolloutStatus) -> Self {
+        let stable = status.stable_color.unwrap_or(Color::Blue);
+        LiveTraffic {
+            stable_color: Some(stable),
+            canary_color: Some(status.canary_color.unwrap_or(stable.other())),
+            canary_weight: status.canary_weight,
+            canary_revision: status.canary_revision.clone(),
+            failed_revision: status.failed_revision.clone(),
+            step_index: status.current_step_index,
+        }
+    }
+}
+
+pub struct Input<'a> {
+    /// The rollout's name (for the scale subresource's selector).
+    pub name: &'a str,
+    pub spec: &'a EmbeddingRolloutSpec,
+    pub generation: Option<i64>,
+    pub status: &'a EmbeddingRolloutStatus,
+    pub desired_revision: &'a str,
+    pub blue: &'a ColorState,
+    pub green: &'a ColorState,
+    pub live: &'a LiveTraffic,
+    pub commands: Commands,
+    pub now: Timestamp,
+}
+
+impl Input<'_> {
+    fn color(&self, color: Color) -> &ColorState {
+        match color {
+            Color::Blue => self.blue,
+            Color::Green => self.green,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// Stable, CamelCase: what alerting and `kubectl get events --field-selector reason=` use.
+    pub reason: &'static str,
+    pub message: String,
+    pub warning: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub status: EmbeddingRolloutStatus,
+    pub events: Vec<Transition>,
+    /// When to look again without any watch event; `None` when nothing is pending.
+    pub requeue: Option<Duration>,
+    /// The color whose Deployment gets the current spec's template.
+    pub deploy: Option<Color>,
+    pub blue_replicas: i32,
+    pub green_replicas: i32,
+    /// Set when this plan rolls back (the reason), so traffic is moved first.
+    pub rollback: Option<&'static str>,
+}
+
+pub fn interval(spec: &EmbeddingRolloutSpec) -> Duration {
+    parse_duration(&spec.analysis.interval).unwrap_or(Duration::from_secs(30))
+}
+
+/// The range analysis queries look back over: everything since the current step began (so a
+/// quiet service accumulates evidence instead of judging each interval alone), at least one
+/// interval, in whole seconds.
+pub fn evidence_window(
+    status: &EmbeddingRolloutStatus,
+    interval: Duration,
+    now: Timestamp,
+) -> Duration {
+    let since_step = at(&status.step_started_at)
+        .and_then(|started| Duration::try_from(now.duration_since(started)).ok())
+        .unwrap_or(Duration::ZERO);
+    if since_step <= interval {
+        return interval;
+    }
+    // Whole seconds: a range of `37.25s` is valid PromQL but reads badly in status.
+    Duration::from_secs(since_step.as_secs() + u64::from(since_step.subsec_nanos() > 0))
+}
+
+pub(crate) fn plus(t: Timestamp, d: Duration) -> Timestamp {
+    t.saturating_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX)
+}
+
+pub(crate) fn at(time: &Option<Time>) -> Option<Timestamp> {
+    time.as_ref().map(|t| t.0)
+}
+
+/// Whether this reconcile should run an analysis: a canary of the desired revision is Ready,
+/// its step began at least one interval ago, and the last run is an interval old.
+pub fn analysis_due(input: &Input<'_>) -> bool {
+    let st = input.status;
+    let (Some(canary), Some(revision), Some(started)) = (
+        st.canary_color,
+        st.canary_revision.as_deref(),
+        at(&st.step_started_at),
+    ) else {
+        return false;
+    };
+    if revision != input.desired_revision
+        || !input.color(canary).ready_at(revision)
+        || input.commands.abort
+    {
+        return false;
+    }
+    let every = interval(input.spec);
+    let last = st.analysis.as_ref().and_then(|a| at(&a.last_run_at));
+    input.now >= plus(started, every) && last.is_none_or(|last| input.now >= plus(last, every))
+}
+
+pub fn plan(input: &Input<'_>, analysis: Option<&AnalysisOutcome>) -> Plan {
+    let mut planner = Planner {
+        input,
+        st: input.status.clone(),
+        events: Vec::new(),
+        wake: Vec::new(),
+        rollback: None,
+        steps: steps(input.spec),
+        interval: interval(input.spec),
+    };
+    planner.run(analysis);
+    planner.finish()
+}
+
+struct Planner<'a, 'b> {
+    input: &'a Input<'b>,
+    st: EmbeddingRolloutStatus,
+    events: Vec<Transition>,
+    /// Future times to look again; a time already past is never a reason to wake.
+    wake: Vec<Timestamp>,
+    rollback: Option<&'static str>,
+    steps: Vec<StepKind>,
+    interval: Duration,
+}
+
+impl Planner<'_, '_> {
+    fn event(&mut self, reason: &'static str, message: impl Into<String>) {
+        self.events.push(Transition {
+            reason,
+            message: message.into(),
+            warning: false,
+        });
+    }
+
+    fn warn(&mut self, reason: &'static str, message: impl Into<String>) {
+        self.events.push(Transition {
+            reason,
+            message: message.into(),
+            warning: true,
+        });
+    }
+
+    fn condition(&mut self, type_: &str, status: Status, reason: &str, message: impl Into<String>) {
+        let (generation, now) = (self.input.generation, self.input.now);
+        conditions::set(
+            &mut self.st.conditions,
+            type_,
+            status,
+            reason,
+            message,
+            generation,
+            now,
+        );
+    }
+
+    /// Looks again at `time` if it is still ahead; a past time would only spin the loop.
+    fn wake_at(&mut self, time: Timestamp) {
+        if time > self.input.now {
+            self.wake.push(time);
+        }
+    }
+
+    fn run(&mut self, analysis: Option<&AnalysisOutcome>) {
+        let now = self.input.now;
+        let desired = self.input.desired_revision.to_owned();
+        self.st.observed_generation = self.input.generation;
+
+        if let Some(scale_down) = &self.st.scale_down {
+            if now >= scale_down.at.0 {
+                let color = scale_down.color;
+                self.st.scale_down = None;
+                self.event("ScaledDown", format!("idle color {color} scaled to 0"));
+            } else {
+                let at = scale_down.at.0;
+                self.wake_at(at);
+            }
+        }
+
+        if self.st.stable_color.is_none() && !self.recover_from_live() {
+            self.first_install(&desired);
+        }
+        let stable = self.st.stable_color.unwrap_or(Color::Blue);
+        let stable_revision = self.st.stable_revision.clone().unwrap_or_default();
+
+        if desired == stable_revision {
+            self.settle_on_stable(stable, &stable_revision);
+            return;
+        }
+
+        if self.st.failed_revision.as_deref() == Some(desired.as_str()) {
+            if !self.input.commands.retry {
+                self.st.phase = Some(Phase::Failed);
+                return;
+            }
+            self.st.failed_revision = None;
+            self.event("Retried", format!("retrying revision {desired}"));
+        }
+
+        if self.st.canary_revision.as_deref() != Some(desired.as_str()) {
+            self.start_rollout(stable, &stable_revision, &desired);
+        }
+        self.check_steps_unchanged();
+        let canary = self.st.canary_color.unwrap_or(stable.other());
+        let canary_state = self.input.color(canary).clone();
+
+        if self.input.commands.abort {
+            self.roll_back(
+                "Aborted",
+                "aborted by the embedroll.dev/abort annotation".to_owned(),
+            );
+            return;
+        }
+
+        if !canary_state.ready_at(&desired) {
+            self.wait_for_canary(canary, &canary_state);
+            return;
+        }
+
+        if self.input.commands.promote_full {
+            self.promote("promoted in full by the embedroll.dev/promote-full annotation");
+            return;
+        }
+        if self.st.current_step_index.is_none() {
+            self.enter_step(0);
+        }
+        if let Some(outcome) = analysis {
+            self.record_analysis(outcome);
+            if self.rollback.is_some() {
+                return;
+            }
+        }
+        self.advance();
+    }
+
+    fn deadline(&self) -> Timestamp {
+        let started = at(&self.st.rollout_started_at).unwrap_or(self.input.now);
+        plus(
+            started,
+            Duration::from_secs(self.input.spec.strategy.progress_deadline_seconds.max(0) as u64),
+        )
+    }
+
+    fn finish(mut self) -> Plan {
+        let input = self.input;
+        let stable = self.st.stable_color.unwrap_or(Color::Blue);
+        let state = input.color(stable);
+        let stable_revision = self.st.stable_revision.clone().unwrap_or_default();
+        if state.ready_replicas > 0 {
+            let message = format!(
+                "{} pods of revision {stable_revision} Ready on {stable}",
+                state.ready_replicas
+            );
+            self.condition(conditions::AVAILABLE, Status::True, "StableReady", message);
+        } else {
+            self.condition(
+                conditions::AVAILABLE,
+                Status::False,
+                "NoReadyPods",
+                format!("no Ready pods on stable {stable}"),
+            );
+        }
+        scale::publish_scale(&mut self.st, input);
+        if let Some(scale_down) = &self.st.scale_down {
+            let at = scale_down.at.0;
+            self.wake_at(at);
+        }
+
+        let deploy = if Some(input.desired_revision) == self.st.stable_revision.as_deref() {
+            self.st.stable_color
+        } else if Some(input.desired_revision) == self.st.canary_revision.as_deref() {
+            self.st.canary_color
+        } else {
+            None
+        };
+        let now = input.now;
+        let requeue = self
+            .wake
+            .iter()
+            .filter(|t| **t > now)
+            .min()
+            .map(|t| Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO))
+            .map(|d| d.clamp(Duration::from_millis(200), Duration::from_secs(300)));
+        let (blue_replicas, green_replicas) = (
+            replicas_for(Color::Blue, &self.st, input),
+            replicas_for(Color::Green, &self.st, input),
+        );
+        Plan {
+            blue_replicas,
+            green_replicas,
+            status: self.st,
+            events: self.events,
+            requeue,
+            deploy,
+            rollback: self.rollback,
+        }
+    }
+}

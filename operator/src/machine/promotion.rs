@@ -1,0 +1,53 @@
+//! Promotion: the canary becomes stable; the old stable color stays up for
+//! `scaleDownDelaySeconds` so traffic can go back to it at once.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::{Planner, plus};
+use crate::conditions::{self, Status};
+use crate::crd::{Phase, ScaleDown};
+
+impl Planner<'_, '_> {
+    pub(super) fn promote(&mut self, why: &str) {
+        let Some(canary) = self.st.canary_color else {
+            return;
+        };
+        let revision = self.st.canary_revision.clone().unwrap_or_default();
+        let old = self.st.stable_color.unwrap_or(canary.other());
+        self.st.canary_color = None;
+        self.st.canary_revision = None;
+        self.st.canary_weight = 0;
+        self.st.current_step_index = None;
+        self.st.step_started_at = None;
+        self.st.rollout_started_at = None;
+        self.st.steps_hash = None;
+        self.st.failed_revision = None;
+        self.st.stable_color = Some(canary);
+        self.st.stable_revision = Some(revision.clone());
+        self.st.scale_down = Some(ScaleDown {
+            color: old,
+            at: Time(plus(self.input.now, self.scale_down_delay())),
+        });
+        self.st.phase = Some(Phase::Healthy);
+        self.st.message = Some(format!("revision {revision} promoted on {canary} ({why})"));
+        self.event(
+            "Promoted",
+            format!(
+                "revision {revision} is stable on {canary} ({why}); {old} scales down in {}s",
+                self.scale_down_delay().as_secs()
+            ),
+        );
+        self.condition(
+            conditions::PROGRESSING,
+            Status::False,
+            "Promoted",
+            format!("revision {revision} promoted ({why})"),
+        );
+        self.condition(
+            conditions::ROLLED_BACK,
+            Status::False,
+            "Promoted",
+            format!("revision {revision} promoted"),
+        );
+    }
+}

@@ -1,0 +1,784 @@
+//! Unit tests of the step machine: a small world stepped one reconcile at a time.
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use super::*;
+use crate::analysis::MetricOutcome;
+use crate::crd::{CheckResult, EmbeddingRolloutSpec, OnInconclusive};
+
+fn spec() -> EmbeddingRolloutSpec {
+    serde_json::from_value(serde_json::json!({
+        "replicas": 2,
+        "template": {"spec": {"containers": [{"name": "embedder", "image": "embedder:1"}]}},
+        "traffic": {"nginx": {}},
+        "strategy": {"scaleDownDelaySeconds": 60, "progressDeadlineSeconds": 120},
+        "analysis": {"interval": "10s", "failureLimit": 2,
+                     "metrics": [{"name": "p95", "preset": "LatencyP95", "max": "35ms"}]}
+    }))
+    .unwrap()
+}
+
+fn t(seconds: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+}
+
+fn ready(revision: &str) -> ColorState {
+    ColorState {
+        exists: true,
+        revision: Some(revision.into()),
+        desired_replicas: 2,
+        ready_replicas: 2,
+        ready: true,
+    }
+}
+
+fn outcome(result: CheckResult) -> AnalysisOutcome {
+    AnalysisOutcome {
+        result,
+        metrics: vec![MetricOutcome {
+            name: "p95".into(),
+            value: Some(0.05),
+            display: Some("50.0ms".into()),
+            threshold: "<= 35ms".into(),
+            result,
+            message: None,
+        }],
+        latency_p95: Some(0.05),
+        error_rate: None,
+        weight_check: None,
+        summary: format!("{result:?}"),
+    }
+}
+
+/// A small world: spec, status, colors and a clock, stepped one reconcile at a time.
+struct World {
+    spec: EmbeddingRolloutSpec,
+    status: EmbeddingRolloutStatus,
+    blue: ColorState,
+    green: ColorState,
+    /// What the routes say: rewritten from each plan, as the controller applies it.
+    live: LiveTraffic,
+    commands: Commands,
+    now: Timestamp,
+    events: Vec<&'static str>,
+}
+
+impl World {
+    fn new() -> Self {
+        World {
+            spec: spec(),
+            status: EmbeddingRolloutStatus::default(),
+            blue: ColorState::default(),
+            green: ColorState::default(),
+            live: LiveTraffic::default(),
+            commands: Commands::default(),
+            now: t(0),
+            events: Vec::new(),
+        }
+    }
+
+    fn reconcile(&mut self, revision: &str, analysis: Option<CheckResult>) -> Plan {
+        let input = Input {
+            name: "search",
+            spec: &self.spec,
+            generation: Some(1),
+            status: &self.status,
+            desired_revision: revision,
+            blue: &self.blue,
+            green: &self.green,
+            live: &self.live,
+            commands: self.commands,
+            now: self.now,
+        };
+        let due = analysis_due(&input);
+        let analysis = analysis.filter(|_| due).map(outcome);
+        let plan = plan(&input, analysis.as_ref());
+        self.status = plan.status.clone();
+        self.live = LiveTraffic::written_by(&plan.status);
+        self.events.extend(plan.events.iter().map(|e| e.reason));
+        self.commands = Commands::default();
+        plan
+    }
+
+    /// Installs r1 on blue and makes it Healthy.
+    fn installed() -> Self {
+        let mut w = World::new();
+        w.reconcile("r1", None);
+        w.blue = ready("r1");
+        w.reconcile("r1", None);
+        assert_eq!(w.status.phase, Some(Phase::Healthy));
+        w
+    }
+
+    fn tick(&mut self, seconds: i64) {
+        self.now = self
+            .now
+            .checked_add(SignedDuration::from_secs(seconds))
+            .unwrap();
+    }
+}
+
+#[test]
+fn first_install_goes_healthy_once_ready_without_steps() {
+    let mut w = World::new();
+    let plan = w.reconcile("r1", None);
+    assert_eq!(plan.status.phase, Some(Phase::Progressing));
+    assert_eq!(plan.deploy, Some(Color::Blue));
+    assert_eq!((plan.blue_replicas, plan.green_replicas), (2, 0));
+    assert_eq!(plan.status.canary_weight, 0);
+    w.blue = ready("r1");
+    let plan = w.reconcile("r1", None);
+    assert_eq!(plan.status.phase, Some(Phase::Healthy));
+    assert_eq!(plan.requeue, None, "idle rollouts are not polled");
+    assert_eq!(w.events, ["Deploying", "Available"]);
+    // Nothing changes on a further reconcile: status is not rewritten.
+    let again = w.reconcile("r1", None);
+    assert_eq!(again.status, plan.status);
+    assert!(again.events.is_empty());
+}
+
+#[test]
+fn first_install_past_its_deadline_is_degraded() {
+    let mut w = World::new();
+    w.reconcile("r1", None);
+    w.tick(121);
+    let plan = w.reconcile("r1", None);
+    assert_eq!(plan.status.phase, Some(Phase::Degraded));
+    assert_eq!(w.events, ["Deploying", "ProgressDeadlineExceeded"]);
+}
+
+#[test]
+fn upgrade_walks_every_step_after_passing_analysis_then_promotes() {
+    let mut w = World::installed();
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.canary_color, Some(Color::Green));
+    assert_eq!(
+        plan.status.canary_weight, 0,
+        "no traffic before the canary is Ready"
+    );
+    assert_eq!(plan.deploy, Some(Color::Green));
+    assert_eq!((plan.blue_replicas, plan.green_replicas), (2, 2));
+    w.green = ready("r2");
+    let mut weights = Vec::new();
+    let plan = w.reconcile("r2", Some(CheckResult::Passed));
+    weights.push(plan.status.canary_weight);
+    for _ in 0..4 {
+        // Analysis is not due before one interval at the new weight...
+        w.tick(5);
+        let held = w.reconcile("r2", Some(CheckResult::Passed));
+        assert_eq!(held.status.canary_weight, *weights.last().unwrap());
+        // ...and after a passing run the next step starts.
+        w.tick(5);
+        let plan = w.reconcile("r2", Some(CheckResult::Passed));
+        weights.push(plan.status.canary_weight);
+    }
+    assert_eq!(weights, [1, 10, 50, 100, 0]);
+    assert_eq!(w.status.phase, Some(Phase::Healthy));
+    assert_eq!(w.status.stable_color, Some(Color::Green));
+    assert_eq!(w.status.stable_revision.as_deref(), Some("r2"));
+    assert_eq!(w.status.scale_down.as_ref().unwrap().color, Color::Blue);
+    assert!(w.events.contains(&"Promoted"));
+    // The old color stays up for scaleDownDelaySeconds, then goes to zero.
+    let plan = w.reconcile("r2", None);
+    assert_eq!((plan.blue_replicas, plan.green_replicas), (2, 2));
+    assert!(plan.requeue.unwrap() <= Duration::from_secs(60));
+    w.tick(61);
+    let plan = w.reconcile("r2", None);
+    assert_eq!((plan.blue_replicas, plan.green_replicas), (0, 2));
+    assert!(w.events.contains(&"ScaledDown"));
+}
+
+#[test]
+fn failed_checks_roll_back_at_the_failure_limit_and_stay_rolled_back() {
+    let mut w = World::installed();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    w.tick(10);
+    let plan = w.reconcile("r2", Some(CheckResult::Failed));
+    assert_eq!(plan.rollback, None, "one failure of failureLimit 2");
+    assert_eq!(plan.status.canary_weight, 1);
+    w.tick(10);
+    let plan = w.reconcile("r2", Some(CheckResult::Failed));
+    assert_eq!(plan.rollback, Some("AnalysisFailed"));
+    assert_eq!(plan.status.canary_weight, 0);
+    assert_eq!(plan.status.phase, Some(Phase::Failed));
+    assert_eq!(
+        plan.status.stable_revision.as_deref(),
+        Some("r1"),
+        "stable untouched"
+    );
+    assert_eq!(plan.status.failed_revision.as_deref(), Some("r2"));
+    let rolled_back = conditions::get(&plan.status.conditions, conditions::ROLLED_BACK).unwrap();
+    assert_eq!(
+        (rolled_back.status.as_str(), rolled_back.reason.as_str()),
+        ("True", "AnalysisFailed")
+    );
+    // Nothing is retried while the spec stays at r2...
+    w.tick(30);
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.canary_revision, None);
+    assert_eq!(plan.status.phase, Some(Phase::Failed));
+    assert_eq!(
+        plan.deploy, None,
+        "the failed revision's Deployment is left alone"
+    );
+    // ...until a retry is asked for.
+    w.commands.retry = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.canary_revision.as_deref(), Some("r2"));
+    assert_eq!(plan.status.phase, Some(Phase::Progressing));
+    assert!(w.events.contains(&"Retried"));
+}
+
+#[test]
+fn inconclusive_pauses_by_default_and_resumes_when_data_returns() {
+    let mut w = World::installed();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    for _ in 0..5 {
+        w.tick(10);
+        let plan = w.reconcile("r2", Some(CheckResult::Inconclusive));
+        assert_eq!(
+            plan.status.canary_weight, 1,
+            "never promoted on missing data"
+        );
+        assert_eq!(plan.status.phase, Some(Phase::Paused));
+        assert_eq!(plan.rollback, None);
+    }
+    assert_eq!(
+        w.events
+            .iter()
+            .filter(|e| **e == "AnalysisInconclusive")
+            .count(),
+        1,
+        "one Event per transition"
+    );
+    w.tick(10);
+    let plan = w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(plan.status.canary_weight, 10);
+    assert_eq!(plan.status.phase, Some(Phase::Progressing));
+}
+
+#[test]
+fn inconclusive_counts_as_failure_when_configured() {
+    let mut w = World::installed();
+    w.spec.analysis.on_inconclusive = OnInconclusive::Fail;
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    w.tick(10);
+    w.reconcile("r2", Some(CheckResult::Inconclusive));
+    w.tick(10);
+    let plan = w.reconcile("r2", Some(CheckResult::Inconclusive));
+    assert_eq!(plan.rollback, Some("AnalysisInconclusive"));
+}
+
+#[test]
+fn canary_not_ready_by_the_deadline_rolls_back() {
+    let mut w = World::installed();
+    w.reconcile("r2", None);
+    w.tick(60);
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.phase, Some(Phase::Progressing));
+    assert!(plan.requeue.unwrap() <= Duration::from_secs(61));
+    w.tick(61);
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.rollback, Some("ProgressDeadlineExceeded"));
+}
+
+#[test]
+fn a_newer_revision_supersedes_the_canary_at_weight_zero() {
+    let mut w = World::installed();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    w.tick(10);
+    w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(w.status.canary_weight, 10);
+    let plan = w.reconcile("r3", None);
+    assert_eq!(plan.status.canary_revision.as_deref(), Some("r3"));
+    assert_eq!(plan.status.canary_color, Some(Color::Green));
+    assert_eq!(
+        plan.status.canary_weight, 0,
+        "the old canary gets no traffic while r3 starts"
+    );
+    assert_eq!(plan.deploy, Some(Color::Green));
+    assert_eq!(plan.status.stable_revision.as_deref(), Some("r1"));
+    assert!(w.events.contains(&"Superseded"));
+    // r2's pods are still there: the canary is not Ready at r3.
+    assert!(!analysis_due(&Input {
+        name: "search",
+        spec: &w.spec,
+        generation: Some(1),
+        status: &w.status,
+        desired_revision: "r3",
+        blue: &w.blue,
+        green: &w.green,
+        live: &w.live,
+        commands: Commands::default(),
+        now: w.now,
+    }));
+}
+
+#[test]
+fn manual_commands_promote_pause_abort() {
+    let mut w = World::installed();
+    w.spec.strategy.steps = serde_json::from_value(serde_json::json!([
+        {"setWeight": 10}, {"pause": {}}, {"setWeight": 100}
+    ]))
+    .unwrap();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    w.commands.promote = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(
+        plan.status.current_step_index,
+        Some(1),
+        "promote skips the analysis hold"
+    );
+    w.tick(600);
+    let plan = w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(
+        plan.status.current_step_index,
+        Some(1),
+        "pause: {{}} waits for a promote"
+    );
+    assert_eq!(plan.status.phase, Some(Phase::Paused));
+    w.commands.promote = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.canary_weight, 100);
+    // Paused by annotation: no step advances even after passing analysis.
+    w.commands.paused = true;
+    w.tick(10);
+    let plan = w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(
+        (plan.status.phase, plan.status.canary_weight),
+        (Some(Phase::Paused), 100)
+    );
+    w.commands.abort = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.rollback, Some("Aborted"));
+    assert_eq!(plan.status.canary_weight, 0);
+    // A new spec starts a new rollout even after an abort.
+    let plan = w.reconcile("r3", None);
+    assert_eq!(plan.status.canary_revision.as_deref(), Some("r3"));
+}
+
+#[test]
+fn promote_full_makes_the_canary_stable_at_once() {
+    let mut w = World::installed();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    w.commands.promote_full = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.stable_color, Some(Color::Green));
+    assert_eq!(plan.status.canary_weight, 0);
+    assert_eq!(plan.status.phase, Some(Phase::Healthy));
+}
+
+#[test]
+fn reverting_the_spec_cancels_the_canary() {
+    let mut w = World::installed();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    let plan = w.reconcile("r1", None);
+    assert_eq!(plan.status.canary_revision, None);
+    assert_eq!(plan.status.canary_weight, 0);
+    assert_eq!(plan.status.phase, Some(Phase::Healthy));
+    assert_eq!(plan.status.scale_down.as_ref().unwrap().color, Color::Green);
+    assert!(w.events.contains(&"Cancelled"));
+}
+
+#[test]
+fn a_restart_resumes_from_status_alone() {
+    let mut w = World::installed();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    w.tick(10);
+    w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(w.status.canary_weight, 10);
+    // A fresh process knows only the persisted status (round-tripped through JSON).
+    let persisted: EmbeddingRolloutStatus =
+        serde_json::from_value(serde_json::to_value(&w.status).unwrap()).unwrap();
+    w.status = persisted;
+    w.tick(3);
+    let plan = w.reconcile("r2", None);
+    assert_eq!(
+        plan.status.canary_weight, 10,
+        "no traffic regression after a restart"
+    );
+    assert_eq!(plan.status.current_step_index, Some(1));
+    assert!(plan.events.is_empty());
+}
+
+/// A canary at 10% whose second pod went unready (a slow model load, an HPA scale-up).
+fn held_partly_ready() -> World {
+    let mut w = World::installed();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    w.tick(10);
+    w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(w.status.canary_weight, 10);
+    w.green.ready_replicas = 1;
+    w.green.ready = false;
+    w
+}
+
+#[test]
+fn a_partly_ready_canary_waits_for_its_pods_instead_of_polling() {
+    let mut w = held_partly_ready();
+    // Long after the next analysis time was due, the canary is still short of Ready.
+    for _ in 0..5 {
+        w.tick(15);
+        let plan = w.reconcile("r2", None);
+        assert_eq!(plan.status.canary_weight, 10, "held at its weight");
+        assert_eq!(
+            plan.requeue, None,
+            "the next analysis time is past: the Deployment's next change wakes it, not a 200ms poll"
+        );
+        assert!(
+            plan.status
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("1/2 pods Ready")
+        );
+    }
+    // Whole again: analysis resumes at once.
+    w.green = ready("r2");
+    let plan = w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(plan.status.canary_weight, 50);
+    assert!(plan.requeue.unwrap() >= Duration::from_secs(9));
+}
+
+#[test]
+fn every_wake_is_in_the_future() {
+    // Whatever state a rollout is in, a requeue is never sooner than the clamp because of a
+    // time already past.
+    let mut w = held_partly_ready();
+    w.spec.strategy.steps = serde_json::from_value(serde_json::json!([
+        {"setWeight": 10}, {"pause": {"duration": "5s"}}, {"setWeight": 100}
+    ]))
+    .unwrap();
+    for _ in 0..10 {
+        w.tick(7);
+        let plan = w.reconcile("r2", None);
+        if let Some(after) = plan.requeue {
+            assert!(
+                after >= Duration::from_secs(1),
+                "{after:?} in {:?}",
+                plan.status.message
+            );
+        }
+    }
+}
+
+#[test]
+fn lost_status_of_a_healthy_rollout_keeps_the_serving_color() {
+    // r1 on blue, r2 promoted to green: green serves.
+    let mut w = World::installed();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.commands.promote_full = true;
+    w.reconcile("r2", None);
+    assert_eq!(w.status.stable_color, Some(Color::Green));
+    // `kubectl delete --cascade=orphan` and apply: the same spec, an empty status.
+    w.status = EmbeddingRolloutStatus::default();
+    w.events.clear();
+    let plan = w.reconcile("r2", None);
+    assert_eq!(
+        plan.status.stable_color,
+        Some(Color::Green),
+        "no flip to blue"
+    );
+    assert_eq!(plan.status.stable_revision.as_deref(), Some("r2"));
+    assert_eq!(plan.status.phase, Some(Phase::Healthy));
+    assert_eq!(plan.deploy, Some(Color::Green));
+    assert_eq!(
+        plan.green_replicas, 2,
+        "the serving color is not scaled down"
+    );
+    assert_eq!(w.events, ["StatusRecovered"]);
+    assert_eq!(w.live.stable_color, Some(Color::Green));
+}
+
+#[test]
+fn lost_status_mid_rollout_resumes_at_its_weight() {
+    let mut w = World::installed();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    w.tick(10);
+    w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(w.status.canary_weight, 10);
+    w.status = EmbeddingRolloutStatus::default();
+    w.events.clear();
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.stable_color, Some(Color::Blue));
+    assert_eq!(plan.status.canary_color, Some(Color::Green));
+    assert_eq!(
+        plan.status.canary_weight, 10,
+        "resumes at 10%, not 0 and not 100"
+    );
+    assert_eq!(plan.status.current_step_index, Some(1));
+    assert_eq!((plan.blue_replicas, plan.green_replicas), (2, 2));
+    // It goes on with analysis from there.
+    w.tick(10);
+    let plan = w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(plan.status.canary_weight, 50);
+}
+
+#[test]
+fn lost_status_after_an_abort_keeps_the_revision_failed() {
+    // Stable green at r2; r3 aborted on blue.
+    let mut w = World::installed();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.commands.promote_full = true;
+    w.reconcile("r2", None);
+    w.reconcile("r3", None);
+    w.blue = ready("r3");
+    w.reconcile("r3", None);
+    w.commands.abort = true;
+    w.reconcile("r3", None);
+    assert_eq!(w.status.failed_revision.as_deref(), Some("r3"));
+    w.status = EmbeddingRolloutStatus::default();
+    let plan = w.reconcile("r3", None);
+    assert_eq!(plan.status.stable_color, Some(Color::Green));
+    assert_eq!(plan.status.stable_revision.as_deref(), Some("r2"));
+    assert_eq!(plan.status.failed_revision.as_deref(), Some("r3"));
+    assert_eq!(plan.status.phase, Some(Phase::Failed));
+    assert_eq!(
+        plan.status.canary_weight, 0,
+        "the aborted revision gets no traffic"
+    );
+    assert_eq!(plan.green_replicas, 2, "the good revision keeps running");
+    assert_eq!(
+        plan.deploy, None,
+        "the aborted revision is not redeployed anywhere"
+    );
+}
+
+#[test]
+fn editing_the_steps_mid_rollout_starts_them_over_and_never_skips_analysis() {
+    let mut w = World::installed();
+    w.spec.strategy.steps = serde_json::from_value(serde_json::json!([
+        {"setWeight": 10}, {"pause": {}}, {"setWeight": 50}, {"setWeight": 100}
+    ]))
+    .unwrap();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    w.tick(10);
+    w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(w.status.current_step_index, Some(1), "at the pause");
+    // Shortened to [5, 100] at the pause (index 1 is now the 100% step).
+    w.spec.strategy.steps =
+        serde_json::from_value(serde_json::json!([{"setWeight": 5}, {"setWeight": 100}])).unwrap();
+    let plan = w.reconcile("r2", None);
+    assert_eq!(
+        plan.status.canary_revision.as_deref(),
+        Some("r2"),
+        "not promoted"
+    );
+    assert_eq!(plan.status.current_step_index, Some(0));
+    assert_eq!(plan.status.canary_weight, 5);
+    assert!(w.events.contains(&"StepsChanged"));
+    // 100% comes only after a passing analysis at 5%, and promotion only after one at 100%.
+    let mut weights = vec![5];
+    for _ in 0..2 {
+        w.tick(10);
+        let plan = w.reconcile("r2", Some(CheckResult::Passed));
+        weights.push(plan.status.canary_weight);
+    }
+    assert_eq!(weights, [5, 100, 0]);
+    assert_eq!(w.status.stable_revision.as_deref(), Some("r2"));
+}
+
+#[test]
+fn an_aborted_canary_scales_down_after_its_own_delay() {
+    let mut w = World::installed();
+    w.spec.strategy.abort_scale_down_delay_seconds = 30;
+    w.spec.strategy.scale_down_delay_seconds = 300;
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    w.commands.abort = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.rollback, Some("Aborted"));
+    assert!(plan.requeue.unwrap() <= Duration::from_secs(30));
+    w.tick(31);
+    let plan = w.reconcile("r2", None);
+    assert_eq!(
+        plan.green_replicas, 0,
+        "30s, not the 300s a promotion keeps the old color"
+    );
+}
+
+#[test]
+fn inconclusive_limit_hands_over_to_on_inconclusive() {
+    let mut w = World::installed();
+    w.spec.analysis.max_inconclusive = Some(3);
+    w.spec.analysis.on_inconclusive = OnInconclusive::Fail;
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    for streak in 1..3 {
+        w.tick(10);
+        let plan = w.reconcile("r2", Some(CheckResult::Inconclusive));
+        assert_eq!(plan.rollback, None, "held, not failed, below the limit");
+        assert_eq!(plan.status.phase, Some(Phase::Paused));
+        assert!(
+            plan.status
+                .message
+                .as_deref()
+                .unwrap()
+                .contains(&format!("{streak}/3")),
+            "{:?}",
+            plan.status.message
+        );
+    }
+    w.tick(10);
+    let plan = w.reconcile("r2", Some(CheckResult::Inconclusive));
+    assert_eq!(plan.rollback, Some("AnalysisInconclusive"));
+    assert!(plan.status.message.unwrap().contains("maxInconclusive 3"));
+
+    // With Pause, the limit is said once and the weight held, also past a timed pause.
+    let mut w = World::installed();
+    w.spec.analysis.max_inconclusive = Some(2);
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    for _ in 0..4 {
+        w.tick(10);
+        let plan = w.reconcile("r2", Some(CheckResult::Inconclusive));
+        assert_eq!((plan.rollback, plan.status.canary_weight), (None, 1));
+    }
+    assert_eq!(
+        w.events
+            .iter()
+            .filter(|e| **e == "InconclusiveLimit")
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn replicas_follow_canary_scale() {
+    let mut w = World::installed();
+    w.spec.replicas = 10;
+    w.blue.desired_replicas = 10;
+    w.spec.strategy.canary_scale = crate::crd::CanaryScale::Proportional;
+    let plan = w.reconcile("r2", None);
+    // Before its first weight, the canary runs what 1% needs: at least one pod.
+    assert_eq!((plan.blue_replicas, plan.green_replicas), (10, 1));
+    w.green = ready("r2");
+    w.green.desired_replicas = 1;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.canary_weight, 1);
+    assert_eq!(
+        plan.green_replicas, 1,
+        "pods for the next step (10%) come ahead of its weight"
+    );
+    w.tick(10);
+    let plan = w.reconcile("r2", Some(CheckResult::Passed));
+    // At 10% it provisions 50% ahead; the weight does not move to 50 before those are Ready.
+    assert_eq!((plan.status.canary_weight, plan.green_replicas), (10, 5));
+    w.green = ColorState {
+        desired_replicas: 5,
+        ready_replicas: 1,
+        ready: false,
+        ..w.green.clone()
+    };
+    w.tick(10);
+    let plan = w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(plan.status.canary_weight, 10, "waits for the added pods");
+    w.green = ColorState {
+        ready_replicas: 5,
+        ready: true,
+        ..w.green.clone()
+    };
+    let plan = w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!((plan.status.canary_weight, plan.green_replicas), (50, 10));
+    // Full (the default) runs a whole fleet on each color throughout.
+    w.spec.strategy.canary_scale = crate::crd::CanaryScale::Full;
+    let plan = w.reconcile("r2", None);
+    assert_eq!((plan.blue_replicas, plan.green_replicas), (10, 10));
+}
+
+#[test]
+fn an_hpa_on_the_scale_subresource_sizes_one_fleet_through_a_rollout() {
+    // The HPA's resource-metric rule: desired = ceil(sum of usage over the Ready pods the
+    // selector matches / target per pod). With the selector on both colors, that is the
+    // total load however the weight splits it, so spec.replicas stays one fleet.
+    fn hpa(total_load: f64, target_per_pod: f64) -> i32 {
+        (total_load / target_per_pod).ceil() as i32
+    }
+    let mut w = World::installed();
+    w.spec.replicas = 4;
+    w.reconcile("r2", None);
+    w.green = ColorState {
+        desired_replicas: 4,
+        ready_replicas: 4,
+        ..ready("r2")
+    };
+    w.blue = ColorState {
+        desired_replicas: 4,
+        ready_replicas: 4,
+        ..ready("r1")
+    };
+    let plan = w.reconcile("r2", None);
+    assert_eq!(
+        plan.status.selector.as_deref(),
+        Some("embedroll.dev/rollout=search")
+    );
+    assert_eq!(plan.status.replicas, 8, "Ready pods of both colors");
+    // 400 units of load at 100 per pod is 4 pods, whether stable or canary takes it: an HPA
+    // on the stable color alone would see 400 * (1 - w) and shrink the fleet at 90%.
+    for weight in [1, 10, 50, 90] {
+        let canary_load = 400.0 * f64::from(weight) / 100.0;
+        let stable_load = 400.0 - canary_load;
+        assert_eq!(hpa(stable_load + canary_load, 100.0), 4, "at {weight}%");
+        if weight >= 50 {
+            assert!(
+                hpa(stable_load, 100.0) < 4,
+                "a stable-only selector shrinks at {weight}%"
+            );
+        }
+    }
+    // `kubectl scale er --replicas 6` (or the HPA) resizes both colors under Full.
+    w.spec.replicas = 6;
+    let plan = w.reconcile("r2", None);
+    assert_eq!((plan.blue_replicas, plan.green_replicas), (6, 6));
+}
+
+#[test]
+fn evidence_accumulates_over_the_step() {
+    let mut st = EmbeddingRolloutStatus::default();
+    let interval = Duration::from_secs(3);
+    assert_eq!(
+        evidence_window(&st, interval, t(0)),
+        interval,
+        "no step: one interval"
+    );
+    st.step_started_at = Some(Time(t(0)));
+    assert_eq!(evidence_window(&st, interval, t(2)), interval);
+    assert_eq!(
+        evidence_window(&st, interval, t(95)),
+        Duration::from_secs(95)
+    );
+    let half = t(95).checked_add(SignedDuration::from_millis(500)).unwrap();
+    assert_eq!(
+        evidence_window(&st, interval, half),
+        Duration::from_secs(96)
+    );
+}
