@@ -122,7 +122,7 @@ if (cd "$work/bad" && PATH="$tools:$PATH" "$tools/actionlint" >/dev/null 2>&1); 
 PATH="$tools:$PATH" "$tools/actionlint" .github/workflows/*.yml || fail "actionlint"
 say "actionlint (with shellcheck): $(basename -a .github/workflows/*.yml | tr '\n' ' ')clean"
 # The project's own shell scripts: the ones that install, run and test everything.
-scripts=(.ci/run e2e/test e2e/cluster e2e/*.sh e2e/scripts/*.sh)
+scripts=(.ci/run e2e/test e2e/cluster e2e/*.sh e2e/scripts/*.sh e2e/bench/*.sh)
 # shellcheck disable=SC2016 # the bad script's $1 is meant literally
 printf '#!/usr/bin/env bash\nrm -rf $1/\n' >"$work/bad.sh"
 if "$tools/shellcheck" "$work/bad.sh" >/dev/null 2>&1; then fail "shellcheck passed a bad script"; fi

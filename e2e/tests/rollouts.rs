@@ -1535,3 +1535,498 @@ async fn j_config_samples_work() {
     assert!(answers.all_ok(), "all answers 200: {answers:?}");
     cleanup(&client, ns).await;
 }
+
+/// The color the primary Ingress sends to (`<name>-<color>`).
+async fn primary_color(client: &Client, ns: &str, name: &str) -> Option<String> {
+    let api: Api<Ingress> = Api::namespaced(client.clone(), ns);
+    let ingress = api.get_opt(name).await.unwrap()?;
+    let service = ingress
+        .spec?
+        .rules?
+        .first()?
+        .http
+        .as_ref()?
+        .paths
+        .first()?
+        .backend
+        .service
+        .clone()?;
+    service
+        .name
+        .strip_prefix(&format!("{name}-"))
+        .map(str::to_owned)
+}
+
+/// `kubectl delete --cascade=orphan` (children stay, status is gone) and the same manifest
+/// applied again, as a GitOps replace or a backup restore does. Returns every canary weight
+/// and primary color nginx was told from the delete until `settled` holds.
+async fn orphan_and_reapply<F>(
+    client: &Client,
+    ns: &str,
+    manifest: &Value,
+    settled: F,
+) -> (Vec<i32>, Vec<String>)
+where
+    F: Fn(&EmbeddingRolloutStatus) -> bool,
+{
+    let mut weights = vec![ingress_weight(client, ns, ns).await.unwrap_or(-1)];
+    let mut colors = vec![primary_color(client, ns, ns).await.unwrap_or_default()];
+    kubectl(&[
+        "delete",
+        "er",
+        ns,
+        "-n",
+        ns,
+        "--cascade=orphan",
+        "--wait=true",
+    ]);
+    apply(client, ns, manifest).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let weight = ingress_weight(client, ns, ns).await.unwrap_or(-1);
+        let color = primary_color(client, ns, ns).await.unwrap_or_default();
+        if weights.last() != Some(&weight) {
+            weights.push(weight);
+        }
+        if colors.last() != Some(&color) {
+            colors.push(color);
+        }
+        let st = status(client, ns, ns).await;
+        if st.phase.is_some() && settled(&st) {
+            // A little longer: nothing may move after it settled either.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            weights.push(ingress_weight(client, ns, ns).await.unwrap_or(-1));
+            colors.push(primary_color(client, ns, ns).await.unwrap_or_default());
+            weights.dedup();
+            colors.dedup();
+            return (weights, colors);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "re-created rollout did not settle: {}",
+            serde_json::to_string_pretty(&st).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// k) Lost status is not a first install: the rollout is orphan-deleted and re-applied
+///    Healthy, mid-rollout at 10%, and after an abort. The serving color never changes, the
+///    canary resumes at its weight, an aborted revision stays failed and gets no traffic, and
+///    every answer under traffic is a 200.
+#[tokio::test]
+async fn k_lost_status_is_rebuilt_from_the_live_objects() {
+    let client = client().await;
+    let ns = "k-lost";
+    let spec =
+        json!({"strategy": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]}});
+    let r1 = rollout_manifest(ns, &[], spec.clone());
+    install(&client, ns, &r1).await;
+    let traffic = Traffic::start(host(ns), 2);
+
+    // Healthy on blue.
+    let (weights, colors) =
+        orphan_and_reapply(&client, ns, &r1, |s| s.phase == Some(Phase::Healthy)).await;
+    say(
+        "k",
+        format!("Healthy re-applied: weights {weights:?}, primary {colors:?}"),
+    );
+    assert_eq!(colors, ["blue"], "the serving color is unchanged");
+    assert_eq!(weights, [0]);
+    await_event(&client, ns, "StatusRecovered").await;
+
+    // Mid-rollout, held at 10% by the pause.
+    let r2 = rollout_manifest(ns, &["--max-batch-tokens", "8192"], spec.clone());
+    apply(&client, ns, &r2).await;
+    let before = wait_status(
+        &client,
+        ns,
+        ns,
+        "paused at 10%",
+        Duration::from_secs(60),
+        |s| s.phase == Some(Phase::Paused) && s.current_step_index == Some(1),
+    )
+    .await;
+    wait_for("nginx told 10", Duration::from_secs(10), || async {
+        ingress_weight(&client, ns, ns).await == Some(10)
+    })
+    .await;
+    let (weights, colors) = orphan_and_reapply(&client, ns, &r2, |s| {
+        s.phase == Some(Phase::Paused) && s.current_step_index == Some(1)
+    })
+    .await;
+    say(
+        "k",
+        format!("re-applied at 10%: weights {weights:?}, primary {colors:?}"),
+    );
+    assert_eq!(weights, [10], "resumed at 10%, nothing else ever set");
+    assert_eq!(colors, ["blue"]);
+    let after = status(&client, ns, ns).await;
+    assert_eq!(after.canary_revision, before.canary_revision);
+    assert_eq!(
+        after.canary_color,
+        Some(embedroll_operator::crd::Color::Green)
+    );
+    // `kubectl scale` (what an HPA does) during the rollout: both colors follow under Full,
+    // and the scale subresource counts the Ready pods of both.
+    kubectl(&["scale", "er", ns, "-n", ns, "--replicas", "2"]);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    wait_for("both colors at 2 pods", Duration::from_secs(60), || async {
+        let mut sizes = Vec::new();
+        for color in ["blue", "green"] {
+            let d = deployments.get(&format!("{ns}-{color}")).await.unwrap();
+            sizes.push(d.status.and_then(|s| s.ready_replicas).unwrap_or(0));
+        }
+        sizes == [2, 2]
+    })
+    .await;
+    let scaled = wait_status(
+        &client,
+        ns,
+        ns,
+        "status.replicas 4",
+        Duration::from_secs(30),
+        |s| s.replicas == 4,
+    )
+    .await;
+    assert_eq!(
+        scaled.selector.as_deref(),
+        Some(format!("embedroll.dev/rollout={ns}").as_str())
+    );
+    assert_eq!(scaled.canary_weight, 10, "scaling does not move traffic");
+    let scale = kubectl(&[
+        "get",
+        "--raw",
+        &format!("/apis/embedroll.dev/v1alpha1/namespaces/{ns}/embeddingrollouts/{ns}/scale"),
+    ]);
+    say(
+        "k",
+        format!("scale subresource during the rollout: {scale}"),
+    );
+    kubectl(&["scale", "er", ns, "-n", ns, "--replicas", "1"]);
+    cli(&["promote", ns, "-n", ns]);
+    wait_status(&client, ns, ns, "promoted", Duration::from_secs(60), |s| {
+        s.phase == Some(Phase::Healthy) && s.stable_revision == before.canary_revision
+    })
+    .await;
+
+    // Aborted: stable green at r2, r3 aborted on blue.
+    let r3 = rollout_manifest(ns, &["--max-batch-tokens", "4096"], spec);
+    apply(&client, ns, &r3).await;
+    wait_status(
+        &client,
+        ns,
+        ns,
+        "r3 paused at 10%",
+        Duration::from_secs(60),
+        |s| s.phase == Some(Phase::Paused) && s.current_step_index == Some(1),
+    )
+    .await;
+    cli(&["abort", ns, "-n", ns]);
+    let aborted = wait_status(
+        &client,
+        ns,
+        ns,
+        "Failed after abort",
+        Duration::from_secs(30),
+        |s| s.phase == Some(Phase::Failed),
+    )
+    .await;
+    let (weights, colors) =
+        orphan_and_reapply(&client, ns, &r3, |s| s.phase == Some(Phase::Failed)).await;
+    say(
+        "k",
+        format!("re-applied after abort: weights {weights:?}, primary {colors:?}"),
+    );
+    assert_eq!(weights, [0], "the aborted revision takes no traffic");
+    assert_eq!(colors, ["green"], "the good revision keeps serving");
+    let st = status(&client, ns, ns).await;
+    assert_eq!(st.failed_revision, aborted.failed_revision);
+    assert_eq!(st.stable_revision, before.canary_revision);
+    let blue_before = served_by(&client, ns, ns, "blue").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Its pods may be scaled down meanwhile (their counters go with them); never up.
+    let blue_after = served_by(&client, ns, ns, "blue").await;
+    assert!(
+        blue_after <= blue_before,
+        "no request reaches the aborted revision: {blue_before} then {blue_after}"
+    );
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let green = deployments.get(&format!("{ns}-green")).await.unwrap();
+    assert!(
+        green
+            .owner_references()
+            .iter()
+            .any(|r| r.kind == "EmbeddingRollout"),
+        "the orphaned Deployments are adopted again"
+    );
+    let answers = traffic.finish().await;
+    say("k", format!("answers: {:?}", answers.codes));
+    assert!(answers.all_ok(), "all answers 200: {answers:?}");
+    cleanup(&client, ns).await;
+}
+
+// ------------------------------------------------------------------ API load
+
+/// The apiserver's own count of requests (`apiserver_request_total`) to the kinds only the
+/// operator writes, by verb. Deployment status is left out: the deployment controller writes
+/// it.
+fn apiserver_requests() -> BTreeMap<String, f64> {
+    let text = kubectl(&["get", "--raw", "/metrics"]);
+    let mut by_verb = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let Some((labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let resource = label("resource");
+        let subresource = label("subresource");
+        let operator_kind = matches!(
+            resource.as_str(),
+            "deployments" | "services" | "ingresses" | "embeddingrollouts"
+        );
+        if !operator_kind || (resource == "deployments" && subresource == "status") {
+            continue;
+        }
+        *by_verb.entry(label("verb")).or_default() += value.parse::<f64>().unwrap_or(0.0);
+    }
+    by_verb
+}
+
+fn operator_reconciles() -> f64 {
+    let text = Command::new("curl")
+        .args(["-s", &format!("http://{OPERATOR_METRICS}/metrics")])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("embedroll_operator_reconciles_total ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// Requests by verb made while `window` passes, and the reconciles the operator ran. Nothing
+/// else talks to the apiserver about these kinds meanwhile (the test does not poll).
+async fn measure(window: Duration) -> (BTreeMap<String, f64>, f64) {
+    let (before, reconciles) = (apiserver_requests(), operator_reconciles());
+    tokio::time::sleep(window).await;
+    let after = apiserver_requests();
+    let delta = after
+        .iter()
+        .map(|(verb, n)| (verb.clone(), n - before.get(verb).copied().unwrap_or(0.0)))
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
+    (delta, operator_reconciles() - reconciles)
+}
+
+const WRITES: [&str; 6] = [
+    "APPLY",
+    "PATCH",
+    "POST",
+    "PUT",
+    "DELETE",
+    "DELETECOLLECTION",
+];
+
+fn per_minute(requests: &BTreeMap<String, f64>, window: Duration, verbs: &[&str]) -> f64 {
+    let n: f64 = requests
+        .iter()
+        .filter(|(v, _)| verbs.is_empty() || verbs.contains(&v.as_str()))
+        .filter(|(v, _)| *v != "WATCH" && *v != "LIST")
+        // fold, not sum: an empty f64 sum is -0.0, which prints as "-0.0".
+        .fold(0.0, |total, (_, n)| total + n);
+    n * 60.0 / window.as_secs_f64()
+}
+
+/// l) The operator's load on the apiserver, as the apiserver counts it, for one rollout with 2
+///    pods per color and a 5s analysis interval, traffic through nginx: idle Healthy, a whole
+///    1 -> 10 -> 50 -> 100 rollout, held at a weight, and a canary held partly Ready (one of
+///    its pods stopped with SIGSTOP, so it goes unready). `e2e/bench/operator-load.sh` runs
+///    this with minute-long windows; CI with shorter ones.
+#[tokio::test]
+async fn l_operator_api_load() {
+    let client = client().await;
+    let ns = "l-load";
+    let window = Duration::from_secs(
+        std::env::var("EMBEDROLL_LOAD_WINDOW_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20),
+    );
+    let spec = json!({"replicas": 2, "analysis": {"interval": "5s"}});
+    install(&client, ns, &rollout_manifest(ns, &[], spec.clone())).await;
+    // Scenarios before this one delete their namespaces; that deletion is requests too.
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    wait_for(
+        "other namespaces gone",
+        Duration::from_secs(120),
+        || async {
+            namespaces
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .all(|n| n.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Terminating"))
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let traffic = Traffic::start(host(ns), 4);
+    let mut table = Vec::new();
+
+    let (idle, reconciles) = measure(window).await;
+    table.push(("idle Healthy", idle.clone(), reconciles));
+    assert_eq!(
+        per_minute(&idle, window, &[]),
+        0.0,
+        "an idle Healthy rollout makes no requests: {idle:?}"
+    );
+
+    // A whole rollout: from the new spec to the old color scaled down.
+    let before = apiserver_requests();
+    apply(
+        &client,
+        ns,
+        &rollout_manifest(ns, &["--max-batch-tokens", "8192"], spec.clone()),
+    )
+    .await;
+    let promoted = wait_status(&client, ns, ns, "promoted", Duration::from_secs(180), |s| {
+        s.phase == Some(Phase::Healthy)
+            && s.stable_color == Some(embedroll_operator::crd::Color::Green)
+    })
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    wait_for("blue scaled down", Duration::from_secs(30), || async {
+        deployments
+            .get(&format!("{ns}-blue"))
+            .await
+            .unwrap()
+            .spec
+            .and_then(|s| s.replicas)
+            == Some(0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = apiserver_requests();
+    // Less this test's own apply of the new spec.
+    let rollout_writes: f64 = WRITES
+        .iter()
+        .map(|v| after.get(*v).copied().unwrap_or(0.0) - before.get(*v).copied().unwrap_or(0.0))
+        .sum::<f64>()
+        - 1.0;
+    say(
+        "l",
+        format!(
+            "whole rollout 1->10->50->100 to {:?}: {rollout_writes} writes",
+            promoted.stable_revision
+        ),
+    );
+
+    // Held at 10% by a pause, analysis running.
+    let held_spec = json!({"replicas": 2, "analysis": {"interval": "5s"},
+                           "strategy": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]}});
+    apply(
+        &client,
+        ns,
+        &rollout_manifest(ns, &["--max-batch-tokens", "4096"], held_spec),
+    )
+    .await;
+    let held = wait_status(
+        &client,
+        ns,
+        ns,
+        "paused at 10%",
+        Duration::from_secs(60),
+        |s| s.phase == Some(Phase::Paused) && s.current_step_index == Some(1),
+    )
+    .await;
+    let canary = held.canary_color.unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (at_weight, reconciles) = measure(window).await;
+    table.push(("held at 10%, analysing", at_weight, reconciles));
+
+    // One of the canary's two pods stops answering: it goes unready and stays so.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let canary_pods = pods
+        .list(
+            &ListParams::default().labels(&format!("{LABEL_ROLLOUT}={ns},{LABEL_COLOR}={canary}")),
+        )
+        .await
+        .unwrap();
+    let pid = canary_pods.items[0]
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref()?.first()?.container_id.clone())
+        .and_then(|id| id.strip_prefix("process://")?.parse::<u32>().ok())
+        .expect("the local kubelet reports process://<pid>");
+    run_ok("kill", &["-STOP", &pid.to_string()]);
+    wait_status(
+        &client,
+        ns,
+        ns,
+        "canary 1/2 Ready",
+        Duration::from_secs(30),
+        |s| {
+            s.message
+                .as_deref()
+                .is_some_and(|m| m.contains("1/2 pods Ready"))
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (partly, reconciles) = measure(window).await;
+    run_ok("kill", &["-CONT", &pid.to_string()]);
+    table.push(("canary held partly Ready", partly.clone(), reconciles));
+
+    let mut report = format!(
+        "API requests per minute for one rollout ({}s windows; apiserver_request_total for deployments, services, ingresses, embeddingrollouts):\n",
+        window.as_secs()
+    );
+    for (state, requests, reconciles) in &table {
+        let verbs: Vec<String> = requests
+            .iter()
+            .filter(|(v, _)| *v != "WATCH" && *v != "LIST")
+            .map(|(v, n)| format!("{v} {:.1}", n * 60.0 / window.as_secs_f64()))
+            .collect();
+        report.push_str(&format!(
+            "  {state:<26} {:>6.1} req/min ({:.1} writes/min; {}); {:.0} reconciles/min\n",
+            per_minute(requests, window, &[]),
+            per_minute(requests, window, &WRITES),
+            if verbs.is_empty() {
+                "none".to_owned()
+            } else {
+                verbs.join(", ")
+            },
+            reconciles * 60.0 / window.as_secs_f64(),
+        ));
+    }
+    report.push_str(&format!(
+        "  whole 1->10->50->100 rollout: {rollout_writes} writes\n"
+    ));
+    say("l", report);
+    assert!(
+        per_minute(&partly, window, &[]) <= 6.0,
+        "a canary held partly Ready costs at most 6 requests a minute: {partly:?}"
+    );
+    assert!(
+        rollout_writes <= 60.0,
+        "a whole rollout in at most 60 writes: {rollout_writes}"
+    );
+    let _ = traffic.finish().await;
+    cleanup(&client, ns).await;
+}
