@@ -69,8 +69,15 @@ impl Planner<'_, '_> {
                 found.push_str(&format!(" (step {})", index + 1));
             }
         } else if self.input.color(canary).desired_replicas > 0 {
-            // The idle color still runs: give it the usual grace before scaling it down.
-            let delay = self.scale_down_delay();
+            // The idle color still runs: give it the usual grace before scaling it down (the
+            // shorter one when it runs the failed revision).
+            let failed = self.st.failed_revision.is_some()
+                && self.input.color(canary).revision == self.st.failed_revision;
+            let delay = if failed {
+                self.abort_scale_down_delay()
+            } else {
+                self.scale_down_delay()
+            };
             self.st.scale_down = Some(ScaleDown {
                 color: canary,
                 at: Time(plus(self.input.now, delay)),

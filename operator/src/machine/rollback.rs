@@ -14,7 +14,7 @@ impl Planner<'_, '_> {
         Duration::from_secs(self.input.spec.strategy.scale_down_delay_seconds.max(0) as u64)
     }
 
-    fn abort_scale_down_delay(&self) -> Duration {
+    pub(super) fn abort_scale_down_delay(&self) -> Duration {
         Duration::from_secs(
             self.input
                 .spec
