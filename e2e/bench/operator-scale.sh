@@ -2,8 +2,9 @@
 # The operator at scale: N EmbeddingRollouts (1 replica, pods on kwok's fake nodes, analysis
 # without metrics) on a local real apiserver of their own. Prints the time until all are
 # Healthy, the operator's RSS and CPU while idle at N, the API requests per minute it makes
-# while idle (apiserver_request_total, the referee), and the time and requests of an upgrade
-# wave of 10% of them, each walking 1 -> 10 -> 50 -> 100.
+# while idle (apiserver_request_total, the referee), the requests of a restarted operator
+# reconciling all N again (a resync: nothing changed, so nothing is written), and the time and
+# requests of an upgrade wave of 10% of them, each walking 1 -> 10 -> 50 -> 100.
 #
 #   e2e/bench/operator-scale.sh N [--check]
 #
@@ -13,7 +14,10 @@
 # real local node, and gives fake pods addresses in 10.88.128.0/17 of the cluster's own bridge.
 # No packet goes to them: their pods declare no port (Prometheus keeps only pods with an http
 # or metrics port), their Ingresses have a class no controller serves, and nothing sends
-# traffic. The operator binary is the EMBEDROLL_PROFILE build (release by default; CI: debug).
+# traffic. The cluster's own binaries are debug builds; the operator measured is a release
+# build unless EMBEDROLL_OPERATOR_PROFILE=debug (what CI runs: one profile per CI run). The
+# operator's client-side limits come from EMBEDROLL_KUBE_API_QPS / EMBEDROLL_KUBE_API_BURST
+# (defaults 20 / 40); the time to Healthy at large N is bound by them.
 set -euo pipefail
 n="${1:?usage: e2e/bench/operator-scale.sh N [--check]}"
 check="${2:-}"
@@ -21,7 +25,8 @@ check="${2:-}"
 label=operator-scale cluster_name=scale-cluster ports="36443 32379 32380 39090 38088"
 # shellcheck source=e2e/scripts/own-cluster.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/own-cluster.sh"
-profile="${EMBEDROLL_PROFILE:-release}"
+export EMBEDROLL_PROFILE=debug
+operator_profile="${EMBEDROLL_OPERATOR_PROFILE:-release}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
 ns=scale
 metrics_port=18381
@@ -34,7 +39,16 @@ say "N=$n; machine: $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
 eval "$("$cluster" env)"
 "$cluster" crds >/dev/null
 logs="$EMBEDROLL_CLUSTER_DIR/logs"
-if [[ $profile == release ]]; then bin="$CARGO_TARGET_DIR/release"; else bin="$CARGO_TARGET_DIR/debug"; fi
+if [[ $operator_profile == release ]]; then
+  say "building the operator (release)"
+  cargo build --release --locked --quiet -p embedroll-operator --bin embedroll-operator
+  bin="$CARGO_TARGET_DIR/release"
+else
+  bin="$CARGO_TARGET_DIR/debug"
+fi
+qps="${EMBEDROLL_KUBE_API_QPS:-20}" burst="${EMBEDROLL_KUBE_API_BURST:-40}"
+export EMBEDROLL_KUBE_API_QPS="$qps" EMBEDROLL_KUBE_API_BURST="$burst"
+say "operator: $operator_profile build, client limits $qps QPS / burst $burst"
 
 pids=()
 stop_all() {
@@ -157,6 +171,27 @@ cpu=$(awk -v t=$((ticks_after - ticks)) -v hz="$hz" -v w="$window" 'BEGIN { prin
 rss=$(rss_mb)
 say "idle ${window}s at N=$n: ${idle_total} requests (${idle_writes} writes) = $(awk -v r="$idle_total" -v w="$window" 'BEGIN { printf "%.1f", r * 60 / w }')/min; operator RSS ${rss} MB, CPU ${cpu}% of a core"
 
+# ---- a restart: every rollout reconciled again from fresh caches, as after a resync
+reconciles() { curl -s "http://127.0.0.1:$metrics_port/metrics" | awk '/^embedroll_operator_reconciles_total / {print $2}'; }
+kill "$operator"
+wait "$operator" 2>/dev/null || true
+before=$(requests)
+started=$SECONDS
+"$bin/embedroll-operator" --metrics-listen "127.0.0.1:$metrics_port" --leader-election false \
+  >>"$logs/operator.log" 2>&1 &
+operator=$!
+pids+=("$operator")
+until (($(reconciles 2>/dev/null || echo 0) >= n)); do
+  ((SECONDS - started < 600)) || fail "the restarted operator did not reconcile all $n rollouts in 10 minutes"
+  sleep 1
+done
+resync_time=$((SECONDS - started))
+sleep 5
+after=$(requests)
+resync=$(delta "$before" "$after")
+resync_total=${resync##*| }; resync_writes=${resync_total#* }; resync_total=${resync_total% *}
+say "restart at N=$n: all $n reconciled within ${resync_time}s; ${resync_total} requests, ${resync_writes} writes"
+
 # ---- an upgrade wave of 10%
 wave=$((n / 10))
 before=$(requests)
@@ -182,13 +217,14 @@ wave_writes=$((wave_writes - wave))
 wave_total=$((wave_total - wave))
 revisions=$(kubectl get er -n "$ns" -o jsonpath='{range .items[*]}{.status.stableRevision}{"\n"}{end}' | sort | uniq -c | wc -l)
 say "wave of $wave: all promoted in ${wave_time}s; ${wave_total} requests, ${wave_writes} writes ($(awk -v w="$wave_writes" -v n="$wave" 'BEGIN { printf "%.1f", w / n }') per rollout); stable revisions now: $revisions"
-printf '\n| N | all Healthy | RSS idle | CPU idle | requests/min idle | wave (%s) | wave writes/rollout |\n|---|---|---|---|---|---|---|\n' "$wave"
-printf '| %s | %ss | %s MB | %s%% | %s (%s writes) | %ss | %s |\n' "$n" "$to_healthy" "$rss" "$cpu" \
-  "$(awk -v r="$idle_total" -v w="$window" 'BEGIN { printf "%.1f", r * 60 / w }')" "$idle_writes" "$wave_time" \
+printf '\n| N | QPS/burst | all Healthy | RSS idle | CPU idle | requests/min idle | restart: writes | wave (%s) | wave writes/rollout |\n|---|---|---|---|---|---|---|---|---|\n' "$wave"
+printf '| %s | %s/%s | %ss | %s MB | %s%% | %s (%s writes) | %s | %ss | %s |\n' "$n" "$qps" "$burst" "$to_healthy" "$rss" "$cpu" \
+  "$(awk -v r="$idle_total" -v w="$window" 'BEGIN { printf "%.1f", r * 60 / w }')" "$idle_writes" "$resync_writes" "$wave_time" \
   "$(awk -v w="$wave_writes" -v n="$wave" 'BEGIN { printf "%.1f", w / n }')"
 
 if [[ $check == --check ]]; then
   ((idle_writes == 0)) || fail "idle at N=$n made $idle_writes writes"
+  ((resync_writes == 0)) || fail "reconciling $n unchanged rollouts after a restart made $resync_writes writes"
   ((revisions == 2)) || fail "expected two stable revisions after the wave, found $revisions"
-  say "check passed: idle made 0 writes, every rollout of the wave promoted"
+  say "check passed: idle and a restart made 0 writes, every rollout of the wave promoted"
 fi

@@ -2028,5 +2028,22 @@ async fn l_operator_api_load() {
         "a whole rollout in at most 60 writes: {rollout_writes}"
     );
     let _ = traffic.finish().await;
+    // Deleted with its namespace, the rollout's series leave the operator's /metrics too (its
+    // alerts would fire on otherwise).
     cleanup(&client, ns).await;
+    let series = format!("rollout=\"{ns}\"");
+    wait_for(
+        "the rollout's series removed",
+        Duration::from_secs(90),
+        || async {
+            let text = reqwest::get(format!("http://{OPERATOR_METRICS}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            !text.contains(&series)
+        },
+    )
+    .await;
 }

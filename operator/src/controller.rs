@@ -103,19 +103,23 @@ pub struct Context {
     pub stores_ready: AtomicBool,
     /// Failures in a row per rollout, for the backoff.
     failures: Mutex<HashMap<ObjectRef<EmbeddingRollout>, u32>>,
-    /// Resource versions of a rollout that this process has written over: the cache still
-    /// showing one of them is stale, and acting on it could undo the newer status.
-    superseded: Mutex<HashMap<ObjectRef<EmbeddingRollout>, Vec<String>>>,
+    superseded: Superseded,
     /// Children this process applied, keyed `kind/ns/name`: (the resourceVersion the cache
     /// showed before, the applied stamp). The cache lags the write by a watch event; until
     /// it catches up, the same apply is not repeated.
     applied: Mutex<HashMap<String, (String, String)>>,
 }
 
-impl Context {
-    fn superseded(&self, key: &ObjectRef<EmbeddingRollout>, rv: Option<String>) {
+/// Resource versions of each rollout that this process has written over: the cache still
+/// showing one of them is stale, and acting on it could undo the newer status (say, re-apply
+/// 50% to a canary just rolled back).
+#[derive(Default)]
+struct Superseded(Mutex<HashMap<ObjectRef<EmbeddingRollout>, Vec<String>>>);
+
+impl Superseded {
+    fn record(&self, key: &ObjectRef<EmbeddingRollout>, rv: Option<String>) {
         if let Some(rv) = rv {
-            let mut map = self.superseded.lock().unwrap_or_else(|e| e.into_inner());
+            let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
             let list = map.entry(key.clone()).or_default();
             list.push(rv);
             // A handful is enough: the cache catches up within one watch event.
@@ -125,9 +129,8 @@ impl Context {
         }
     }
 
-    /// Whether the cached rollout is a version this process already wrote over.
     fn is_stale(&self, key: &ObjectRef<EmbeddingRollout>, rv: Option<&str>) -> bool {
-        let mut map = self.superseded.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let Some(list) = map.get(key) else {
             return false;
         };
@@ -139,10 +142,13 @@ impl Context {
     }
 
     fn forget(&self, key: &ObjectRef<EmbeddingRollout>) {
-        self.superseded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+}
+
+impl Context {
+    fn forget(&self, key: &ObjectRef<EmbeddingRollout>) {
+        self.superseded.forget(key);
         self.failures
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -214,7 +220,7 @@ pub async fn run(
         stores: stores.clone(),
         stores_ready: AtomicBool::new(false),
         failures: Mutex::default(),
-        superseded: Mutex::default(),
+        superseded: Superseded::default(),
         applied: Mutex::default(),
     });
     {
@@ -234,6 +240,7 @@ pub async fn run(
     let forget = context.clone();
     let rollout_events = watcher(rollouts, watcher::Config::default().any_semantic())
         .default_backoff()
+        .modify(drop_managed_fields)
         .reflect(rollout_writer)
         .inspect(move |event| {
             if let Ok(watcher::Event::Delete(rollout)) = event {
@@ -251,18 +258,21 @@ pub async fn run(
         .owns_stream(
             watcher(deployments, children.clone())
                 .default_backoff()
+                .modify(drop_managed_fields)
                 .reflect(deployment_writer)
                 .touched_objects(),
         )
         .owns_stream(
             watcher(services, children.clone())
                 .default_backoff()
+                .modify(drop_managed_fields)
                 .reflect(service_writer)
                 .touched_objects(),
         )
         .owns_stream(
             watcher(ingresses, children)
                 .default_backoff()
+                .modify(drop_managed_fields)
                 .reflect(ingress_writer)
                 .touched_objects(),
         )
@@ -277,6 +287,11 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// managedFields are most of a cached object's size and nothing here reads them.
+fn drop_managed_fields<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
 }
 
 async fn reconcile(rollout: Arc<EmbeddingRollout>, ctx: Arc<Context>) -> Result<Action> {
@@ -374,7 +389,10 @@ impl EmbeddingRollout {
             return Ok(Action::requeue(Duration::from_millis(500)));
         }
         let key = ObjectRef::from_obj(self);
-        if ctx.is_stale(&key, self.metadata.resource_version.as_deref()) {
+        if ctx
+            .superseded
+            .is_stale(&key, self.metadata.resource_version.as_deref())
+        {
             debug!(rollout = %self.name_any(), "cached rollout is older than this process's last write; waiting for the newer one");
             return Ok(Action::requeue(Duration::from_secs(1)));
         }
@@ -532,7 +550,7 @@ impl EmbeddingRollout {
             &Patch::Merge(&patch),
         )
         .await?;
-        ctx.superseded(&ObjectRef::from_obj(self), version);
+        ctx.superseded.record(&ObjectRef::from_obj(self), version);
         info!(rollout = %self.name_any(), commands = ?consumed.keys().collect::<Vec<_>>(), "commands consumed");
         Ok(())
     }
@@ -560,7 +578,7 @@ impl EmbeddingRollout {
                 &Patch::Apply(&patch),
             )
             .await?;
-        ctx.superseded(&ObjectRef::from_obj(self), version);
+        ctx.superseded.record(&ObjectRef::from_obj(self), version);
         Ok(written.metadata.resource_version)
     }
 
@@ -832,5 +850,24 @@ mod tests {
         let waits: Vec<u64> = (1..=11).map(|n| settings.backoff(n).as_secs()).collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
         assert_eq!(settings.backoff(u32::MAX).as_secs(), 300);
+    }
+
+    #[test]
+    fn a_cached_rollout_this_process_wrote_over_is_stale() {
+        let superseded = Superseded::default();
+        let key = ObjectRef::<EmbeddingRollout>::new("search").within("ml");
+        assert!(!superseded.is_stale(&key, Some("10")));
+        superseded.record(&key, Some("10".into()));
+        // The status at rv 10 was rolled back and written as rv 11; a reconcile woken by a
+        // child's event still sees rv 10 in the cache and must not re-apply its weight.
+        assert!(superseded.is_stale(&key, Some("10")));
+        assert!(
+            !superseded.is_stale(&key, Some("11")),
+            "the cache caught up"
+        );
+        assert!(
+            !superseded.is_stale(&key, Some("10")),
+            "forgotten once caught up"
+        );
     }
 }
