@@ -1869,8 +1869,20 @@ async fn l_operator_api_load() {
     );
     let spec = json!({"replicas": 2, "analysis": {"interval": "5s"}});
     install(&client, ns, &rollout_manifest(ns, &[], spec.clone())).await;
-    // Scenarios before this one delete their namespaces; that deletion is requests too.
+    // Nothing else may write these kinds while they are counted: a rollout left by an earlier
+    // scenario (one that failed before its cleanup) goes, and so does the deletion itself.
     let namespaces: Api<Namespace> = Api::all(client.clone());
+    let rollouts: Api<EmbeddingRollout> = Api::all(client.clone());
+    for other in rollouts.list(&ListParams::default()).await.unwrap() {
+        let other_ns = other.namespace().unwrap_or_default();
+        if other_ns != ns {
+            say(
+                "l",
+                format!("deleting namespace {other_ns}, left by an earlier scenario"),
+            );
+            let _ = namespaces.delete(&other_ns, &DeleteParams::default()).await;
+        }
+    }
     wait_for(
         "other namespaces gone",
         Duration::from_secs(120),

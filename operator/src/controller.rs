@@ -431,6 +431,14 @@ impl EmbeddingRollout {
         };
         let mut plan = machine::plan(&input, outcome.as_ref());
         plan.status.consumed_commands = consumed;
+        for (key, deferred) in [
+            (ANNOTATION_PROMOTE, plan.deferred.promote),
+            (ANNOTATION_PROMOTE_FULL, plan.deferred.promote_full),
+        ] {
+            if deferred {
+                plan.status.consumed_commands.remove(key);
+            }
+        }
 
         // Status first: traffic moves only once the status that says so is saved over the
         // version it was planned from.

@@ -113,6 +113,8 @@ pub struct Plan {
     pub green_replicas: i32,
     /// Set when this plan rolls back (the reason), so traffic is moved first.
     pub rollback: Option<&'static str>,
+    /// Commands that could not act yet and stay pending (their annotation is kept).
+    pub deferred: Commands,
 }
 
 pub fn interval(spec: &EmbeddingRolloutSpec) -> Duration {
@@ -175,6 +177,7 @@ pub fn plan(input: &Input<'_>, analysis: Option<&AnalysisOutcome>) -> Plan {
         events: Vec::new(),
         wake: Vec::new(),
         rollback: None,
+        deferred: Commands::default(),
         steps: steps(input.spec),
         interval: interval(input.spec),
     };
@@ -189,6 +192,7 @@ struct Planner<'a, 'b> {
     /// Future times to look again; a time already past is never a reason to wake.
     wake: Vec<Timestamp>,
     rollback: Option<&'static str>,
+    deferred: Commands,
     steps: Vec<StepKind>,
     interval: Duration,
 }
@@ -282,6 +286,10 @@ impl Planner<'_, '_> {
         }
 
         if !canary_state.ready_at(&desired) {
+            // A promote cannot act on a canary short of Ready (a pod restarting, a scale-up):
+            // it waits for it instead of being dropped.
+            self.deferred.promote = self.input.commands.promote;
+            self.deferred.promote_full = self.input.commands.promote_full;
             self.wait_for_canary(canary, &canary_state);
             return;
         }
@@ -362,6 +370,7 @@ impl Planner<'_, '_> {
             requeue,
             deploy,
             rollback: self.rollback,
+            deferred: self.deferred,
         }
     }
 }

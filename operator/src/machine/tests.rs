@@ -782,3 +782,29 @@ fn evidence_accumulates_over_the_step() {
         Duration::from_secs(96)
     );
 }
+
+#[test]
+fn a_promote_while_the_canary_is_short_of_ready_waits_for_it() {
+    let mut w = World::installed();
+    w.spec.strategy.steps = serde_json::from_value(serde_json::json!([
+        {"setWeight": 10}, {"pause": {}}, {"setWeight": 100}
+    ]))
+    .unwrap();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    w.tick(10);
+    w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(w.status.current_step_index, Some(1), "at the pause");
+    // `kubectl scale` is rolling the canary over when the promote comes.
+    w.green.ready = false;
+    w.commands.promote = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.current_step_index, Some(1));
+    assert!(plan.deferred.promote, "kept for when the canary is whole");
+    w.green = ready("r2");
+    w.commands.promote = true;
+    let plan = w.reconcile("r2", None);
+    assert!(!plan.deferred.promote);
+    assert_eq!(plan.status.canary_weight, 100);
+}
