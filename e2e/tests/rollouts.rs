@@ -1618,8 +1618,12 @@ where
 async fn k_lost_status_is_rebuilt_from_the_live_objects() {
     let client = client().await;
     let ns = "k-lost";
-    let spec =
-        json!({"strategy": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]}});
+    let spec = json!({
+        "strategy": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]},
+        // What is tested here is status recovery, not latency: a loose limit keeps a canary
+        // that loads its model beside traffic on 2 cores from being rolled back for it.
+        "analysis": {"metrics": [{"name": "p95-latency", "preset": "LatencyP95", "max": "2s"}]}
+    });
     let r1 = rollout_manifest(ns, &[], spec.clone());
     install(&client, ns, &r1).await;
     let traffic = Traffic::start(host(ns), 2);
