@@ -14,13 +14,7 @@ impl Planner<'_, '_> {
         };
         let revision = self.st.canary_revision.clone().unwrap_or_default();
         let old = self.st.stable_color.unwrap_or(canary.other());
-        self.st.canary_color = None;
-        self.st.canary_revision = None;
-        self.st.canary_weight = 0;
-        self.st.current_step_index = None;
-        self.st.step_started_at = None;
-        self.st.rollout_started_at = None;
-        self.st.steps_hash = None;
+        self.forget_rollout_in_flight();
         self.st.failed_revision = None;
         self.st.stable_color = Some(canary);
         self.st.stable_revision = Some(revision.clone());

@@ -32,6 +32,12 @@ impl Planner<'_, '_> {
                 at: Time(plus(self.input.now, delay)),
             });
         }
+        self.forget_rollout_in_flight();
+    }
+
+    /// Nothing in flight any more: no canary revision, weight, step or deadline.
+    pub(super) fn forget_rollout_in_flight(&mut self) {
+        self.st.canary_color = None;
         self.st.canary_revision = None;
         self.st.canary_weight = 0;
         self.st.current_step_index = None;

@@ -112,6 +112,15 @@ impl World {
         w
     }
 
+    /// r1 stable on blue, r2 Ready on green at the first step.
+    fn canary_at_first_step() -> Self {
+        let mut w = World::installed();
+        w.reconcile("r2", None);
+        w.green = ready("r2");
+        w.reconcile("r2", None);
+        w
+    }
+
     fn tick(&mut self, seconds: i64) {
         self.now = self
             .now
@@ -192,10 +201,7 @@ fn upgrade_walks_every_step_after_passing_analysis_then_promotes() {
 
 #[test]
 fn failed_checks_roll_back_at_the_failure_limit_and_stay_rolled_back() {
-    let mut w = World::installed();
-    w.reconcile("r2", None);
-    w.green = ready("r2");
-    w.reconcile("r2", None);
+    let mut w = World::canary_at_first_step();
     w.tick(10);
     let plan = w.reconcile("r2", Some(CheckResult::Failed));
     assert_eq!(plan.rollback, None, "one failure of failureLimit 2");
@@ -235,10 +241,7 @@ fn failed_checks_roll_back_at_the_failure_limit_and_stay_rolled_back() {
 
 #[test]
 fn inconclusive_pauses_by_default_and_resumes_when_data_returns() {
-    let mut w = World::installed();
-    w.reconcile("r2", None);
-    w.green = ready("r2");
-    w.reconcile("r2", None);
+    let mut w = World::canary_at_first_step();
     for _ in 0..5 {
         w.tick(10);
         let plan = w.reconcile("r2", Some(CheckResult::Inconclusive));
@@ -292,10 +295,7 @@ fn canary_not_ready_by_the_deadline_rolls_back() {
 
 #[test]
 fn a_newer_revision_supersedes_the_canary_at_weight_zero() {
-    let mut w = World::installed();
-    w.reconcile("r2", None);
-    w.green = ready("r2");
-    w.reconcile("r2", None);
+    let mut w = World::canary_at_first_step();
     w.tick(10);
     w.reconcile("r2", Some(CheckResult::Passed));
     assert_eq!(w.status.canary_weight, 10);
@@ -371,10 +371,7 @@ fn manual_commands_promote_pause_abort() {
 
 #[test]
 fn promote_full_makes_the_canary_stable_at_once() {
-    let mut w = World::installed();
-    w.reconcile("r2", None);
-    w.green = ready("r2");
-    w.reconcile("r2", None);
+    let mut w = World::canary_at_first_step();
     w.commands.promote_full = true;
     let plan = w.reconcile("r2", None);
     assert_eq!(plan.status.stable_color, Some(Color::Green));
@@ -384,10 +381,7 @@ fn promote_full_makes_the_canary_stable_at_once() {
 
 #[test]
 fn reverting_the_spec_cancels_the_canary() {
-    let mut w = World::installed();
-    w.reconcile("r2", None);
-    w.green = ready("r2");
-    w.reconcile("r2", None);
+    let mut w = World::canary_at_first_step();
     let plan = w.reconcile("r1", None);
     assert_eq!(plan.status.canary_revision, None);
     assert_eq!(plan.status.canary_weight, 0);
@@ -398,10 +392,7 @@ fn reverting_the_spec_cancels_the_canary() {
 
 #[test]
 fn a_restart_resumes_from_status_alone() {
-    let mut w = World::installed();
-    w.reconcile("r2", None);
-    w.green = ready("r2");
-    w.reconcile("r2", None);
+    let mut w = World::canary_at_first_step();
     w.tick(10);
     w.reconcile("r2", Some(CheckResult::Passed));
     assert_eq!(w.status.canary_weight, 10);
@@ -421,10 +412,7 @@ fn a_restart_resumes_from_status_alone() {
 
 /// A canary at 10% whose second pod went unready (a slow model load, an HPA scale-up).
 fn held_partly_ready() -> World {
-    let mut w = World::installed();
-    w.reconcile("r2", None);
-    w.green = ready("r2");
-    w.reconcile("r2", None);
+    let mut w = World::canary_at_first_step();
     w.tick(10);
     w.reconcile("r2", Some(CheckResult::Passed));
     assert_eq!(w.status.canary_weight, 10);
@@ -513,10 +501,7 @@ fn lost_status_of_a_healthy_rollout_keeps_the_serving_color() {
 
 #[test]
 fn lost_status_mid_rollout_resumes_at_its_weight() {
-    let mut w = World::installed();
-    w.reconcile("r2", None);
-    w.green = ready("r2");
-    w.reconcile("r2", None);
+    let mut w = World::canary_at_first_step();
     w.tick(10);
     w.reconcile("r2", Some(CheckResult::Passed));
     assert_eq!(w.status.canary_weight, 10);
