@@ -1671,6 +1671,15 @@ async fn k_lost_status_is_rebuilt_from_the_live_objects() {
         after.canary_color,
         Some(embedroll_operator::crd::Color::Green)
     );
+    // Every answer through the re-applies so far was a 200. (Scaling down below ends pods
+    // that are serving, which the ingress stand-in does not drain: its traffic is separate.)
+    let answers = traffic.finish().await;
+    say(
+        "k",
+        format!("answers through two re-applies: {:?}", answers.codes),
+    );
+    assert!(answers.all_ok(), "all answers 200: {answers:?}");
+
     // `kubectl scale` (what an HPA does) during the rollout: both colors follow under Full,
     // and the scale subresource counts the Ready pods of both.
     kubectl(&["scale", "er", ns, "-n", ns, "--replicas", "2"]);
@@ -1708,6 +1717,25 @@ async fn k_lost_status_is_rebuilt_from_the_live_objects() {
         format!("scale subresource during the rollout: {scale}"),
     );
     kubectl(&["scale", "er", ns, "-n", ns, "--replicas", "1"]);
+    wait_for(
+        "both colors back at 1 pod",
+        Duration::from_secs(60),
+        || async {
+            let mut sizes = Vec::new();
+            for color in ["blue", "green"] {
+                let d = deployments.get(&format!("{ns}-{color}")).await.unwrap();
+                let status = d.status.unwrap_or_default();
+                sizes.push((
+                    status.replicas.unwrap_or(0),
+                    status.ready_replicas.unwrap_or(0),
+                ));
+            }
+            sizes == [(1, 1), (1, 1)]
+        },
+    )
+    .await;
+    wait_ingress_settled().await;
+    let traffic = Traffic::start(host(ns), 2);
     cli(&["promote", ns, "-n", ns]);
     wait_status(&client, ns, ns, "promoted", Duration::from_secs(60), |s| {
         s.phase == Some(Phase::Healthy) && s.stable_revision == before.canary_revision
