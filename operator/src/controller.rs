@@ -6,11 +6,10 @@
 //! Every write is server-side apply with one field manager.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::Ingress;
@@ -19,7 +18,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -27,6 +26,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::analysis::{self, AnalysisOutcome, Vars};
+use crate::children::ChildCache;
 use crate::crd::{
     CheckResult, Color, EmbeddingRollout, EmbeddingRolloutStatus, Phase, parse_duration,
 };
@@ -34,6 +34,7 @@ use crate::diff;
 use crate::error::{Error, Result};
 use crate::machine::{self, Commands, Input, LiveTraffic, Plan};
 use crate::metrics::{MetricLabels, Metrics, ReasonLabels, ResultLabels, RolloutLabels};
+use crate::owned;
 use crate::prometheus;
 use crate::resources::{self, ColorState, FIELD_MANAGER};
 use crate::revision::revision;
@@ -82,11 +83,19 @@ impl Settings {
 }
 
 /// The controller's caches of its children, filled by its own watches.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Stores {
-    pub deployments: Store<Deployment>,
-    pub services: Store<Service>,
-    pub ingresses: Store<Ingress>,
+    pub deployments: Arc<ChildCache<Deployment>>,
+    pub services: Arc<ChildCache<Service>>,
+    pub ingresses: Arc<ChildCache<Ingress>>,
+}
+
+impl Stores {
+    /// Every cache holds a complete list: before that, a missing child may only be not
+    /// listed yet.
+    pub fn ready(&self) -> bool {
+        self.deployments.is_ready() && self.services.is_ready() && self.ingresses.is_ready()
+    }
 }
 
 pub struct Context {
@@ -98,16 +107,13 @@ pub struct Context {
     pub default_prometheus: Option<String>,
     pub settings: Settings,
     pub stores: Stores,
-    /// Set once every child cache holds a complete list: before that, a missing child may
-    /// only be not listed yet.
-    pub stores_ready: AtomicBool,
     /// Failures in a row per rollout, for the backoff.
     failures: Mutex<HashMap<ObjectRef<EmbeddingRollout>, u32>>,
     superseded: Superseded,
-    /// Children this process applied, keyed `kind/ns/name`: (the resourceVersion the cache
-    /// showed before, the applied stamp). The cache lags the write by a watch event; until
+    /// Children this process applied, keyed `kind/ns/name`: a hash of (the resourceVersion
+    /// the cache showed before, the applied stamp). The cache lags the write by a watch event; until
     /// it catches up, the same apply is not repeated.
-    applied: Mutex<HashMap<String, (String, String)>>,
+    applied: Mutex<HashMap<String, u64>>,
 }
 
 /// Resource versions of each rollout that this process has written over: the cache still
@@ -168,6 +174,11 @@ impl Context {
     }
 }
 
+/// What `Context::applied` keeps of an apply: 8 bytes, not two strings.
+fn applied_hash(seen_version: &str, stamp: &str) -> u64 {
+    crate::revision::fnv1a64(format!("{seen_version}\n{stamp}").as_bytes())
+}
+
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
     client: Client,
@@ -201,15 +212,8 @@ pub async fn run(
     };
     // Children are labelled; watching only those keeps memory flat in busy clusters.
     let children = watcher::Config::default().labels("app.kubernetes.io/managed-by=embedroll");
-    let (deployment_store, deployment_writer) = reflector::store();
-    let (service_store, service_writer) = reflector::store();
-    let (ingress_store, ingress_writer) = reflector::store();
     let (rollout_store, rollout_writer) = reflector::store();
-    let stores = Stores {
-        deployments: deployment_store,
-        services: service_store,
-        ingresses: ingress_store,
-    };
+    let stores = Stores::default();
     let context = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client, reporter),
@@ -218,24 +222,10 @@ pub async fn run(
         default_prometheus,
         settings: settings.clone(),
         stores: stores.clone(),
-        stores_ready: AtomicBool::new(false),
         failures: Mutex::default(),
         superseded: Superseded::default(),
         applied: Mutex::default(),
     });
-    {
-        let (context, stores) = (context.clone(), stores.clone());
-        tokio::spawn(async move {
-            let _ = tokio::join!(
-                stores.deployments.wait_until_ready(),
-                stores.services.wait_until_ready(),
-                stores.ingresses.wait_until_ready(),
-            );
-            context.stores_ready.store(true, Ordering::Release);
-            debug!("child caches listed");
-        });
-    }
-
     // A deleted rollout's per-rollout series go with it (or its RolledBack alert fires on).
     let forget = context.clone();
     let rollout_events = watcher(rollouts, watcher::Config::default().any_semantic())
@@ -258,22 +248,31 @@ pub async fn run(
         .owns_stream(
             watcher(deployments, children.clone())
                 .default_backoff()
-                .modify(drop_managed_fields)
-                .reflect(deployment_writer)
+                .modify(|child| owned::keep_owned(child, FIELD_MANAGER))
+                .inspect_ok({
+                    let cache = stores.deployments.clone();
+                    move |event| cache.apply(event)
+                })
                 .touched_objects(),
         )
         .owns_stream(
             watcher(services, children.clone())
                 .default_backoff()
-                .modify(drop_managed_fields)
-                .reflect(service_writer)
+                .modify(|child| owned::keep_owned(child, FIELD_MANAGER))
+                .inspect_ok({
+                    let cache = stores.services.clone();
+                    move |event| cache.apply(event)
+                })
                 .touched_objects(),
         )
         .owns_stream(
             watcher(ingresses, children)
                 .default_backoff()
-                .modify(drop_managed_fields)
-                .reflect(ingress_writer)
+                .modify(|child| owned::keep_owned(child, FIELD_MANAGER))
+                .inspect_ok({
+                    let cache = stores.ingresses.clone();
+                    move |event| cache.apply(event)
+                })
                 .touched_objects(),
         )
         .graceful_shutdown_on(shutdown)
@@ -289,9 +288,14 @@ pub async fn run(
         .await;
 }
 
-/// managedFields are most of a cached object's size and nothing here reads them.
+/// managedFields (and `kubectl apply`'s copy of the whole object) are most of a cached
+/// rollout's size and nothing here reads them.
 fn drop_managed_fields<K: Resource>(object: &mut K) {
-    object.meta_mut().managed_fields = None;
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
 }
 
 async fn reconcile(rollout: Arc<EmbeddingRollout>, ctx: Arc<Context>) -> Result<Action> {
@@ -371,11 +375,11 @@ pub fn commands(
 }
 
 impl EmbeddingRollout {
-    fn child<K>(&self, store: &Store<K>, name: &str) -> Option<Arc<K>>
+    fn child<K>(&self, store: &ChildCache<K>, name: &str) -> Option<K>
     where
-        K: Resource<DynamicType = ()> + Clone + 'static,
+        K: Resource + Serialize + serde::de::DeserializeOwned,
     {
-        store.get(&ObjectRef::new(name).within(&self.namespace().unwrap_or_default()))
+        store.get(&self.namespace().unwrap_or_default(), name)
     }
 
     async fn reconcile(&self, ctx: &Context) -> Result<Action> {
@@ -385,7 +389,7 @@ impl EmbeddingRollout {
             debug!(rollout = %self.name_any(), namespace = ?self.namespace(), "being deleted; nothing to reconcile");
             return Ok(Action::await_change());
         }
-        if !ctx.stores_ready.load(Ordering::Acquire) {
+        if !ctx.stores.ready() {
             return Ok(Action::requeue(Duration::from_millis(500)));
         }
         let key = ObjectRef::from_obj(self);
@@ -400,13 +404,13 @@ impl EmbeddingRollout {
         let name = self.name_any();
         let deployment =
             |color| self.child(&ctx.stores.deployments, &resources::color_name(self, color));
-        let blue = ColorState::from_deployment(deployment(Color::Blue).as_deref());
-        let green = ColorState::from_deployment(deployment(Color::Green).as_deref());
+        let blue = ColorState::from_deployment(deployment(Color::Blue).as_ref());
+        let green = ColorState::from_deployment(deployment(Color::Green).as_ref());
         let live = resources::live_traffic(
             self,
-            self.child(&ctx.stores.ingresses, &name).as_deref(),
+            self.child(&ctx.stores.ingresses, &name).as_ref(),
             self.child(&ctx.stores.ingresses, &resources::canary_ingress_name(self))
-                .as_deref(),
+                .as_ref(),
         );
         let desired = revision(&self.spec);
         let status = self.status.clone().unwrap_or_default();
@@ -591,7 +595,7 @@ impl EmbeddingRollout {
     }
 
     /// Applies `desired` unless the cached child already holds it.
-    async fn apply<K>(&self, ctx: &Context, store: &Store<K>, mut desired: K) -> Result<()>
+    async fn apply<K>(&self, ctx: &Context, store: &ChildCache<K>, mut desired: K) -> Result<()>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
             + Clone
@@ -604,7 +608,7 @@ impl EmbeddingRollout {
         let name = desired.meta().name.clone().unwrap_or_default();
         let live = self.child(store, &name);
         if live
-            .as_deref()
+            .as_ref()
             .is_some_and(|live| diff::in_place(&desired, live))
         {
             return Ok(());
@@ -620,7 +624,7 @@ impl EmbeddingRollout {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
-            == Some(&(seen.clone(), stamp.clone()))
+            == Some(&applied_hash(&seen, &stamp))
         {
             // This process applied exactly this over the version still cached.
             return Ok(());
@@ -635,7 +639,7 @@ impl EmbeddingRollout {
         ctx.applied
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key, (seen, stamp));
+            .insert(key, applied_hash(&seen, &stamp));
         Ok(())
     }
 
@@ -704,7 +708,7 @@ impl EmbeddingRollout {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&key)
-                == Some(&seen)
+                == Some(&applied_hash(&seen.0, &seen.1))
             {
                 continue;
             }
@@ -717,12 +721,20 @@ impl EmbeddingRollout {
                 patch["metadata"] = json!({"ownerReferences": [owner]});
             }
             Api::<Deployment>::namespaced(ctx.client.clone(), &namespace)
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .patch(
+                    &name,
+                    // Named, so the cache keeps `spec.replicas` among our fields.
+                    &PatchParams {
+                        field_manager: Some(FIELD_MANAGER.to_owned()),
+                        ..PatchParams::default()
+                    },
+                    &Patch::Merge(&patch),
+                )
                 .await?;
             ctx.applied
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(key, seen);
+                .insert(key, applied_hash(&seen.0, &seen.1));
         }
         Ok(())
     }

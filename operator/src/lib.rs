@@ -3,6 +3,7 @@
 //! Prometheus-gated canary steps with automatic rollback.
 
 pub mod analysis;
+pub mod children;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
@@ -10,6 +11,7 @@ pub mod diff;
 pub mod error;
 pub mod machine;
 pub mod metrics;
+pub mod owned;
 pub mod prometheus;
 pub mod resources;
 pub mod revision;
