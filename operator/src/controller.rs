@@ -32,7 +32,8 @@ use crate::crd::{
 };
 use crate::diff;
 use crate::error::{Error, Result};
-use crate::machine::{self, Commands, Input, LiveTraffic, Plan};
+use crate::gateway::{self, HTTPRoute};
+use crate::machine::{self, Commands, Input, LiveTraffic, Plan, RouteState};
 use crate::metrics::{MetricLabels, Metrics, ReasonLabels, ResultLabels, RolloutLabels};
 use crate::owned;
 use crate::prometheus;
@@ -88,13 +89,22 @@ pub struct Stores {
     pub deployments: Arc<ChildCache<Deployment>>,
     pub services: Arc<ChildCache<Service>>,
     pub ingresses: Arc<ChildCache<Ingress>>,
+    /// Empty (and ready) when the cluster has no Gateway API CRDs.
+    pub routes: Arc<ChildCache<HTTPRoute>>,
+    /// Whether HTTPRoutes can be watched (checked at start).
+    pub gateway_api: bool,
+    /// Why not, when they cannot.
+    pub gateway_api_missing: Option<String>,
 }
 
 impl Stores {
     /// Every cache holds a complete list: before that, a missing child may only be not
     /// listed yet.
     pub fn ready(&self) -> bool {
-        self.deployments.is_ready() && self.services.is_ready() && self.ingresses.is_ready()
+        self.deployments.is_ready()
+            && self.services.is_ready()
+            && self.ingresses.is_ready()
+            && self.routes.is_ready()
     }
 }
 
@@ -213,7 +223,30 @@ pub async fn run(
     // Children are labelled; watching only those keeps memory flat in busy clusters.
     let children = watcher::Config::default().labels("app.kubernetes.io/managed-by=embedroll");
     let (rollout_store, rollout_writer) = reflector::store();
-    let stores = Stores::default();
+    let routes: Api<HTTPRoute> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let gateway_api_missing = routes
+        .list(&ListParams::default().limit(1))
+        .await
+        .err()
+        .map(|e| {
+            format!(
+                "HTTPRoutes cannot be listed ({e}): install the Gateway API CRDs or grant the operator httproutes, then restart it"
+            )
+        });
+    let gateway_api = gateway_api_missing.is_none();
+    let stores = Stores {
+        gateway_api,
+        gateway_api_missing: gateway_api_missing.clone(),
+        ..Stores::default()
+    };
+    if let Some(why) = &gateway_api_missing {
+        // Nothing to watch: the cache is complete and empty.
+        stores.routes.apply(&watcher::Event::InitDone);
+        info!(reason = %why, "not watching HTTPRoutes: rollouts with traffic.gatewayAPI hold and say so");
+    }
     let context = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client, reporter),
@@ -243,7 +276,7 @@ pub async fn run(
             }
         })
         .applied_objects();
-    Controller::for_stream(rollout_events, rollout_store)
+    let mut controller = Controller::for_stream(rollout_events, rollout_store)
         .with_config(controller::Config::default().concurrency(settings.concurrency))
         .owns_stream(
             watcher(deployments, children.clone())
@@ -266,7 +299,7 @@ pub async fn run(
                 .touched_objects(),
         )
         .owns_stream(
-            watcher(ingresses, children)
+            watcher(ingresses, children.clone())
                 .default_backoff()
                 .modify(|child| owned::keep_owned(child, FIELD_MANAGER))
                 .inspect_ok({
@@ -274,7 +307,20 @@ pub async fn run(
                     move |event| cache.apply(event)
                 })
                 .touched_objects(),
-        )
+        );
+    if gateway_api {
+        controller = controller.owns_stream(
+            watcher(routes, children)
+                .default_backoff()
+                .modify(|child| owned::keep_owned(child, FIELD_MANAGER))
+                .inspect_ok({
+                    let cache = stores.routes.clone();
+                    move |event| cache.apply(event)
+                })
+                .touched_objects(),
+        );
+    }
+    controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
@@ -406,12 +452,25 @@ impl EmbeddingRollout {
             |color| self.child(&ctx.stores.deployments, &resources::color_name(self, color));
         let blue = ColorState::from_deployment(deployment(Color::Blue).as_ref());
         let green = ColorState::from_deployment(deployment(Color::Green).as_ref());
-        let live = resources::live_traffic(
-            self,
-            self.child(&ctx.stores.ingresses, &name).as_ref(),
-            self.child(&ctx.stores.ingresses, &resources::canary_ingress_name(self))
-                .as_ref(),
-        );
+        let (live, route) = match &self.spec.traffic.gateway_api {
+            Some(gateway) => {
+                let route = self.child(&ctx.stores.routes, &name);
+                let state = match &ctx.stores.gateway_api_missing {
+                    None => gateway::route_state(route.as_ref(), gateway, &namespace),
+                    Some(why) => RouteState::Refused(why.clone()),
+                };
+                (gateway::live_traffic(route.as_ref()), state)
+            }
+            None => (
+                resources::live_traffic(
+                    self,
+                    self.child(&ctx.stores.ingresses, &name).as_ref(),
+                    self.child(&ctx.stores.ingresses, &resources::canary_ingress_name(self))
+                        .as_ref(),
+                ),
+                RouteState::Routed,
+            ),
+        };
         let desired = revision(&self.spec);
         let status = self.status.clone().unwrap_or_default();
         let (commands, consumed) = commands(self.annotations(), &status.consumed_commands);
@@ -425,6 +484,7 @@ impl EmbeddingRollout {
             blue: &blue,
             green: &green,
             live: &live,
+            route: &route,
             commands,
             now,
         };
@@ -643,8 +703,9 @@ impl EmbeddingRollout {
         Ok(())
     }
 
-    /// Services, then the primary Ingress, then the canary Ingress. The primary goes first so
-    /// a promotion never passes through "everything on the old color".
+    /// Services, then the routes: the primary Ingress before the canary Ingress (so a
+    /// promotion never passes through "everything on the old color"), or the one HTTPRoute
+    /// whose weights move together.
     async fn apply_traffic(&self, ctx: &Context, plan: &Plan) -> Result<()> {
         let live = LiveTraffic::written_by(&plan.status);
         let stable = live.stable_color.unwrap_or(Color::Blue);
@@ -655,11 +716,31 @@ impl EmbeddingRollout {
         }
         self.apply(ctx, services, resources::stable_service(self, stable))
             .await?;
-        let ingresses = &ctx.stores.ingresses;
-        self.apply(ctx, ingresses, resources::primary_ingress(self, stable))
+        if let Some(nginx) = &self.spec.traffic.nginx {
+            let ingresses = &ctx.stores.ingresses;
+            self.apply(
+                ctx,
+                ingresses,
+                resources::primary_ingress(self, nginx, stable),
+            )
             .await?;
-        self.apply(ctx, ingresses, resources::canary_ingress(self, &live))
+            self.apply(
+                ctx,
+                ingresses,
+                resources::canary_ingress(self, nginx, &live),
+            )
             .await?;
+        }
+        if let Some(gateway) = &self.spec.traffic.gateway_api
+            && ctx.stores.gateway_api
+        {
+            self.apply(
+                ctx,
+                &ctx.stores.routes,
+                gateway::http_route(self, gateway, &live),
+            )
+            .await?;
+        }
         Ok(())
     }
 

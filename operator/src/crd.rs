@@ -105,10 +105,97 @@ fn default_port() -> i32 {
     8080
 }
 
+/// How traffic reaches the colors: exactly one provider.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.nginx) != has(self.gatewayAPI)").message("set exactly one of nginx and gatewayAPI"))]
 pub struct TrafficSpec {
-    pub nginx: NginxTraffic,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nginx: Option<NginxTraffic>,
+    #[serde(
+        default,
+        rename = "gatewayAPI",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub gateway_api: Option<GatewayApiTraffic>,
+    /// Requests carrying this header and value reach the canary at any weight, 0% included
+    /// (nginx `canary-by-header`, an HTTPRoute rule matching the header): smoke tests reach a
+    /// canary through the real data plane before users do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_header: Option<CanaryHeader>,
+}
+
+/// A request header that routes to the canary.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryHeader {
+    /// An HTTP header name.
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
+    )]
+    pub name: String,
+    /// Its exact value.
+    #[schemars(length(min = 1, max = 4096))]
+    pub value: String,
+}
+
+/// Traffic through the Gateway API: the operator owns an HTTPRoute `<name>` attached to
+/// `parentRefs`, whose rules send `100 - w` to the stable color's Service and `w` to the
+/// canary's. A route its Gateway has not accepted holds the rollout.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.paths) || self.paths.all(p, self.paths.filter(q, q == p).size() == 1)").message("paths must be unique").field_path(".paths"))]
+pub struct GatewayApiTraffic {
+    /// The Gateways (or listeners of one) the route attaches to, as Gateway API's
+    /// ParentReference.
+    #[schemars(length(min = 1, max = 32))]
+    pub parent_refs: Vec<ParentReference>,
+    /// Hostnames the route matches; empty matches the listeners' own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 16),
+        inner(
+            length(min = 1, max = 253),
+            regex(
+                pattern = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+            )
+        )
+    )]
+    pub hostnames: Vec<String>,
+    /// Path prefixes routed to the embedder.
+    #[serde(default = "default_paths")]
+    #[schemars(
+        length(min = 1, max = 16),
+        inner(length(max = 1024), regex(pattern = r"^/"))
+    )]
+    pub paths: Vec<String>,
+}
+
+/// Gateway API's ParentReference (`gateway.networking.k8s.io/v1`).
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentReference {
+    /// Defaults to `gateway.networking.k8s.io`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub group: Option<String>,
+    /// Defaults to `Gateway`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub kind: Option<String>,
+    /// Defaults to the rollout's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: Option<String>,
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub section_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
 }
 
 /// Traffic through ingress-nginx: a primary Ingress to the stable color and a canary Ingress
@@ -438,6 +525,18 @@ impl Color {
         match self {
             Color::Blue => "blue",
             Color::Green => "green",
+        }
+    }
+}
+
+impl std::str::FromStr for Color {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "blue" => Ok(Color::Blue),
+            "green" => Ok(Color::Green),
+            other => Err(format!("not a color: {other}")),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod controller;
 pub mod crd;
 pub mod diff;
 pub mod error;
+pub mod gateway;
 pub mod machine;
 pub mod metrics;
 pub mod owned;

@@ -19,7 +19,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::crd::{Color, EmbeddingRollout};
+use crate::crd::{Color, EmbeddingRollout, NginxTraffic};
 use crate::machine::LiveTraffic;
 
 pub const FIELD_MANAGER: &str = "embedroll-operator";
@@ -28,6 +28,9 @@ pub const LABEL_COLOR: &str = "embedroll.dev/color";
 pub const LABEL_REVISION: &str = "embedroll.dev/revision";
 pub const ANNOTATION_CANARY: &str = "nginx.ingress.kubernetes.io/canary";
 pub const ANNOTATION_CANARY_WEIGHT: &str = "nginx.ingress.kubernetes.io/canary-weight";
+pub const ANNOTATION_CANARY_BY_HEADER: &str = "nginx.ingress.kubernetes.io/canary-by-header";
+pub const ANNOTATION_CANARY_BY_HEADER_VALUE: &str =
+    "nginx.ingress.kubernetes.io/canary-by-header-value";
 /// What the operator records on the canary route so a lost status can be rebuilt from it.
 pub const ANNOTATION_CANARY_REVISION: &str = "embedroll.dev/canary-revision";
 pub const ANNOTATION_FAILED_REVISION: &str = "embedroll.dev/failed-revision";
@@ -79,6 +82,12 @@ fn meta(er: &EmbeddingRollout, name: String, extra: BTreeMap<String, String>) ->
         }),
         ..ObjectMeta::default()
     }
+}
+
+/// Name, namespace, the managed-by and rollout labels, and the owner reference every child
+/// carries.
+pub fn child_meta(er: &EmbeddingRollout, name: String) -> ObjectMeta {
+    meta(er, name, BTreeMap::new())
 }
 
 /// The full Deployment of `color` running `revision` of the current spec.
@@ -147,11 +156,11 @@ pub fn stable_service(er: &EmbeddingRollout, stable: Color) -> Service {
 
 fn ingress(
     er: &EmbeddingRollout,
+    nginx: &NginxTraffic,
     name: String,
     color: Color,
     annotations: BTreeMap<String, String>,
 ) -> Ingress {
-    let nginx = &er.spec.traffic.nginx;
     let backend = IngressBackend {
         service: Some(IngressServiceBackend {
             name: color_name(er, color),
@@ -190,13 +199,13 @@ fn ingress(
     }
 }
 
-pub fn primary_ingress(er: &EmbeddingRollout, stable: Color) -> Ingress {
-    ingress(er, er.name_any(), stable, BTreeMap::new())
+pub fn primary_ingress(er: &EmbeddingRollout, nginx: &NginxTraffic, stable: Color) -> Ingress {
+    ingress(er, nginx, er.name_any(), stable, BTreeMap::new())
 }
 
 /// The canary Ingress for the routes `live` describes: the weight for nginx, and the canary
 /// revision, failed revision and step for the operator itself (status recovery).
-pub fn canary_ingress(er: &EmbeddingRollout, live: &LiveTraffic) -> Ingress {
+pub fn canary_ingress(er: &EmbeddingRollout, nginx: &NginxTraffic, live: &LiveTraffic) -> Ingress {
     let canary = live.canary_color.unwrap_or(Color::Green);
     let mut annotations = BTreeMap::from([
         (ANNOTATION_CANARY.to_owned(), "true".to_owned()),
@@ -215,7 +224,17 @@ pub fn canary_ingress(er: &EmbeddingRollout, live: &LiveTraffic) -> Ingress {
             annotations.insert(key.to_owned(), value);
         }
     }
-    ingress(er, canary_ingress_name(er), canary, annotations)
+    // The header reaches the canary while one is deployed, at any weight.
+    if let Some(header) = &er.spec.traffic.canary_header
+        && live.canary_revision.is_some()
+    {
+        annotations.insert(ANNOTATION_CANARY_BY_HEADER.to_owned(), header.name.clone());
+        annotations.insert(
+            ANNOTATION_CANARY_BY_HEADER_VALUE.to_owned(),
+            header.value.clone(),
+        );
+    }
+    ingress(er, nginx, canary_ingress_name(er), canary, annotations)
 }
 
 /// The color an Ingress of this rollout sends to, from its first backend `<name>-<color>`.
@@ -359,7 +378,8 @@ mod tests {
     #[test]
     fn ingresses_route_all_paths_and_carry_canary_weight() {
         let er = rollout();
-        let primary = primary_ingress(&er, Color::Blue);
+        let nginx = er.spec.traffic.nginx.clone().unwrap();
+        let primary = primary_ingress(&er, &nginx, Color::Blue);
         let live = LiveTraffic {
             stable_color: Some(Color::Blue),
             canary_color: Some(Color::Green),
@@ -368,7 +388,7 @@ mod tests {
             failed_revision: None,
             step_index: Some(1),
         };
-        let canary = canary_ingress(&er, &live);
+        let canary = canary_ingress(&er, &nginx, &live);
         assert_eq!(
             live_traffic(&er, Some(&primary), Some(&canary)),
             live,
@@ -395,6 +415,35 @@ mod tests {
             paths[0].backend.service.as_ref().unwrap().name,
             "search-green"
         );
+    }
+
+    #[test]
+    fn the_canary_header_is_set_while_a_canary_is_deployed() {
+        let mut er = rollout();
+        er.spec.traffic.canary_header = Some(crate::crd::CanaryHeader {
+            name: "X-Canary".into(),
+            value: "always".into(),
+        });
+        let nginx = er.spec.traffic.nginx.clone().unwrap();
+        let mut live = LiveTraffic {
+            stable_color: Some(Color::Blue),
+            canary_color: Some(Color::Green),
+            canary_revision: Some("r2".into()),
+            ..LiveTraffic::default()
+        };
+        let annotations = canary_ingress(&er, &nginx, &live)
+            .metadata
+            .annotations
+            .unwrap();
+        assert_eq!(annotations[ANNOTATION_CANARY_BY_HEADER], "X-Canary");
+        assert_eq!(annotations[ANNOTATION_CANARY_BY_HEADER_VALUE], "always");
+        assert_eq!(annotations[ANNOTATION_CANARY_WEIGHT], "0");
+        live.canary_revision = None;
+        let annotations = canary_ingress(&er, &nginx, &live)
+            .metadata
+            .annotations
+            .unwrap();
+        assert!(!annotations.contains_key(ANNOTATION_CANARY_BY_HEADER));
     }
 
     #[test]

@@ -70,6 +70,34 @@ impl LiveTraffic {
     }
 }
 
+/// Whether the Gateway serves the HTTPRoute as the operator last wrote it (Gateway API; nginx
+/// Ingresses have no such status and are always `Routed`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum RouteState {
+    #[default]
+    Routed,
+    /// Just written (not created yet, or not reported on for its current generation): a
+    /// moment's wait, not news.
+    Pending(String),
+    /// No Gateway controller reports on it at all (a parent that does not exist, a class
+    /// nobody serves).
+    Unreported(String),
+    /// A parent said no (`Accepted` or `ResolvedRefs` False).
+    Refused(String),
+}
+
+impl RouteState {
+    /// Why traffic cannot move, if it cannot.
+    pub fn held(&self) -> Option<&str> {
+        match self {
+            RouteState::Routed => None,
+            RouteState::Pending(why) | RouteState::Unreported(why) | RouteState::Refused(why) => {
+                Some(why)
+            }
+        }
+    }
+}
+
 pub struct Input<'a> {
     /// The rollout's name (for the scale subresource's selector).
     pub name: &'a str,
@@ -80,6 +108,7 @@ pub struct Input<'a> {
     pub blue: &'a ColorState,
     pub green: &'a ColorState,
     pub live: &'a LiveTraffic,
+    pub route: &'a RouteState,
     pub commands: Commands,
     pub now: Timestamp,
 }
@@ -238,6 +267,7 @@ impl Planner<'_, '_> {
         let now = self.input.now;
         let desired = self.input.desired_revision.to_owned();
         self.st.observed_generation = self.input.generation;
+        self.report_route();
 
         if let Some(scale_down) = &self.st.scale_down {
             if now >= scale_down.at.0 {
@@ -299,6 +329,11 @@ impl Planner<'_, '_> {
             return;
         }
         if self.st.current_step_index.is_none() {
+            if let Some(why) = self.input.route.held() {
+                // No traffic moves onto a route the Gateway has not accepted.
+                self.st.message = Some(format!("holding 0%: {why}"));
+                return;
+            }
             self.enter_step(0);
         }
         if let Some(outcome) = analysis {
@@ -307,7 +342,61 @@ impl Planner<'_, '_> {
                 return;
             }
         }
+        if let Some(why) = self.input.route.held() {
+            // The weights the route carries are not what the Gateway serves: nothing here
+            // counts as traffic moved. Its status change wakes this rollout.
+            let weight = self.st.canary_weight;
+            self.st.message = Some(format!("holding {weight}%: {why}"));
+            return;
+        }
         self.advance();
+    }
+
+    /// Condition `TrafficRouted` (Gateway API): True once accepted, Unknown while no Gateway
+    /// reports on the route, False with the Gateway's reason when one refuses it; an Event
+    /// when a refusal starts or ends. A route just rewritten keeps the condition it had.
+    fn report_route(&mut self) {
+        if self.input.spec.traffic.gateway_api.is_none() {
+            return;
+        }
+        let previous = conditions::get(&self.st.conditions, "TrafficRouted")
+            .map(|c| (c.status.clone(), c.message.clone()));
+        let was = |status: &str| previous.as_ref().is_some_and(|(s, _)| s == status);
+        match self.input.route {
+            RouteState::Routed => {
+                if was("False") {
+                    self.event("RouteAccepted", "the Gateway accepted the HTTPRoute");
+                }
+                self.condition(
+                    "TrafficRouted",
+                    Status::True,
+                    "RouteAccepted",
+                    "every parent Gateway accepted the HTTPRoute and resolved its backends",
+                );
+            }
+            RouteState::Pending(_) => {}
+            RouteState::Unreported(why) => {
+                self.condition(
+                    "TrafficRouted",
+                    Status::Unknown,
+                    "RouteNotReported",
+                    why.clone(),
+                );
+            }
+            RouteState::Refused(why) => {
+                if previous.as_ref().map(|(s, m)| (s.as_str(), m.as_str()))
+                    != Some(("False", why.as_str()))
+                {
+                    self.warn("RouteNotAccepted", why.clone());
+                }
+                self.condition(
+                    "TrafficRouted",
+                    Status::False,
+                    "RouteNotAccepted",
+                    why.clone(),
+                );
+            }
+        }
     }
 
     fn deadline(&self) -> Timestamp {

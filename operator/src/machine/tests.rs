@@ -61,6 +61,8 @@ struct World {
     /// What the routes say: rewritten from each plan, as the controller applies it.
     live: LiveTraffic,
     commands: Commands,
+    /// What the Gateway says about the route.
+    route: RouteState,
     now: Timestamp,
     events: Vec<&'static str>,
 }
@@ -74,6 +76,7 @@ impl World {
             green: ColorState::default(),
             live: LiveTraffic::default(),
             commands: Commands::default(),
+            route: RouteState::Routed,
             now: t(0),
             events: Vec::new(),
         }
@@ -89,6 +92,7 @@ impl World {
             blue: &self.blue,
             green: &self.green,
             live: &self.live,
+            route: &self.route,
             commands: self.commands,
             now: self.now,
         };
@@ -319,6 +323,7 @@ fn a_newer_revision_supersedes_the_canary_at_weight_zero() {
         blue: &w.blue,
         green: &w.green,
         live: &w.live,
+        route: &RouteState::Routed,
         commands: Commands::default(),
         now: w.now,
     }));
@@ -792,4 +797,61 @@ fn a_promote_while_the_canary_is_short_of_ready_waits_for_it() {
     let plan = w.reconcile("r2", None);
     assert!(!plan.deferred.promote);
     assert_eq!(plan.status.canary_weight, 100);
+}
+
+#[test]
+fn a_route_the_gateway_has_not_accepted_holds_the_weight_and_says_why() {
+    let mut w = World::installed();
+    w.spec.traffic = serde_json::from_value(serde_json::json!({
+        "gatewayAPI": {"parentRefs": [{"name": "web"}]}
+    }))
+    .unwrap();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    let plan = w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(plan.status.canary_weight, 1);
+
+    // The Gateway refuses the route: passing analysis moves nothing.
+    let why = "parent ml/web: Accepted is False (NoMatchingParent): no listener";
+    w.route = RouteState::Refused(why.to_owned());
+    for _ in 0..3 {
+        w.tick(10);
+        let plan = w.reconcile("r2", Some(CheckResult::Passed));
+        assert_eq!(plan.status.canary_weight, 1, "held while not accepted");
+        assert!(plan.status.message.as_deref().unwrap().contains(why));
+    }
+    let routed = conditions::get(&w.status.conditions, "TrafficRouted").unwrap();
+    assert_eq!(
+        (routed.status.as_str(), routed.reason.as_str()),
+        ("False", "RouteNotAccepted")
+    );
+    assert_eq!(
+        w.events
+            .iter()
+            .filter(|e| **e == "RouteNotAccepted")
+            .count(),
+        1,
+        "one Event when it happens, not one per reconcile"
+    );
+
+    // Rewritten and not yet reported on: held, the condition unchanged, no Event.
+    w.route = RouteState::Pending("not reported on generation 3 yet".to_owned());
+    w.tick(10);
+    let plan = w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(plan.status.canary_weight, 1);
+    assert_eq!(
+        conditions::get(&w.status.conditions, "TrafficRouted")
+            .unwrap()
+            .status,
+        "False"
+    );
+
+    // Accepted again: the steps go on.
+    w.route = RouteState::Routed;
+    w.tick(10);
+    let plan = w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(plan.status.canary_weight, 10);
+    let routed = conditions::get(&w.status.conditions, "TrafficRouted").unwrap();
+    assert_eq!(routed.status, "True");
+    assert!(w.events.contains(&"RouteAccepted"));
 }
