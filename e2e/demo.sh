@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's main job: a progressive rollout on a local real cluster, end to end.
 #   1. fetches the model, brings up the local cluster (e2e/cluster up: apiserver, kubelet,
-#      nginx, Prometheus), installs the CRD and starts the operator;
-#   2. installs an EmbeddingRollout and sends traffic through nginx;
+#      Traefik, Prometheus), installs the CRD and starts the operator;
+#   2. installs an EmbeddingRollout and sends traffic through Traefik (its ingress-nginx
+#      provider);
 #   3. upgrades it: the new revision goes 1% -> 10% -> 50% -> 100%, gated on Prometheus;
 #   4. upgrades it to a slow revision (--fault-latency-ms): rolled back automatically.
 # Live `kubectl get er` lines show each step. The cluster stays up afterwards to explore
@@ -98,7 +99,7 @@ say "1/3 install: revision 1 goes straight to 100% once Ready"
 rollout
 watch_until Healthy
 
-say "traffic: 4 clients posting embeddings through nginx (Host demo.example.com)"
+say "traffic: 4 clients posting embeddings through Traefik (Host demo.example.com)"
 # Enough requests that even the 1% step sees minRequests canary requests per interval.
 python3 - "${INGRESS_URL#http://}" >/dev/null 2>&1 <<'PY' &
 import http.client, json, sys, threading, time

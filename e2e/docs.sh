@@ -85,7 +85,7 @@ run_doc() { # doc.md
 say "cluster up"
 "$cluster" up >/dev/null 2>"$work/up.log" || { cat "$work/up.log"; fail "cluster up"; }
 eval "$("$cluster" env)"
-# What install.md lists as prerequisites: ingress-nginx (the local stand-in, IngressClass
+# What install.md lists as prerequisites: ingress-nginx (Traefik's ingress-nginx provider, IngressClass
 # nginx), Prometheus (the local one), and the Prometheus Operator's CRDs for the chart's
 # monitors, rules and dashboards.
 kubectl apply --server-side -f "$tools/../crds/" >/dev/null

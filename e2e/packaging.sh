@@ -16,7 +16,7 @@
 #      on the project's scripts;
 #   7. `helm install` of the operator chart on that cluster: its pods run with a token of the
 #      chart's ServiceAccount (the local kubelet issues it), take the leader Lease and promote a
-#      rollout through 50% and 100% gated on Prometheus, with traffic through nginx; then the
+#      rollout through 50% and 100% gated on Prometheus, with traffic through Traefik; then the
 #      embedder chart, whose pod serves embeddings.
 set -euo pipefail
 label=packaging cluster_name=packaging-cluster ports="26443 22379 22380 29090 28088"
@@ -144,7 +144,7 @@ for out in "${renderings[@]}"; do
 done
 # The chart installed for real: the operator runs as two pods of the local kubelet, each with
 # a token of the chart's ServiceAccount (so only the chart's RBAC lets it work), and completes
-# a rollout gated on Prometheus with traffic through nginx.
+# a rollout gated on Prometheus with traffic through Traefik.
 say "helm install of the operator chart (operator pods on the local kubelet)"
 "$helm" install embedroll-operator charts/embedroll-operator -n embedroll-system --wait --timeout 3m \
   --set operator.prometheusUrl="$POD_PROMETHEUS_URL" --set operator.logFormat=text >"$work/install.log" 2>&1 ||

@@ -3,8 +3,9 @@
 # namespaces). On a cluster of its own (own state dir and ports):
 #   1. up; a blue and a green embedder Deployment + Service, applied with plain kubectl,
 #      become Ready through the local kubelet's readiness probes;
-#   2. an Ingress through nginx returns embeddings;
-#   3. a canary Ingress at canary-weight 30 sends 30% ± 7% of 1000 requests to green
+#   2. an Ingress through Traefik (its ingress-nginx provider) returns embeddings;
+#   3. a canary Ingress at canary-weight 30 sends 30% ± 7% of 1000 requests to green, whose
+#      Service port has no name (as `kubectl expose` makes it)
 #      (±7 points is about 4.8 standard deviations of a binomial(1000, 0.3)), counted exactly
 #      from each pod's own embedder_requests_total;
 #   4. Prometheus returns a non-empty histogram_quantile(0.95, ...) for the pods;
@@ -31,7 +32,7 @@ cleanup() {
   local status=$?
   if ((status != 0)) && [[ -d "$EMBEDROLL_CLUSTER_DIR/logs" ]]; then
     say "logs: $EMBEDROLL_CLUSTER_DIR/logs"
-    tail -n 20 "$EMBEDROLL_CLUSTER_DIR"/logs/local-kubelet.log "$EMBEDROLL_CLUSTER_DIR"/logs/local-ingress.log 2>/dev/null || true
+    tail -n 20 "$EMBEDROLL_CLUSTER_DIR"/logs/local-kubelet.log "$EMBEDROLL_CLUSTER_DIR"/logs/traefik.log 2>/dev/null || true
   fi
   "$cluster" down >/dev/null 2>&1 || true
 }
@@ -43,6 +44,9 @@ eval "$("$cluster" env)"
 say "cluster up in $((SECONDS - started))s"
 
 for color in blue green; do
+  # green's Service port has no name, like one `kubectl expose` makes.
+  port='{name: http, port: 80, targetPort: http}'
+  [[ $color == blue ]] || port='{port: 80, targetPort: 8080}'
   kubectl apply -f - >/dev/null <<EOF
 apiVersion: apps/v1
 kind: Deployment
@@ -66,7 +70,7 @@ spec:
 apiVersion: v1
 kind: Service
 metadata: {name: embedder-$color}
-spec: {selector: {app: embedder, color: $color}, ports: [{name: http, port: 80, targetPort: http}]}
+spec: {selector: {app: embedder, color: $color}, ports: [$port]}
 EOF
 done
 kubectl rollout status deployment/embedder-blue --timeout=120s
@@ -89,24 +93,24 @@ ingress embedder embedder-blue
 post() { curl -s -o "$1" -w '%{http_code}' -H 'Host: api.example.com' "$INGRESS_URL/api/v1/embed" -d '{"texts":["Hello world"]}'; }
 body="$(mktemp)"
 for _ in $(seq 1 100); do [[ "$(post "$body")" == 200 ]] && break; sleep 0.2; done
-python3 - "$body" <<'PY' || fail "no embedding through nginx"
+python3 - "$body" <<'PY' || fail "no embedding through Traefik"
 import json, sys
 r = json.load(open(sys.argv[1]))
 v = r["embeddings"][0]
 assert len(v) == 384 and abs(sum(x * x for x in v) - 1) < 1e-3, r
 PY
-say "embedding through nginx: ok"
+say "embedding through Traefik: ok"
 
 ingress embedder-canary embedder-green \
   '{"nginx.ingress.kubernetes.io/canary": "true", "nginx.ingress.kubernetes.io/canary-weight": "30"}'
-sleep 2 # the ingress renders and reloads on the change
+sleep 2 # Traefik applies the change (providersThrottleDuration 500ms)
 count() { # pod IP → its 200s on the native route
   curl -s "http://$1:8080/metrics" | awk '/^embedder_requests_total\{.*route="\/api\/v1\/embed".*code="200"\}/ {s += $2} END {print s + 0}'
 }
 blue_ip="$(kubectl get pod -l color=blue -o jsonpath='{.items[0].status.podIP}')"
 green_ip="$(kubectl get pod -l color=green -o jsonpath='{.items[0].status.podIP}')"
 blue0=$(count "$blue_ip"); green0=$(count "$green_ip")
-python3 - "${INGRESS_URL#http://}" <<'PY' || fail "requests through nginx failed"
+python3 - "${INGRESS_URL#http://}" <<'PY' || fail "requests through Traefik failed"
 import http.client, json, sys
 host, port = sys.argv[1].split(":")
 conn = http.client.HTTPConnection(host, int(port), timeout=30)
@@ -141,7 +145,7 @@ trap - EXIT
 "$cluster" down
 leftovers=$(pgrep -f "$EMBEDROLL_CLUSTER_DIR|embedder --listen 10\.88\." || true)
 [[ -z "$leftovers" ]] || fail "processes left after down: $leftovers"
-for port in 16443 12379 12380 19090 18088; do
+for port in 16443 12379 12380 19090 18088 18089 18090; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then fail "port $port still open after down"; fi
 done
 if ip netns list | grep -q '^embedroll-pod-'; then fail "pod network namespaces left after down"; fi

@@ -1,11 +1,10 @@
 //! Pieces of the local real cluster used by e2e tests and the demo: a kubelet that runs pods as
-//! local processes and an nginx-based ingress stand-in. The rollout scenarios are in
-//! `tests/rollouts.rs`, run by `e2e/scenarios.sh`.
+//! local processes (the data plane is Traefik, built from its Go module). The rollout
+//! scenarios are in `tests/rollouts.rs`, run by `e2e/scenarios.sh`.
 
 pub mod container_env;
 pub mod container_logs;
 pub mod images;
-pub mod ingress_render;
 pub mod node;
 pub mod pod_network;
 pub mod pods;

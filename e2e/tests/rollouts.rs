@@ -1,8 +1,9 @@
 //! Rollout scenarios on the local real cluster: real kube-apiserver, real embedder pods run by
-//! the local kubelet, real nginx, real Prometheus, and the operator binary, with traffic
-//! through nginx during every rollout. Run by `e2e/scenarios.sh` (cluster up, then
+//! the local kubelet, Traefik as the data plane (its ingress-nginx provider), real Prometheus,
+//! and the operator binary, with traffic through Traefik during every rollout. Run by
+//! `e2e/scenarios.sh` (cluster up, then
 //! `cargo test -p embedroll-e2e --test rollouts -- --test-threads=1`), which sets:
-//! KUBECONFIG, PROMETHEUS_URL, INGRESS_URL, INGRESS_DIR, EMBEDROLL_BIN_DIR (operator and CLI binaries),
+//! KUBECONFIG, PROMETHEUS_URL, INGRESS_URL, TRAEFIK_API_URL, EMBEDROLL_BIN_DIR (operator and CLI binaries),
 //! EMBEDROLL_CLUSTER (the e2e/cluster script), EMBEDROLL_E2E_LOGS.
 //!
 //! Analysis intervals are seconds instead of minutes; the logic is the same.
@@ -18,6 +19,7 @@ use embedroll_operator::crd::{EmbeddingRollout, EmbeddingRolloutStatus, Phase};
 use embedroll_operator::resources::{ANNOTATION_CANARY_WEIGHT, LABEL_COLOR, LABEL_ROLLOUT};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -401,7 +403,12 @@ struct Traffic {
 
 impl Traffic {
     fn start(host: String, clients: usize) -> Self {
-        let url = format!("{}/api/v1/embed", env("INGRESS_URL"));
+        Self::start_at(&env("INGRESS_URL"), host, clients)
+    }
+
+    /// Clients posting to `base` (the Ingress or the Gateway entry point).
+    fn start_at(base: &str, host: String, clients: usize) -> Self {
+        let url = format!("{base}/api/v1/embed");
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
@@ -543,8 +550,19 @@ impl Drop for Traffic {
     }
 }
 
-/// Installs the first revision and waits for Healthy with traffic answering through nginx.
+/// Installs the first revision and waits for Healthy with traffic answering through the
+/// Ingress entry point.
 async fn install(client: &Client, scenario: &str, manifest: &Value) -> EmbeddingRolloutStatus {
+    install_at(client, scenario, manifest, &env("INGRESS_URL")).await
+}
+
+/// Installs the first revision and waits for Healthy with traffic answering at `base`.
+async fn install_at(
+    client: &Client,
+    scenario: &str,
+    manifest: &Value,
+    base: &str,
+) -> EmbeddingRolloutStatus {
     start_operator();
     namespace(client, scenario).await;
     apply(client, scenario, manifest).await;
@@ -557,11 +575,11 @@ async fn install(client: &Client, scenario: &str, manifest: &Value) -> Embedding
         |s| s.phase == Some(Phase::Healthy),
     )
     .await;
-    // nginx picks up the Ingress and endpoints shortly after.
-    let url = format!("{}/api/v1/embed", env("INGRESS_URL"));
+    // The data plane picks up the route and endpoints shortly after.
+    let url = format!("{base}/api/v1/embed");
     let http = reqwest::Client::new();
     wait_for(
-        "an embedding through nginx",
+        "an embedding through the data plane",
         Duration::from_secs(30),
         || async {
             http.post(&url)
@@ -573,22 +591,75 @@ async fn install(client: &Client, scenario: &str, manifest: &Value) -> Embedding
         },
     )
     .await;
-    wait_ingress_settled().await;
+    wait_ingress_settled(client, scenario).await;
     st
 }
 
-/// Waits until every nginx worker runs the configuration last rendered (see
-/// e2e/src/bin/local_ingress.rs). The stand-in reloads nginx for endpoint changes; until the
-/// old worker has drained, a new connection can still land on it and its configuration
-/// without endpoints.
-async fn wait_ingress_settled() {
-    let dir = std::path::PathBuf::from(env("INGRESS_DIR"));
+/// Waits until Traefik's configuration (its API, `/api/http/services`) sends the namespace's
+/// traffic only to pods its EndpointSlices list as Ready: Traefik applies provider changes
+/// in batches (`providersThrottleDuration`), so right after pods come or go it may still
+/// hold the previous set.
+async fn wait_ingress_settled(client: &Client, ns: &str) {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+    let services = format!("{}/api/http/services?per_page=1000", env("TRAEFIK_API_URL"));
+    let http = reqwest::Client::new();
+    // Services of the ingress-nginx provider are named `<ns>-<service>-<port>`, those of the
+    // Gateway provider `httproute-<ns>-<route>-...-svc-<ns>-<service>-<n>`.
+    let (prefix, infix) = (format!("{ns}-"), format!("-{ns}-"));
     wait_for(
-        "nginx runs the current configuration",
+        "Traefik serves the current endpoints",
         Duration::from_secs(30),
         || async {
-            let rendered = std::fs::read(dir.join("nginx.conf"));
-            rendered.is_ok() && rendered.ok() == std::fs::read(dir.join("applied.conf")).ok()
+            let Ok(list) = slices.list(&ListParams::default()).await else {
+                return false;
+            };
+            let ready: std::collections::BTreeSet<String> = list
+                .items
+                .iter()
+                .flat_map(|slice| {
+                    let ports: Vec<i32> = slice
+                        .ports
+                        .iter()
+                        .flatten()
+                        .filter_map(|p| p.port)
+                        .collect();
+                    slice
+                        .endpoints
+                        .iter()
+                        .flatten()
+                        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+                        .flat_map(|e| e.addresses.clone())
+                        .flat_map(move |a| {
+                            ports
+                                .clone()
+                                .into_iter()
+                                .map(move |p| format!("http://{a}:{p}"))
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let Ok(response) = http.get(&services).send().await else {
+                return false;
+            };
+            let Ok(services) = response.json::<Vec<Value>>().await else {
+                return false;
+            };
+            let served: std::collections::BTreeSet<String> = services
+                .iter()
+                .filter(|s| {
+                    s["name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with(&prefix) || n.contains(&infix))
+                })
+                .flat_map(|s| {
+                    s["loadBalancer"]["servers"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .filter_map(|server| server["url"].as_str().map(str::to_owned))
+                .collect();
+            !served.is_empty() && served.is_subset(&ready)
         },
     )
     .await;
@@ -645,26 +716,15 @@ async fn a_first_install_goes_healthy() {
     cleanup(&client, "a-install").await;
 }
 
-/// b) An upgrade walks 1 -> 10 -> 50 -> 100; at each weight the share of requests the canary
-///    pods served (counted by the pods themselves) matches the weight; the old color is scaled
-///    down after scaleDownDelaySeconds.
-#[tokio::test]
-async fn b_upgrade_promotes_through_every_step() {
-    let client = client().await;
-    let ns = "b-upgrade";
-    let spec = json!({"analysis": {"interval": "4s"}});
-    install(&client, ns, &rollout_manifest(ns, &[], spec.clone())).await;
-    let traffic = Traffic::start(host(ns), 4);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    apply(
-        &client,
-        ns,
-        &rollout_manifest(ns, &["--max-batch-tokens", "8192"], spec),
-    )
-    .await;
-
+/// Follows an upgrade already started to the end: at each weight, the share of requests the
+/// canary's pods served (counted by the pods themselves) matches the weight, and the weights
+/// are 1, 10, 50, 100 in order.
+async fn check_shares_at_every_weight(client: &Client, ns: &str, scenario: &str) {
+    let client = client.clone();
     // Watch the weight; count each color's requests between one change and the next,
-    // starting 1 s after a change so nginx has reloaded.
+    // starting 1.5 s after a change: status is written before the route, and Traefik applies
+    // provider changes in batches (providersThrottleDuration 500ms here). The window ends when
+    // status shows the next weight, before the route carries it.
     let mut shares: Vec<(i32, f64, f64)> = Vec::new();
     let mut current = 0;
     let mut window_start: Option<(Instant, f64, f64)> = None;
@@ -693,7 +753,7 @@ async fn b_upgrade_promotes_through_every_step() {
             if st.phase == Some(Phase::Healthy) {
                 break;
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
             window_start = Some((
                 Instant::now(),
                 served_by(&client, ns, ns, "blue").await,
@@ -707,10 +767,10 @@ async fn b_upgrade_promotes_through_every_step() {
     for (weight, canary, total) in &shares {
         let p = f64::from(*weight) / 100.0;
         let observed = canary / total;
-        // Binomial noise (4 sigma) plus 3 points for the edges of the counting window.
-        let tolerance = 4.0 * (p * (1.0 - p) / total).sqrt() + 0.03;
+        // Binomial noise (4 sigma) plus 1 point for the edges of the counting window.
+        let tolerance = 4.0 * (p * (1.0 - p) / total).sqrt() + 0.01;
         say(
-            "b",
+            scenario,
             format!(
                 "weight {weight}%: canary served {canary} of {total} ({:.1}%), tolerance ±{:.1} points",
                 observed * 100.0,
@@ -726,6 +786,26 @@ async fn b_upgrade_promotes_through_every_step() {
             "weight {weight}%: observed share {observed:.3}"
         );
     }
+}
+
+/// b) An upgrade walks 1 -> 10 -> 50 -> 100; at each weight the share of requests the canary
+///    pods served (counted by the pods themselves) matches the weight; the old color is scaled
+///    down after scaleDownDelaySeconds.
+#[tokio::test]
+async fn b_upgrade_promotes_through_every_step() {
+    let client = client().await;
+    let ns = "b-upgrade";
+    let spec = json!({"analysis": {"interval": "4s"}});
+    install(&client, ns, &rollout_manifest(ns, &[], spec.clone())).await;
+    let traffic = Traffic::start(host(ns), 4);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    apply(
+        &client,
+        ns,
+        &rollout_manifest(ns, &["--max-batch-tokens", "8192"], spec),
+    )
+    .await;
+    check_shares_at_every_weight(&client, ns, "b").await;
     let st = status(&client, ns, ns).await;
     assert_eq!(
         st.stable_color.map(|c| c.to_string()).as_deref(),
@@ -1127,6 +1207,16 @@ async fn g_invalid_rollouts_are_rejected_with_the_field_named() {
             ],
         ),
         (
+            "two traffic providers",
+            json!({"traffic": {"gatewayAPI": {"parentRefs": [{"name": "web"}]}}}),
+            &["spec.traffic", "exactly one of nginx and gatewayAPI"],
+        ),
+        (
+            "a Gateway route without a parent",
+            json!({"traffic": {"nginx": null, "gatewayAPI": {"parentRefs": []}}}),
+            &["spec.traffic.gatewayAPI.parentRefs"],
+        ),
+        (
             "unparseable interval",
             json!({"analysis": {"interval": "5 minutes"}}),
             &["spec.analysis.interval"],
@@ -1439,12 +1529,15 @@ async fn j_config_samples_work() {
     namespace(&client, ns).await;
     let samples = format!("{}/../config/samples/", env("CARGO_MANIFEST_DIR"));
     kubectl(&["apply", "-n", ns, "-f", &samples]);
+    // (name, host, entry point): the Gateway API sample answers on the Gateway's listener.
+    let (ingress, gateway) = (env("INGRESS_URL"), env("GATEWAY_URL"));
     let hosts = [
-        ("minilm", "embed.example.com"),
-        ("minilm-full", "embed-full.example.com"),
-        ("minilm-custom", "embed-custom.example.com"),
+        ("minilm", "embed.example.com", &ingress),
+        ("minilm-full", "embed-full.example.com", &ingress),
+        ("minilm-custom", "embed-custom.example.com", &ingress),
+        ("minilm-gateway", "embed-gateway.example.com", &gateway),
     ];
-    for (name, _) in hosts {
+    for (name, _, _) in hosts {
         wait_status(
             &client,
             ns,
@@ -1455,10 +1548,10 @@ async fn j_config_samples_work() {
         )
         .await;
     }
-    wait_ingress_settled().await;
-    let url = format!("{}/api/v1/embed", env("INGRESS_URL"));
+    wait_ingress_settled(&client, ns).await;
     let http = reqwest::Client::new();
-    for (name, host) in hosts {
+    for (name, host, base) in hosts {
+        let url = format!("{base}/api/v1/embed");
         let post = || {
             http.post(&url)
                 .header("Host", host)
@@ -1466,7 +1559,7 @@ async fn j_config_samples_work() {
                 .send()
         };
         wait_for(
-            &format!("an embedding from {name} through nginx"),
+            &format!("an embedding from {name} through Traefik"),
             Duration::from_secs(30),
             || async { post().await.is_ok_and(|r| r.status() == 200) },
         )
@@ -1671,20 +1764,15 @@ async fn k_lost_status_is_rebuilt_from_the_live_objects() {
         after.canary_color,
         Some(embedroll_operator::crd::Color::Green)
     );
-    // Every answer through the re-applies so far was a 200. (Scaling down below ends pods
-    // that are serving, which the ingress stand-in does not drain: its traffic is separate.)
+    // Every request through the re-applies so far was answered with a 200: Traefik swaps its
+    // configuration whole when the Ingresses are re-applied with their new owner. (Scaling
+    // down below ends serving pods: its traffic is counted separately.)
     let answers = traffic.finish().await;
     say(
         "k",
         format!("answers through two re-applies: {:?}", answers.codes),
     );
-    // Every answer is a 200. A connection the ingress stand-in drops while it reloads nginx
-    // (the re-created rollout re-applies its Ingresses with the new owner) is no answer; it
-    // is reported, not counted.
-    assert!(
-        answers.codes.keys().all(|code| *code == 200),
-        "all answers 200: {answers:?}"
-    );
+    assert!(answers.all_ok(), "every request answered 200: {answers:?}");
 
     // `kubectl scale` (what an HPA does) during the rollout: both colors follow under Full,
     // and the scale subresource counts the Ready pods of both.
@@ -1766,7 +1854,7 @@ async fn k_lost_status_is_rebuilt_from_the_live_objects() {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    wait_ingress_settled().await;
+    wait_ingress_settled(&client, ns).await;
     let traffic = Traffic::start(host(ns), 2);
     cli(&["promote", ns, "-n", ns]);
     wait_status(&client, ns, ns, "promoted", Duration::from_secs(60), |s| {
@@ -1826,13 +1914,276 @@ async fn k_lost_status_is_rebuilt_from_the_live_objects() {
     );
     let answers = traffic.finish().await;
     say("k", format!("answers: {:?}", answers.codes));
-    // Every answer is a 200. A connection the ingress stand-in drops while it reloads nginx
-    // (the re-created rollout re-applies its Ingresses with the new owner) is no answer; it
-    // is reported, not counted.
-    assert!(
-        answers.codes.keys().all(|code| *code == 200),
-        "all answers 200: {answers:?}"
+    assert!(answers.all_ok(), "every request answered 200: {answers:?}");
+    cleanup(&client, ns).await;
+}
+
+// ------------------------------------------------------------------ Gateway API
+
+/// A rollout whose traffic goes through the Gateway API: the Gateway the local cluster runs
+/// (Traefik's Gateway provider), an HTTPRoute the operator owns.
+fn gateway_manifest(name: &str, extra_args: &[&str], parent: &str) -> Value {
+    let mut manifest = rollout_manifest(name, extra_args, json!({"analysis": {"interval": "4s"}}));
+    manifest["spec"]["traffic"] = json!({"gatewayAPI": {
+        "parentRefs": [{"name": parent, "namespace": env("GATEWAY_NAMESPACE")}],
+        "hostnames": [host(name)],
+        "paths": ["/api/v1/embed"],
+    }});
+    manifest
+}
+
+/// m) Gateway API: a first install answers through the Gateway; an upgrade walks 1 -> 10 ->
+///    50 -> 100 with each color's share counted by its pods at every weight; a revision whose
+///    HTTPRoute no Gateway accepts (a parentRef to a missing Gateway) holds at 0% with
+///    `TrafficRouted` False saying why, and goes on once the route is fixed.
+#[tokio::test]
+async fn m_gateway_api_routes_weights_and_holds_an_unaccepted_route() {
+    let client = client().await;
+    let ns = "m-gateway";
+    let gateway = env("GATEWAY_NAME");
+    let base = env("GATEWAY_URL");
+    install_at(&client, ns, &gateway_manifest(ns, &[], &gateway), &base).await;
+    let st = wait_status(
+        &client,
+        ns,
+        ns,
+        "TrafficRouted True",
+        Duration::from_secs(30),
+        |s| conditions::get(&s.conditions, "TrafficRouted").is_some_and(|c| c.status == "True"),
+    )
+    .await;
+    let (_, reason, message) = condition(&st, "TrafficRouted");
+    say("m", format!("TrafficRouted: {reason}: {message}"));
+    let routes = Api::<DynamicObject>::namespaced_with(
+        client.clone(),
+        ns,
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+            "httproutes",
+        ),
     );
+    let route = routes.get(ns).await.unwrap();
+    say("m", format!("HTTPRoute status: {}", route.data["status"]));
+
+    let traffic = Traffic::start_at(&base, host(ns), 4);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    apply(
+        &client,
+        ns,
+        &gateway_manifest(ns, &["--max-batch-tokens", "8192"], &gateway),
+    )
+    .await;
+    check_shares_at_every_weight(&client, ns, "m").await;
+    let st = status(&client, ns, ns).await;
+    assert_eq!(
+        st.stable_color.map(|c| c.to_string()).as_deref(),
+        Some("green")
+    );
+    let answers = traffic.finish().await;
+    say(
+        "m",
+        format!("answers during the rollout: {:?}", answers.codes),
+    );
+    assert!(
+        answers.all_ok(),
+        "no failed request during the rollout: {answers:?}"
+    );
+
+    // A new revision on a route no Gateway reports on: it holds at 0%, and says why.
+    apply(
+        &client,
+        ns,
+        &gateway_manifest(ns, &["--max-batch-tokens", "4096"], "missing"),
+    )
+    .await;
+    let held = wait_status(
+        &client,
+        ns,
+        ns,
+        "TrafficRouted Unknown, holding at 0%",
+        Duration::from_secs(90),
+        |s| {
+            s.phase == Some(Phase::Progressing)
+                && conditions::get(&s.conditions, "TrafficRouted")
+                    .is_some_and(|c| c.status == "Unknown")
+                && s.message
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with("holding 0%"))
+        },
+    )
+    .await;
+    let (_, reason, message) = condition(&held, "TrafficRouted");
+    say("m", format!("held: {reason}: {message}"));
+    assert_eq!(reason, "RouteNotReported");
+    assert!(message.contains("/missing"), "names the parent: {message}");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let still = status(&client, ns, ns).await;
+    assert_eq!(still.canary_weight, 0, "no weight on an unaccepted route");
+    assert_eq!(still.phase, Some(Phase::Progressing));
+
+    // The route fixed: answered through the Gateway again, the rollout goes on to the end
+    // (the steps need canary traffic for their analysis).
+    apply(
+        &client,
+        ns,
+        &gateway_manifest(ns, &["--max-batch-tokens", "4096"], &gateway),
+    )
+    .await;
+    let url = format!("{base}/api/v1/embed");
+    let http = reqwest::Client::new();
+    wait_for(
+        "an embedding through the Gateway again",
+        Duration::from_secs(30),
+        || async {
+            http.post(&url)
+                .header("Host", host(ns))
+                .json(&json!({"texts": ["route fixed"]}))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        },
+    )
+    .await;
+    let traffic = Traffic::start_at(&base, host(ns), 4);
+    wait_status(
+        &client,
+        ns,
+        ns,
+        "promoted after the fix",
+        Duration::from_secs(180),
+        |s| {
+            s.phase == Some(Phase::Healthy)
+                && s.stable_color.map(|c| c.to_string()).as_deref() == Some("blue")
+        },
+    )
+    .await;
+    let (routed, _, _) = condition(&status(&client, ns, ns).await, "TrafficRouted");
+    assert_eq!(routed, "True");
+    let answers = traffic.finish().await;
+    say("m", format!("answers after the fix: {:?}", answers.codes));
+    assert!(
+        answers.all_ok(),
+        "no failed request after the fix: {answers:?}"
+    );
+    cleanup(&client, ns).await;
+}
+
+/// n) `traffic.canaryHeader` reaches a canary held at 0% (a first step `pause: {}`), through
+///    the real data plane, on both providers: requests with the header are served by the
+///    canary's pods only, requests without it by the stable pods only.
+#[tokio::test]
+async fn n_canary_header_reaches_a_0_percent_canary_on_both_providers() {
+    let client = client().await;
+    let ns = "n-header";
+    start_operator();
+    namespace(&client, ns).await;
+    let header = json!({"name": "X-Embedroll-Canary", "value": "smoke"});
+    let steps = json!([{"pause": {}}, {"setWeight": 50}, {"setWeight": 100}]);
+    let gateway = |args: &[&str]| {
+        let mut m = gateway_manifest("n-gateway", args, &env("GATEWAY_NAME"));
+        m["spec"]["traffic"]["canaryHeader"] = header.clone();
+        m["spec"]["strategy"]["steps"] = steps.clone();
+        m
+    };
+    let nginx = |args: &[&str]| {
+        let mut m = rollout_manifest("n-nginx", args, json!({}));
+        m["spec"]["traffic"]["canaryHeader"] = header.clone();
+        m["spec"]["strategy"]["steps"] = steps.clone();
+        m
+    };
+    let providers = [
+        (
+            "n-gateway",
+            env("GATEWAY_URL"),
+            gateway(&[]),
+            gateway(&["--max-batch-tokens", "8192"]),
+        ),
+        (
+            "n-nginx",
+            env("INGRESS_URL"),
+            nginx(&[]),
+            nginx(&["--max-batch-tokens", "8192"]),
+        ),
+    ];
+    for (name, _, first, _) in &providers {
+        apply(&client, ns, first).await;
+        wait_status(
+            &client,
+            ns,
+            name,
+            "first install Healthy",
+            Duration::from_secs(120),
+            |s| s.phase == Some(Phase::Healthy),
+        )
+        .await;
+    }
+    for (name, _, _, upgrade) in &providers {
+        apply(&client, ns, upgrade).await;
+        wait_status(
+            &client,
+            ns,
+            name,
+            "the canary held at 0%",
+            Duration::from_secs(120),
+            |s| {
+                s.phase == Some(Phase::Paused)
+                    && s.canary_weight == 0
+                    && s.current_step_index == Some(0)
+            },
+        )
+        .await;
+    }
+    wait_ingress_settled(&client, ns).await;
+    let http = reqwest::Client::new();
+    for (name, base, _, _) in &providers {
+        let url = format!("{base}/api/v1/embed");
+        let post = |with_header: bool| {
+            let mut request = http
+                .post(&url)
+                .header("Host", host(name))
+                .json(&json!({"texts": ["a header-routed request"]}));
+            if with_header {
+                request = request.header("X-Embedroll-Canary", "smoke");
+            }
+            request.send()
+        };
+        wait_for(
+            &format!("{name}: the header reaches the canary"),
+            Duration::from_secs(30),
+            || async {
+                let green = served_by(&client, ns, name, "green").await;
+                post(true).await.is_ok_and(|r| r.status() == 200)
+                    && served_by(&client, ns, name, "green").await > green
+            },
+        )
+        .await;
+        let (blue0, green0) = (
+            served_by(&client, ns, name, "blue").await,
+            served_by(&client, ns, name, "green").await,
+        );
+        for with_header in [true, false] {
+            for _ in 0..20 {
+                let response = post(with_header).await.unwrap();
+                assert_eq!(response.status(), 200, "{name}");
+            }
+        }
+        let (blue, green) = (
+            served_by(&client, ns, name, "blue").await - blue0,
+            served_by(&client, ns, name, "green").await - green0,
+        );
+        say(
+            "n",
+            format!(
+                "{name} at 0%: 20 requests with the header, 20 without: canary served {green}, stable {blue}"
+            ),
+        );
+        assert_eq!(
+            (green, blue),
+            (20.0, 20.0),
+            "{name}: the header and only the header reaches the canary"
+        );
+        assert_eq!(status(&client, ns, name).await.canary_weight, 0);
+    }
     cleanup(&client, ns).await;
 }
 
