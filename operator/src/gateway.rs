@@ -13,9 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crd::{Color, EmbeddingRollout, GatewayApiTraffic, ParentReference};
 use crate::machine::{LiveTraffic, RouteState};
-use crate::resources::{
-    ANNOTATION_CANARY_REVISION, ANNOTATION_FAILED_REVISION, ANNOTATION_STEP, color_name,
-};
+use crate::resources::{color_name, read_rollout, record_rollout};
 
 /// The color the route sends `100 - weight` to, so a lost status can be rebuilt.
 pub const ANNOTATION_STABLE_COLOR: &str = "embedroll.dev/stable-color";
@@ -180,16 +178,7 @@ pub fn http_route(
         (ANNOTATION_CANARY_COLOR.to_owned(), canary.to_string()),
         (ANNOTATION_CANARY_WEIGHT.to_owned(), weight.to_string()),
     ]);
-    let recorded = [
-        (ANNOTATION_CANARY_REVISION, live.canary_revision.clone()),
-        (ANNOTATION_FAILED_REVISION, live.failed_revision.clone()),
-        (ANNOTATION_STEP, live.step_index.map(|i| i.to_string())),
-    ];
-    for (key, value) in recorded {
-        if let Some(value) = value {
-            annotations.insert(key.to_owned(), value);
-        }
-    }
+    record_rollout(&mut annotations, live);
     let mut metadata = crate::resources::child_meta(er, er.name_any());
     metadata.annotations = Some(annotations);
     HTTPRoute {
@@ -211,16 +200,16 @@ pub fn live_traffic(route: Option<&HTTPRoute>) -> LiveTraffic {
     let annotations = route.annotations();
     let get = |key: &str| annotations.get(key).filter(|v| !v.is_empty()).cloned();
     let color = |key: &str| get(key).and_then(|c| c.parse::<Color>().ok());
-    LiveTraffic {
+    let mut live = LiveTraffic {
         stable_color: color(ANNOTATION_STABLE_COLOR),
         canary_color: color(ANNOTATION_CANARY_COLOR),
         canary_weight: get(ANNOTATION_CANARY_WEIGHT)
             .and_then(|w| w.parse().ok())
             .unwrap_or(0),
-        canary_revision: get(ANNOTATION_CANARY_REVISION),
-        failed_revision: get(ANNOTATION_FAILED_REVISION),
-        step_index: get(ANNOTATION_STEP).and_then(|s| s.parse().ok()),
-    }
+        ..LiveTraffic::default()
+    };
+    read_rollout(annotations, &mut live);
+    live
 }
 
 /// Whether every parent the rollout names has accepted the route as it is now (its

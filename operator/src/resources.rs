@@ -214,16 +214,7 @@ pub fn canary_ingress(er: &EmbeddingRollout, nginx: &NginxTraffic, live: &LiveTr
             live.canary_weight.to_string(),
         ),
     ]);
-    let recorded = [
-        (ANNOTATION_CANARY_REVISION, live.canary_revision.clone()),
-        (ANNOTATION_FAILED_REVISION, live.failed_revision.clone()),
-        (ANNOTATION_STEP, live.step_index.map(|i| i.to_string())),
-    ];
-    for (key, value) in recorded {
-        if let Some(value) = value {
-            annotations.insert(key.to_owned(), value);
-        }
-    }
+    record_rollout(&mut annotations, live);
     // The header reaches the canary while one is deployed, at any weight.
     if let Some(header) = &er.spec.traffic.canary_header
         && live.canary_revision.is_some()
@@ -257,6 +248,29 @@ fn backend_color(er: &EmbeddingRollout, ingress: &Ingress) -> Option<Color> {
         .find(|c| service.name == color_name(er, *c))
 }
 
+/// Records on a canary route what the operator needs to rebuild a lost status from it: the
+/// canary revision, the failed revision and the step.
+pub fn record_rollout(annotations: &mut BTreeMap<String, String>, live: &LiveTraffic) {
+    let recorded = [
+        (ANNOTATION_CANARY_REVISION, live.canary_revision.clone()),
+        (ANNOTATION_FAILED_REVISION, live.failed_revision.clone()),
+        (ANNOTATION_STEP, live.step_index.map(|i| i.to_string())),
+    ];
+    for (key, value) in recorded {
+        if let Some(value) = value {
+            annotations.insert(key.to_owned(), value);
+        }
+    }
+}
+
+/// What [`record_rollout`] wrote, read back into `live`.
+pub fn read_rollout(annotations: &BTreeMap<String, String>, live: &mut LiveTraffic) {
+    let get = |key: &str| annotations.get(key).filter(|v| !v.is_empty()).cloned();
+    live.canary_revision = get(ANNOTATION_CANARY_REVISION);
+    live.failed_revision = get(ANNOTATION_FAILED_REVISION);
+    live.step_index = get(ANNOTATION_STEP).and_then(|s| s.parse().ok());
+}
+
 /// Reads the live routes back (status recovery).
 pub fn live_traffic(
     er: &EmbeddingRollout,
@@ -264,17 +278,17 @@ pub fn live_traffic(
     canary: Option<&Ingress>,
 ) -> LiveTraffic {
     let annotations = canary.map(|c| c.annotations().clone()).unwrap_or_default();
-    let get = |key: &str| annotations.get(key).filter(|v| !v.is_empty()).cloned();
-    LiveTraffic {
+    let mut live = LiveTraffic {
         stable_color: primary.and_then(|p| backend_color(er, p)),
         canary_color: canary.and_then(|c| backend_color(er, c)),
-        canary_weight: get(ANNOTATION_CANARY_WEIGHT)
+        canary_weight: annotations
+            .get(ANNOTATION_CANARY_WEIGHT)
             .and_then(|w| w.parse().ok())
             .unwrap_or(0),
-        canary_revision: get(ANNOTATION_CANARY_REVISION),
-        failed_revision: get(ANNOTATION_FAILED_REVISION),
-        step_index: get(ANNOTATION_STEP).and_then(|s| s.parse().ok()),
-    }
+        ..LiveTraffic::default()
+    };
+    read_rollout(&annotations, &mut live);
+    live
 }
 
 /// What a color's Deployment says about its pods.
