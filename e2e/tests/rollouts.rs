@@ -576,23 +576,24 @@ async fn install_at(
     )
     .await;
     // The data plane picks up the route and endpoints shortly after.
-    let url = format!("{base}/api/v1/embed");
-    let http = reqwest::Client::new();
-    wait_for(
-        "an embedding through the data plane",
-        Duration::from_secs(30),
-        || async {
-            http.post(&url)
-                .header("Host", host(scenario))
-                .json(&json!({"texts": ["hello"]}))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        },
-    )
-    .await;
+    wait_answering(base, &host(scenario), "an embedding through the data plane").await;
     wait_ingress_settled(client, scenario).await;
     st
+}
+
+/// Waits until an embedding posted to `base` for `host` is answered with a 200.
+async fn wait_answering(base: &str, host: &str, what: &str) {
+    let url = format!("{base}/api/v1/embed");
+    let http = reqwest::Client::new();
+    wait_for(what, Duration::from_secs(30), || async {
+        http.post(&url)
+            .header("Host", host)
+            .json(&json!({"texts": ["hello"]}))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
 }
 
 /// Waits until Traefik's configuration (its API, `/api/http/services`) sends the namespace's
@@ -2029,21 +2030,7 @@ async fn m_gateway_api_routes_weights_and_holds_an_unaccepted_route() {
         &gateway_manifest(ns, &["--max-batch-tokens", "4096"], &gateway),
     )
     .await;
-    let url = format!("{base}/api/v1/embed");
-    let http = reqwest::Client::new();
-    wait_for(
-        "an embedding through the Gateway again",
-        Duration::from_secs(30),
-        || async {
-            http.post(&url)
-                .header("Host", host(ns))
-                .json(&json!({"texts": ["route fixed"]}))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        },
-    )
-    .await;
+    wait_answering(&base, &host(ns), "an embedding through the Gateway again").await;
     let traffic = Traffic::start_at(&base, host(ns), 4);
     wait_status(
         &client,
