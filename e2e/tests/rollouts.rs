@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use embedroll_operator::conditions;
 use embedroll_operator::crd::{EmbeddingRollout, EmbeddingRolloutStatus, Phase};
-use embedroll_operator::resources::{ANNOTATION_CANARY_WEIGHT, LABEL_COLOR, LABEL_ROLLOUT};
+use embedroll_operator::resources::{
+    ANNOTATION_CANARY_WEIGHT, FIELD_MANAGER, LABEL_COLOR, LABEL_ROLLOUT,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -386,6 +388,85 @@ async fn served_by(client: &Client, ns: &str, name: &str, color: &str) -> f64 {
             .sum::<f64>();
     }
     total
+}
+
+// ------------------------------------------------------------------ providers
+
+/// Which traffic provider a scenario runs on: the same behaviour is checked on both.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Provider {
+    /// ingress-nginx annotations (Traefik's ingress-nginx provider).
+    Nginx,
+    /// An HTTPRoute the operator owns (Traefik's Gateway API provider).
+    GatewayApi,
+}
+
+impl Provider {
+    /// [`rollout_manifest`] with this provider's traffic section.
+    fn manifest(self, name: &str, extra_args: &[&str], spec_patch: Value) -> Value {
+        let mut manifest = rollout_manifest(name, extra_args, spec_patch);
+        if self == Provider::GatewayApi {
+            manifest["spec"]["traffic"] = json!({"gatewayAPI": {
+                "parentRefs": [{"name": env("GATEWAY_NAME"), "namespace": env("GATEWAY_NAMESPACE")}],
+                "hostnames": [host(name)],
+                "paths": ["/api/v1/embed"],
+            }});
+        }
+        manifest
+    }
+
+    /// Where clients send their requests.
+    fn base(self) -> String {
+        match self {
+            Provider::Nginx => env("INGRESS_URL"),
+            Provider::GatewayApi => env("GATEWAY_URL"),
+        }
+    }
+
+    /// The canary weight the data plane is told (not status): the canary Ingress's
+    /// annotation, or the canary color's backendRef weight on the HTTPRoute.
+    async fn told_weight(self, client: &Client, ns: &str, name: &str) -> Option<i32> {
+        match self {
+            Provider::Nginx => ingress_weight(client, ns, name).await,
+            Provider::GatewayApi => route_weight(client, ns, name).await,
+        }
+    }
+}
+
+fn http_routes(client: &Client, ns: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        client.clone(),
+        ns,
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+            "httproutes",
+        ),
+    )
+}
+
+/// The weight of the canary on the HTTPRoute `route` (its first rule), read from the
+/// backendRefs themselves: every backendRef but the stable color's (recorded on the route) is
+/// the canary; none means 0.
+async fn route_weight(client: &Client, ns: &str, route: &str) -> Option<i32> {
+    let route = http_routes(client, ns).get_opt(route).await.unwrap()?;
+    let stable = route
+        .annotations()
+        .get("embedroll.dev/stable-color")?
+        .clone();
+    let refs = route.data["spec"]["rules"][0]["backendRefs"]
+        .as_array()?
+        .clone();
+    let canary: i64 = refs
+        .iter()
+        .filter(|b| {
+            !b["name"]
+                .as_str()
+                .unwrap_or("")
+                .ends_with(&format!("-{stable}"))
+        })
+        .map(|b| b["weight"].as_i64().unwrap_or(1))
+        .sum();
+    i32::try_from(canary).ok()
 }
 
 // ------------------------------------------------------------------ traffic
@@ -865,6 +946,7 @@ async fn b_upgrade_promotes_through_every_step() {
 /// Upgrades to a faulty revision and waits for the automatic rollback; returns the status.
 async fn faulty_upgrade(
     client: &Client,
+    provider: Provider,
     ns: &str,
     fault: &[&str],
     breach_query: &str,
@@ -872,10 +954,16 @@ async fn faulty_upgrade(
 ) -> EmbeddingRolloutStatus {
     // The failed canary stays up for 30 s, long enough to see that it gets no more traffic.
     let spec = json!({"strategy": {"scaleDownDelaySeconds": 30}});
-    install(client, ns, &rollout_manifest(ns, &[], spec.clone())).await;
-    let traffic = Traffic::start(host(ns), 4);
+    install_at(
+        client,
+        ns,
+        &provider.manifest(ns, &[], spec.clone()),
+        &provider.base(),
+    )
+    .await;
+    let traffic = Traffic::start_at(&provider.base(), host(ns), 4);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    apply(client, ns, &rollout_manifest(ns, fault, spec)).await;
+    apply(client, ns, &provider.manifest(ns, fault, spec)).await;
     let canary_revision = wait_status(
         client,
         ns,
@@ -925,7 +1013,7 @@ async fn faulty_upgrade(
                 conclusive_seen = Some(now);
             }
         }
-        if ingress_weight(client, ns, ns).await == Some(0)
+        if provider.told_weight(client, ns, ns).await == Some(0)
             && status(client, ns, ns).await.failed_revision.is_some()
         {
             break Instant::now();
@@ -968,10 +1056,27 @@ async fn faulty_upgrade(
 /// c) A canary slower than the P95 limit is rolled back automatically.
 #[tokio::test]
 async fn c_latency_breach_rolls_back() {
+    c_latency_breach_rolls_back_with(Provider::Nginx, "c-latency").await;
+}
+
+/// The same on Gateway API: the route carries 0 to the canary again.
+#[tokio::test]
+async fn c_latency_breach_rolls_back_on_gateway_api() {
+    c_latency_breach_rolls_back_with(Provider::GatewayApi, "c-latency-gw").await;
+}
+
+async fn c_latency_breach_rolls_back_with(provider: Provider, ns: &str) {
     let client = client().await;
-    let ns = "c-latency";
     let query = r#"histogram_quantile(0.95, sum by (le) (rate(embedder_request_duration_seconds_bucket{namespace="{ns}",color="green",revision="{rev}"}[2s])))"#;
-    let st = faulty_upgrade(&client, ns, &["--fault-latency-ms", "250"], query, 0.1).await;
+    let st = faulty_upgrade(
+        &client,
+        provider,
+        ns,
+        &["--fault-latency-ms", "250"],
+        query,
+        0.1,
+    )
+    .await;
     assert_eq!(st.phase, Some(Phase::Failed));
     assert_eq!(
         st.stable_color.map(|c| c.to_string()).as_deref(),
@@ -980,7 +1085,7 @@ async fn c_latency_breach_rolls_back() {
     );
     let (cond_status, reason, message) = condition(&st, conditions::ROLLED_BACK);
     say(
-        "c",
+        ns,
         format!("RolledBack={cond_status} reason={reason}: {message}"),
     );
     assert_eq!(
@@ -1007,7 +1112,15 @@ async fn d_error_rate_breach_rolls_back() {
     let client = client().await;
     let ns = "d-errors";
     let query = r#"sum(rate(embedder_requests_total{namespace="{ns}",color="green",revision="{rev}",code=~"5.."}[2s])) / sum(rate(embedder_requests_total{namespace="{ns}",color="green",revision="{rev}"}[2s]))"#;
-    let st = faulty_upgrade(&client, ns, &["--fault-error-rate", "0.5"], query, 0.05).await;
+    let st = faulty_upgrade(
+        &client,
+        Provider::Nginx,
+        ns,
+        &["--fault-error-rate", "0.5"],
+        query,
+        0.05,
+    )
+    .await;
     assert_eq!(st.phase, Some(Phase::Failed));
     let (cond_status, reason, message) = condition(&st, conditions::ROLLED_BACK);
     say(
@@ -1109,16 +1222,31 @@ async fn e_prometheus_down_is_inconclusive_then_resumes() {
 ///    the restarted operator resumes at weight 10, never lower.
 #[tokio::test]
 async fn f_operator_killed_at_weight_10_resumes_there() {
+    f_operator_killed_at_weight_10_resumes_there_with(Provider::Nginx, "f-restart").await;
+}
+
+/// The same on Gateway API: the HTTPRoute keeps its weights while the operator is down, and they are read back from it.
+#[tokio::test]
+async fn f_operator_killed_at_weight_10_resumes_there_on_gateway_api() {
+    f_operator_killed_at_weight_10_resumes_there_with(Provider::GatewayApi, "f-restart-gw").await;
+}
+
+async fn f_operator_killed_at_weight_10_resumes_there_with(provider: Provider, ns: &str) {
     let client = client().await;
-    let ns = "f-restart";
     let spec = json!({"analysis": {"interval": "3s"},
                       "strategy": {"steps": [{"setWeight": 10}, {"setWeight": 50}, {"setWeight": 100}]}});
-    install(&client, ns, &rollout_manifest(ns, &[], spec.clone())).await;
-    let traffic = Traffic::start(host(ns), 2);
+    install_at(
+        &client,
+        ns,
+        &provider.manifest(ns, &[], spec.clone()),
+        &provider.base(),
+    )
+    .await;
+    let traffic = Traffic::start_at(&provider.base(), host(ns), 2);
     apply(
         &client,
         ns,
-        &rollout_manifest(ns, &["--max-batch-tokens", "8192"], spec),
+        &provider.manifest(ns, &["--max-batch-tokens", "8192"], spec),
     )
     .await;
     wait_status(&client, ns, ns, "weight 10", Duration::from_secs(60), |s| {
@@ -1127,14 +1255,14 @@ async fn f_operator_killed_at_weight_10_resumes_there() {
     .await;
     // Status is written before the Ingress: kill once nginx has been told 10 as well.
     wait_for("canary Ingress at 10", Duration::from_secs(10), || async {
-        ingress_weight(&client, ns, ns).await == Some(10)
+        provider.told_weight(&client, ns, ns).await == Some(10)
     })
     .await;
     kill_operator();
     let killed = Instant::now();
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(
-        ingress_weight(&client, ns, ns).await,
+        provider.told_weight(&client, ns, ns).await,
         Some(10),
         "nginx keeps weight 10 while the operator is down"
     );
@@ -1149,7 +1277,7 @@ async fn f_operator_killed_at_weight_10_resumes_there() {
             "did not finish after restart; weights seen {seen:?}"
         );
         let st = status(&client, ns, ns).await;
-        let weight = ingress_weight(&client, ns, ns).await.unwrap_or(-1);
+        let weight = provider.told_weight(&client, ns, ns).await.unwrap_or(-1);
         if st.phase == Some(Phase::Healthy) {
             break;
         }
@@ -1159,7 +1287,7 @@ async fn f_operator_killed_at_weight_10_resumes_there() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     say(
-        "f",
+        ns,
         format!(
             "after the restart nginx weights went {seen:?} then promotion ({:.0}s after the kill)",
             killed.elapsed().as_secs_f64()
@@ -1215,7 +1343,26 @@ async fn g_invalid_rollouts_are_rejected_with_the_field_named() {
         (
             "a Gateway route without a parent",
             json!({"traffic": {"nginx": null, "gatewayAPI": {"parentRefs": []}}}),
-            &["spec.traffic.gatewayAPI.parentRefs"],
+            &["spec.traffic.gatewayAPI.parentRefs", "exactly one"],
+        ),
+        (
+            "both a managed and a referenced route",
+            json!({"traffic": {"nginx": null, "gatewayAPI": {"parentRefs": [{"name": "web"}], "httpRouteRef": {"name": "mine"}}}}),
+            &["spec.traffic.gatewayAPI.parentRefs", "exactly one"],
+        ),
+        (
+            "paths on a referenced route",
+            json!({"traffic": {"nginx": null, "gatewayAPI": {"httpRouteRef": {"name": "mine"}, "paths": ["/x"]}}}),
+            &[
+                "spec.traffic.gatewayAPI.httpRouteRef",
+                "your route's own rules apply",
+            ],
+        ),
+        (
+            "a canary header on a referenced route",
+            json!({"traffic": {"nginx": null, "gatewayAPI": {"httpRouteRef": {"name": "mine"}},
+                               "canaryHeader": {"name": "X-Canary", "value": "1"}}}),
+            &["spec.traffic.canaryHeader", "a route the operator owns"],
         ),
         (
             "unparseable interval",
@@ -1314,16 +1461,31 @@ async fn g_invalid_rollouts_are_rejected_with_the_field_named() {
 /// h) Manual control with the `embedroll` CLI: promote past a pause, abort, retry, promote in full.
 #[tokio::test]
 async fn h_manual_promote_abort_retry() {
+    h_manual_promote_abort_retry_with(Provider::Nginx, "h-manual").await;
+}
+
+/// The same on Gateway API.
+#[tokio::test]
+async fn h_manual_promote_abort_retry_on_gateway_api() {
+    h_manual_promote_abort_retry_with(Provider::GatewayApi, "h-manual-gw").await;
+}
+
+async fn h_manual_promote_abort_retry_with(provider: Provider, ns: &str) {
     let client = client().await;
-    let ns = "h-manual";
     let spec =
         json!({"strategy": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]}});
-    install(&client, ns, &rollout_manifest(ns, &[], spec.clone())).await;
-    let traffic = Traffic::start(host(ns), 2);
+    install_at(
+        &client,
+        ns,
+        &provider.manifest(ns, &[], spec.clone()),
+        &provider.base(),
+    )
+    .await;
+    let traffic = Traffic::start_at(&provider.base(), host(ns), 2);
     apply(
         &client,
         ns,
-        &rollout_manifest(ns, &["--max-batch-tokens", "8192"], spec.clone()),
+        &provider.manifest(ns, &["--max-batch-tokens", "8192"], spec.clone()),
     )
     .await;
     wait_status(
@@ -1342,7 +1504,7 @@ async fn h_manual_promote_abort_retry() {
         "pause {{}} waits for a promote"
     );
     let table = cli(&["status", ns, "-n", ns]);
-    say("h", format!("embedroll status:\n{table}"));
+    say(ns, format!("embedroll status:\n{table}"));
     assert!(
         table.contains("Step:") && table.contains("2/3") && table.contains("10%"),
         "{table}"
@@ -1357,13 +1519,13 @@ async fn h_manual_promote_abort_retry() {
         |s| s.phase == Some(Phase::Healthy),
     )
     .await;
-    say("h", "promote: past the pause to 100%, then promoted");
+    say(ns, "promote: past the pause to 100%, then promoted");
 
     // Abort a second upgrade at the pause, then retry it and promote it in full.
     apply(
         &client,
         ns,
-        &rollout_manifest(ns, &["--max-batch-tokens", "4096"], spec),
+        &provider.manifest(ns, &["--max-batch-tokens", "4096"], spec),
     )
     .await;
     let st = wait_status(
@@ -1388,14 +1550,20 @@ async fn h_manual_promote_abort_retry() {
     .await;
     assert_eq!(condition(&st, conditions::ROLLED_BACK).1, "Aborted");
     assert_eq!(st.failed_revision.as_deref(), Some(revision.as_str()));
-    assert_eq!(ingress_weight(&client, ns, ns).await, Some(0));
+    // Status is written before the route.
+    wait_for(
+        "the data plane told weight 0",
+        Duration::from_secs(10),
+        || async { provider.told_weight(&client, ns, ns).await == Some(0) },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         status(&client, ns, ns).await.phase,
         Some(Phase::Failed),
         "no automatic retry"
     );
-    say("h", "abort: weight 0, Failed, not retried by itself");
+    say(ns, "abort: weight 0, Failed, not retried by itself");
     cli(&["retry", ns, "-n", ns]);
     wait_status(
         &client,
@@ -1421,7 +1589,7 @@ async fn h_manual_promote_abort_retry() {
     .await;
     assert_eq!(st.stable_revision.as_deref(), Some(revision.as_str()));
     say(
-        "h",
+        ns,
         "retry then promote --full: the retried revision is stable",
     );
     for reason in ["RolledBack", "Retried", "Promoted", "PromotedStep"] {
@@ -1439,16 +1607,31 @@ async fn h_manual_promote_abort_retry() {
 ///    the newest revision is Ready, and the newest one is what gets promoted.
 #[tokio::test]
 async fn i_newer_revision_supersedes_the_canary() {
+    i_newer_revision_supersedes_the_canary_with(Provider::Nginx, "i-supersede").await;
+}
+
+/// The same on Gateway API.
+#[tokio::test]
+async fn i_newer_revision_supersedes_the_canary_on_gateway_api() {
+    i_newer_revision_supersedes_the_canary_with(Provider::GatewayApi, "i-supersede-gw").await;
+}
+
+async fn i_newer_revision_supersedes_the_canary_with(provider: Provider, ns: &str) {
     let client = client().await;
-    let ns = "i-supersede";
     let spec =
         json!({"strategy": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]}});
-    install(&client, ns, &rollout_manifest(ns, &[], spec.clone())).await;
-    let traffic = Traffic::start(host(ns), 2);
+    install_at(
+        &client,
+        ns,
+        &provider.manifest(ns, &[], spec.clone()),
+        &provider.base(),
+    )
+    .await;
+    let traffic = Traffic::start_at(&provider.base(), host(ns), 2);
     apply(
         &client,
         ns,
-        &rollout_manifest(ns, &["--max-batch-tokens", "8192"], spec.clone()),
+        &provider.manifest(ns, &["--max-batch-tokens", "8192"], spec.clone()),
     )
     .await;
     let first = wait_status(
@@ -1465,7 +1648,7 @@ async fn i_newer_revision_supersedes_the_canary() {
     apply(
         &client,
         ns,
-        &rollout_manifest(ns, &["--max-batch-tokens", "2048"], spec),
+        &provider.manifest(ns, &["--max-batch-tokens", "2048"], spec),
     )
     .await;
     let st = wait_status(
@@ -1510,7 +1693,7 @@ async fn i_newer_revision_supersedes_the_canary() {
     .await;
     assert_eq!(st.stable_revision.as_deref(), Some(second.as_str()));
     say(
-        "i",
+        ns,
         format!("canary {first} superseded by {second}, which was promoted"),
     );
     let answers = traffic.finish().await;
@@ -2048,6 +2231,235 @@ async fn m_gateway_api_routes_weights_and_holds_an_unaccepted_route() {
     assert_eq!(routed, "True");
     let answers = traffic.finish().await;
     say("m", format!("answers after the fix: {:?}", answers.codes));
+    assert!(
+        answers.all_ok(),
+        "no failed request after the fix: {answers:?}"
+    );
+    cleanup(&client, ns).await;
+}
+
+/// The HTTPRoute a team keeps in Git for rollout `name` (referenced mode): the rollout's two
+/// color Services on the embed path, behind a filter the operator must leave alone, and a
+/// second rule to the stable Service it must not touch either. `colors` lists the color
+/// backendRefs with their weights.
+fn team_route(name: &str, colors: &[(&str, i64)]) -> Value {
+    let refs: Vec<Value> = colors
+        .iter()
+        .map(|(color, weight)| json!({"name": format!("{name}-{color}"), "port": 8080, "weight": weight}))
+        .collect();
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "team-route"},
+        "spec": {
+            "parentRefs": [{"name": env("GATEWAY_NAME"), "namespace": env("GATEWAY_NAMESPACE")}],
+            "hostnames": [host(name)],
+            "rules": [
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/api/v1/embed"}}],
+                 "filters": [{"type": "ResponseHeaderModifier",
+                              "responseHeaderModifier": {"add": [{"name": "X-Team-Route", "value": "kept"}]}}],
+                 "backendRefs": refs},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/health"}}],
+                 "backendRefs": [{"name": name, "port": 8080}]}
+            ]
+        }
+    })
+}
+
+/// Whether everything in `written` is in `live` as written (objects may have more keys: the
+/// API's defaults; lists keep their length and order).
+fn written_kept(written: &Value, live: &Value) -> bool {
+    match (written, live) {
+        (Value::Object(w), Value::Object(l)) => w
+            .iter()
+            .all(|(k, v)| l.get(k).is_some_and(|lv| written_kept(v, lv))),
+        (Value::Array(w), Value::Array(l)) => {
+            w.len() == l.len() && w.iter().zip(l).all(|(a, b)| written_kept(a, b))
+        }
+        (w, l) => w == l,
+    }
+}
+
+/// Applies the team's route as its own field manager (as a GitOps tool would).
+async fn apply_team_route(client: &Client, ns: &str, route: &Value) {
+    http_routes(client, ns)
+        .patch(
+            "team-route",
+            &PatchParams::apply("team-gitops").force(),
+            &Patch::Apply(route),
+        )
+        .await
+        .unwrap();
+}
+
+/// o) Gateway API, referenced mode: the team's own HTTPRoute (a filter, a second rule) is
+///    named by `httpRouteRef`. The operator sets only the weights of the color backendRefs,
+///    through 1 -> 10 -> 50 -> 100 with each color's share counted by its pods, and the rest
+///    of the route stays as the team wrote it. A route whose rule lists one color only holds
+///    the next revision at 0% with `TrafficRouted` False naming the missing Service; fixed, the
+///    revision goes on.
+#[tokio::test]
+async fn o_gateway_api_referenced_route_gets_only_its_weights_set() {
+    let client = client().await;
+    let ns = "o-referenced";
+    let base = env("GATEWAY_URL");
+    let manifest = |args: &[&str]| {
+        let mut m = rollout_manifest(ns, args, json!({"analysis": {"interval": "4s"}}));
+        m["spec"]["traffic"] = json!({"gatewayAPI": {"httpRouteRef": {"name": "team-route"}}});
+        m
+    };
+    start_operator();
+    namespace(&client, ns).await;
+    let written = team_route(ns, &[("blue", 100), ("green", 0)]);
+    apply_team_route(&client, ns, &written).await;
+    apply(&client, ns, &manifest(&[])).await;
+    wait_status(
+        &client,
+        ns,
+        ns,
+        "first install Healthy",
+        Duration::from_secs(120),
+        |s| s.phase == Some(Phase::Healthy),
+    )
+    .await;
+    wait_answering(&base, &host(ns), "an embedding through the team's route").await;
+    wait_ingress_settled(&client, ns).await;
+    let st = wait_status(
+        &client,
+        ns,
+        ns,
+        "TrafficRouted True",
+        Duration::from_secs(30),
+        |s| conditions::get(&s.conditions, "TrafficRouted").is_some_and(|c| c.status == "True"),
+    )
+    .await;
+    say(
+        ns,
+        format!("TrafficRouted: {:?}", condition(&st, "TrafficRouted")),
+    );
+    let response = reqwest::Client::new()
+        .post(format!("{base}/api/v1/embed"))
+        .header("Host", host(ns))
+        .json(&json!({"texts": ["hello"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response
+            .headers()
+            .get("x-team-route")
+            .map(|v| v.to_str().unwrap()),
+        Some("kept"),
+        "answered through the team's route, filter included"
+    );
+
+    let traffic = Traffic::start_at(&base, host(ns), 4);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    apply(&client, ns, &manifest(&["--max-batch-tokens", "8192"])).await;
+    check_shares_at_every_weight(&client, ns, ns).await;
+    let answers = traffic.finish().await;
+    say(
+        ns,
+        format!("answers during the rollout: {:?}", answers.codes),
+    );
+    assert!(
+        answers.all_ok(),
+        "no failed request during the rollout: {answers:?}"
+    );
+
+    // Only the color weights changed: the rest is as the team wrote it (the apiserver adds
+    // the API's defaults, so what was written must be found as written).
+    let route = http_routes(&client, ns).get("team-route").await.unwrap();
+    let expected = team_route(ns, &[("blue", 0), ("green", 100)])["spec"].clone();
+    assert!(
+        written_kept(&expected, &route.data["spec"]),
+        "only the color weights changed: wrote {expected}, live {}",
+        route.data["spec"]
+    );
+    let managers: Vec<String> = route
+        .managed_fields()
+        .iter()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    say(ns, format!("route's field managers: {managers:?}"));
+    assert!(managers.iter().any(|m| m == FIELD_MANAGER), "{managers:?}");
+
+    // The team drops the idle color from the rule: the next revision cannot take weight.
+    apply_team_route(&client, ns, &team_route(ns, &[("green", 100)])).await;
+    apply(&client, ns, &manifest(&["--max-batch-tokens", "4096"])).await;
+    let held = wait_status(
+        &client,
+        ns,
+        ns,
+        "TrafficRouted False, holding at 0%",
+        Duration::from_secs(90),
+        |s| {
+            s.phase == Some(Phase::Progressing)
+                && conditions::get(&s.conditions, "TrafficRouted")
+                    .is_some_and(|c| c.status == "False")
+                && s.message
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with("holding 0%"))
+        },
+    )
+    .await;
+    let (_, reason, message) = condition(&held, "TrafficRouted");
+    say(ns, format!("held: {reason}: {message}"));
+    assert_eq!(reason, "RouteNotAccepted");
+    assert!(
+        message.contains("rule 0") && message.contains(&format!("{ns}-blue")),
+        "names the rule and the missing Service: {message}"
+    );
+    assert!(
+        !await_event(&client, ns, "RouteNotAccepted")
+            .await
+            .is_empty()
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(status(&client, ns, ns).await.canary_weight, 0);
+
+    // Fixed (both colors listed again): the revision takes weight, and is promoted.
+    apply_team_route(&client, ns, &team_route(ns, &[("blue", 0), ("green", 100)])).await;
+    let traffic = Traffic::start_at(&base, host(ns), 2);
+    wait_status(
+        &client,
+        ns,
+        ns,
+        "weight 1 after the fix",
+        Duration::from_secs(60),
+        |s| s.canary_weight >= 1,
+    )
+    .await;
+    cli(&["promote", "--full", ns, "-n", ns]);
+    wait_status(
+        &client,
+        ns,
+        ns,
+        "Healthy on blue",
+        Duration::from_secs(60),
+        |s| {
+            s.phase == Some(Phase::Healthy)
+                && s.stable_color.map(|c| c.to_string()).as_deref() == Some("blue")
+        },
+    )
+    .await;
+    wait_for(
+        "the route gives blue 100",
+        Duration::from_secs(10),
+        || async {
+            route_weight(&client, ns, "team-route").await == Some(0)
+                && http_routes(&client, ns)
+                    .get("team-route")
+                    .await
+                    .unwrap()
+                    .data["spec"]["rules"][0]["backendRefs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|b| b["name"] == format!("{ns}-blue") && b["weight"] == 100)
+        },
+    )
+    .await;
+    let answers = traffic.finish().await;
     assert!(
         answers.all_ok(),
         "no failed request after the fix: {answers:?}"

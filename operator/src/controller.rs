@@ -32,7 +32,7 @@ use crate::crd::{
 };
 use crate::diff;
 use crate::error::{Error, Result};
-use crate::gateway::{self, HTTPRoute};
+use crate::gateway::{self, Gateway, HTTPRoute, ParentGateway};
 use crate::machine::{self, Commands, Input, LiveTraffic, Plan, RouteState};
 use crate::metrics::{MetricLabels, Metrics, ReasonLabels, ResultLabels, RolloutLabels};
 use crate::owned;
@@ -91,6 +91,14 @@ pub struct Stores {
     pub ingresses: Arc<ChildCache<Ingress>>,
     /// Empty (and ready) when the cluster has no Gateway API CRDs.
     pub routes: Arc<ChildCache<HTTPRoute>>,
+    /// HTTPRoutes the operator does not own, whole (`traffic.gatewayAPI.httpRouteRef` names
+    /// one of them): few, and the weights to set are wherever their authors put them.
+    pub referenced_routes: Arc<ChildCache<HTTPRoute>>,
+    /// Gateways, read to say why none reports on a route (empty when they cannot be read).
+    pub gateways: Arc<ChildCache<Gateway>>,
+    /// Whether Gateways can be read, and in which namespace only (None: all).
+    pub gateways_readable: bool,
+    pub gateways_namespace: Option<String>,
     /// Whether HTTPRoutes can be watched (checked at start).
     pub gateway_api: bool,
     /// Why not, when they cannot.
@@ -105,6 +113,24 @@ impl Stores {
             && self.services.is_ready()
             && self.ingresses.is_ready()
             && self.routes.is_ready()
+            && self.referenced_routes.is_ready()
+            && self.gateways.is_ready()
+    }
+
+    /// What the operator knows of the Gateway `namespace/name`.
+    pub fn parent_gateway(&self, namespace: &str, name: &str) -> ParentGateway {
+        let readable = self.gateways_readable
+            && self
+                .gateways_namespace
+                .as_deref()
+                .is_none_or(|ns| ns == namespace);
+        if !readable {
+            return ParentGateway::Unknown;
+        }
+        match self.gateways.get(namespace, name) {
+            Some(gateway) => ParentGateway::Found(Box::new(gateway)),
+            None => ParentGateway::Missing,
+        }
     }
 }
 
@@ -223,6 +249,7 @@ pub async fn run(
     // Children are labelled; watching only those keeps memory flat in busy clusters.
     let children = watcher::Config::default().labels("app.kubernetes.io/managed-by=embedroll");
     let (rollout_store, rollout_writer) = reflector::store();
+    let referencing = rollout_store.clone();
     let routes: Api<HTTPRoute> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -237,14 +264,27 @@ pub async fn run(
             )
         });
     let gateway_api = gateway_api_missing.is_none();
+    let gateways: Api<Gateway> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    // Optional: without it a route no Gateway reports on gets a less precise message.
+    let gateways_readable =
+        gateway_api && gateways.list(&ListParams::default().limit(1)).await.is_ok();
     let stores = Stores {
         gateway_api,
         gateway_api_missing: gateway_api_missing.clone(),
+        gateways_readable,
+        gateways_namespace: namespace.clone(),
         ..Stores::default()
     };
+    if !gateways_readable {
+        stores.gateways.apply(&watcher::Event::InitDone);
+    }
     if let Some(why) = &gateway_api_missing {
         // Nothing to watch: the cache is complete and empty.
         stores.routes.apply(&watcher::Event::InitDone);
+        stores.referenced_routes.apply(&watcher::Event::InitDone);
         info!(reason = %why, "not watching HTTPRoutes: rollouts with traffic.gatewayAPI hold and say so");
     }
     let context = Arc::new(Context {
@@ -309,15 +349,64 @@ pub async fn run(
                 .touched_objects(),
         );
     if gateway_api {
-        controller = controller.owns_stream(
-            watcher(routes, children)
+        let others = watcher::Config::default().labels("app.kubernetes.io/managed-by!=embedroll");
+        controller = controller
+            .owns_stream(
+                watcher(routes.clone(), children)
+                    .default_backoff()
+                    .modify(|child| owned::keep_owned(child, FIELD_MANAGER))
+                    .inspect_ok({
+                        let cache = stores.routes.clone();
+                        move |event| cache.apply(event)
+                    })
+                    .touched_objects(),
+            )
+            .watches_stream(
+                watcher(routes, others)
+                    .default_backoff()
+                    .modify(drop_managed_fields)
+                    .inspect_ok({
+                        let cache = stores.referenced_routes.clone();
+                        move |event| cache.apply(event)
+                    })
+                    .touched_objects(),
+                // The rollouts whose httpRouteRef names the route (a scan, but routes not
+                // owned by the operator change rarely).
+                move |route: HTTPRoute| {
+                    let namespace = route.namespace();
+                    let name = route.name_any();
+                    referencing
+                        .state()
+                        .into_iter()
+                        .filter(|er| {
+                            er.namespace() == namespace
+                                && er
+                                    .spec
+                                    .traffic
+                                    .gateway_api
+                                    .as_ref()
+                                    .and_then(|g| g.http_route_ref.as_ref())
+                                    .is_some_and(|r| r.name == name)
+                        })
+                        .map(|er| ObjectRef::from_obj(&*er))
+                        .collect::<Vec<_>>()
+                },
+            );
+    }
+    if gateways_readable {
+        // Only read for messages: a Gateway's change reaches a rollout through its route's
+        // status, so this watch fills the cache and wakes nobody.
+        let cache = stores.gateways.clone();
+        tokio::spawn(
+            watcher(gateways, watcher::Config::default())
                 .default_backoff()
-                .modify(|child| owned::keep_owned(child, FIELD_MANAGER))
-                .inspect_ok({
-                    let cache = stores.routes.clone();
-                    move |event| cache.apply(event)
-                })
-                .touched_objects(),
+                .modify(drop_managed_fields)
+                .for_each(move |event| {
+                    if let Ok(event) = event {
+                        cache.apply(&event);
+                    }
+                    std::future::ready(())
+                }),
         );
     }
     controller
@@ -454,9 +543,39 @@ impl EmbeddingRollout {
         let green = ColorState::from_deployment(deployment(Color::Green).as_ref());
         let (live, route) = match &self.spec.traffic.gateway_api {
             Some(gateway) => {
-                let route = self.child(&ctx.stores.routes, &name);
+                let (route, state) = match &gateway.http_route_ref {
+                    None => {
+                        let route = self.child(&ctx.stores.routes, &name);
+                        let state = gateway::route_state(
+                            route.as_ref(),
+                            &gateway.parent_refs,
+                            &namespace,
+                            |ns, name| ctx.stores.parent_gateway(ns, name),
+                        );
+                        (route, state)
+                    }
+                    Some(reference) => {
+                        let route = self.child(&ctx.stores.referenced_routes, &reference.name);
+                        let state = match gateway::referenced_route_problem(
+                            self,
+                            route.as_ref(),
+                            &reference.name,
+                        ) {
+                            Some(why) => RouteState::Refused(why),
+                            None => route.as_ref().map_or(RouteState::default(), |r| {
+                                gateway::route_state(
+                                    Some(r),
+                                    &r.spec.parent_refs,
+                                    &namespace,
+                                    |ns, name| ctx.stores.parent_gateway(ns, name),
+                                )
+                            }),
+                        };
+                        (route, state)
+                    }
+                };
                 let state = match &ctx.stores.gateway_api_missing {
-                    None => gateway::route_state(route.as_ref(), gateway, &namespace),
+                    None => state,
                     Some(why) => RouteState::Refused(why.clone()),
                 };
                 (gateway::live_traffic(route.as_ref()), state)
@@ -734,13 +853,65 @@ impl EmbeddingRollout {
         if let Some(gateway) = &self.spec.traffic.gateway_api
             && ctx.stores.gateway_api
         {
-            self.apply(
-                ctx,
-                &ctx.stores.routes,
-                gateway::http_route(self, gateway, &live),
-            )
-            .await?;
+            match &gateway.http_route_ref {
+                None => {
+                    self.apply(
+                        ctx,
+                        &ctx.stores.routes,
+                        gateway::http_route(self, gateway, &live),
+                    )
+                    .await?
+                }
+                Some(reference) => self.steer_route(ctx, &reference.name, &live).await?,
+            }
         }
+        Ok(())
+    }
+
+    /// Referenced mode: sets the weights of the route's color backendRefs (a JSON patch that
+    /// touches nothing else). A route that cannot carry them is left alone; status says why.
+    async fn steer_route(&self, ctx: &Context, name: &str, live: &LiveTraffic) -> Result<()> {
+        let Some(route) = self.child(&ctx.stores.referenced_routes, name) else {
+            return Ok(());
+        };
+        if gateway::referenced_route_problem(self, Some(&route), name).is_some() {
+            return Ok(());
+        }
+        let ops = gateway::referenced_route_patch(self, &route, live);
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let namespace = self.namespace().unwrap_or_default();
+        let key = format!("HTTPRoute/{namespace}/{name}#weights");
+        let stamp = serde_json::to_string(&ops).unwrap_or_default();
+        let seen = route.metadata.resource_version.clone().unwrap_or_default();
+        let hash = applied_hash(&seen, &stamp);
+        if ctx
+            .applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            == Some(&hash)
+        {
+            return Ok(());
+        }
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
+            .map_err(|e| Error::InvalidSpec(format!("HTTPRoute {name}: weight patch: {e}")))?;
+        let api: Api<HTTPRoute> = Api::namespaced(ctx.client.clone(), &namespace);
+        api.patch(
+            name,
+            &PatchParams {
+                field_manager: Some(FIELD_MANAGER.to_owned()),
+                ..PatchParams::default()
+            },
+            &Patch::Json::<()>(patch),
+        )
+        .await?;
+        debug!(rollout = %self.name_any(), route = name, "set the weights on the referenced HTTPRoute");
+        ctx.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, hash);
         Ok(())
     }
 

@@ -109,6 +109,7 @@ fn default_port() -> i32 {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.nginx) != has(self.gatewayAPI)").message("set exactly one of nginx and gatewayAPI"))]
+#[x_kube(validation = Rule::new("!has(self.canaryHeader) || !has(self.gatewayAPI) || !has(self.gatewayAPI.httpRouteRef)").message("canaryHeader needs a route the operator owns: with gatewayAPI.httpRouteRef, add a rule matching the header to your route").field_path(".canaryHeader"))]
 pub struct TrafficSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nginx: Option<NginxTraffic>,
@@ -140,18 +141,26 @@ pub struct CanaryHeader {
     pub value: String,
 }
 
-/// Traffic through the Gateway API: the operator owns an HTTPRoute `<name>` attached to
-/// `parentRefs`, whose rules send `100 - w` to the stable color's Service and `w` to the
-/// canary's. A route its Gateway has not accepted holds the rollout.
+/// Traffic through the Gateway API, in one of two modes:
+/// - managed: the operator owns an HTTPRoute `<name>` attached to `parentRefs`, whose rules
+///   send `100 - w` to the stable color's Service and `w` to the canary's;
+/// - referenced (`httpRouteRef`): the route is yours (kept in Git, say), and the operator
+///   changes only the weights of its backendRefs to the rollout's color Services
+///   (`<name>-blue`, `<name>-green`); every rule that names one color must name both.
+///
+/// A route its Gateway has not accepted holds the rollout.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.paths) || self.paths.all(p, self.paths.filter(q, q == p).size() == 1)").message("paths must be unique").field_path(".paths"))]
+#[x_kube(validation = Rule::new("has(self.httpRouteRef) != (has(self.parentRefs) && self.parentRefs.size() > 0)").message("set parentRefs (a route the operator owns) or httpRouteRef (a route you own), exactly one").field_path(".parentRefs"))]
+#[x_kube(validation = Rule::new("!has(self.httpRouteRef) || (!has(self.hostnames) && !has(self.paths))").message("hostnames and paths describe a route the operator owns; with httpRouteRef your route's own rules apply").field_path(".httpRouteRef"))]
 pub struct GatewayApiTraffic {
-    /// The Gateways (or listeners of one) the route attaches to, as Gateway API's
-    /// ParentReference.
-    #[schemars(length(min = 1, max = 32))]
+    /// Managed mode: the Gateways (or listeners of one) the route attaches to, as Gateway
+    /// API's ParentReference.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub parent_refs: Vec<ParentReference>,
-    /// Hostnames the route matches; empty matches the listeners' own.
+    /// Managed mode: hostnames the route matches; empty matches the listeners' own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(
         length(max = 16),
@@ -163,13 +172,33 @@ pub struct GatewayApiTraffic {
         )
     )]
     pub hostnames: Vec<String>,
-    /// Path prefixes routed to the embedder.
-    #[serde(default = "default_paths")]
-    #[schemars(
-        length(min = 1, max = 16),
-        inner(length(max = 1024), regex(pattern = r"^/"))
-    )]
+    /// Managed mode: path prefixes routed to the embedder (default `/`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 1024), regex(pattern = r"^/")))]
     pub paths: Vec<String>,
+    /// Referenced mode: an HTTPRoute in the rollout's namespace whose color backendRefs'
+    /// weights the operator sets, leaving the rest of it as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_route_ref: Option<HttpRouteRef>,
+}
+
+impl GatewayApiTraffic {
+    /// The path prefixes of a managed route.
+    pub fn paths(&self) -> Vec<String> {
+        if self.paths.is_empty() {
+            default_paths()
+        } else {
+            self.paths.clone()
+        }
+    }
+}
+
+/// An HTTPRoute in the rollout's namespace.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// Gateway API's ParentReference (`gateway.networking.k8s.io/v1`).

@@ -77,10 +77,16 @@ pub struct HttpPathMatch {
     pub value: Option<String>,
 }
 
-/// A Service backend (group "" and kind Service are the API's defaults).
+/// A backend (group "" and kind Service, in the route's namespace, are the API's defaults).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpBackendRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<i32>,
@@ -105,6 +111,69 @@ pub struct RouteParentStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// A Gateway, as far as the operator reads it: to say why no Gateway reports on a route.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1",
+    kind = "Gateway",
+    plural = "gateways",
+    namespaced,
+    status = "GatewayStatus",
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    #[serde(default)]
+    pub gateway_class_name: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayStatus {
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// What the operator knows of a route's parent Gateway.
+pub enum ParentGateway {
+    /// Not in what the operator can read (another kind of parent, a namespace it does not
+    /// watch, or no permission to read Gateways).
+    Unknown,
+    Missing,
+    Found(Box<Gateway>),
+}
+
+/// Why no Gateway controller reports on a route for `parent`, as precisely as the parent
+/// Gateway's own state says.
+fn unreported(name: &str, parent: ParentGateway) -> String {
+    match parent {
+        ParentGateway::Missing => format!("parent Gateway {name} does not exist"),
+        ParentGateway::Found(gateway) => {
+            let class = &gateway.spec.gateway_class_name;
+            let accepted = gateway
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Accepted"));
+            match accepted {
+                Some(c) if c.status == "True" => format!(
+                    "no Gateway controller reports on the HTTPRoute for parent {name}, though that Gateway is accepted (do its listeners allow routes from this namespace and hostname?)"
+                ),
+                Some(c) if c.status == "False" => format!(
+                    "parent Gateway {name} is not accepted ({}): {}",
+                    c.reason, c.message
+                ),
+                _ => format!(
+                    "parent Gateway {name} has not been accepted by any controller (is its GatewayClass {class} served?)"
+                ),
+            }
+        }
+        ParentGateway::Unknown => format!(
+            "no Gateway controller reports on the HTTPRoute for parent {name} (does that Gateway exist, and is its GatewayClass served?)"
+        ),
+    }
+}
+
 /// The HTTPRoute for the routes `live` describes. The canary's backend is listed only while
 /// it has weight: a weight-0 reference to a Service without endpoints makes some Gateways
 /// mark the whole route unresolved.
@@ -121,12 +190,14 @@ pub fn http_route(
         name: color_name(er, stable),
         port,
         weight: Some(100 - weight),
+        ..HttpBackendRef::default()
     }];
     if weight > 0 && canary != stable {
         backend_refs.push(HttpBackendRef {
             name: color_name(er, canary),
             port,
             weight: Some(weight),
+            ..HttpBackendRef::default()
         });
     }
     let path = |path: &String| {
@@ -135,8 +206,8 @@ pub fn http_route(
             value: Some(path.clone()),
         })
     };
-    let mut rules: Vec<HttpRouteRule> = gateway
-        .paths
+    let paths = gateway.paths();
+    let mut rules: Vec<HttpRouteRule> = paths
         .iter()
         .map(|p| HttpRouteRule {
             matches: vec![HttpRouteMatch {
@@ -154,8 +225,7 @@ pub fn http_route(
         && canary != stable
     {
         rules.push(HttpRouteRule {
-            matches: gateway
-                .paths
+            matches: paths
                 .iter()
                 .map(|p| HttpRouteMatch {
                     path: path(p),
@@ -170,17 +240,12 @@ pub fn http_route(
                 name: color_name(er, canary),
                 port,
                 weight: Some(1),
+                ..HttpBackendRef::default()
             }],
         });
     }
-    let mut annotations = BTreeMap::from([
-        (ANNOTATION_STABLE_COLOR.to_owned(), stable.to_string()),
-        (ANNOTATION_CANARY_COLOR.to_owned(), canary.to_string()),
-        (ANNOTATION_CANARY_WEIGHT.to_owned(), weight.to_string()),
-    ]);
-    record_rollout(&mut annotations, live);
     let mut metadata = crate::resources::child_meta(er, er.name_any());
-    metadata.annotations = Some(annotations);
+    metadata.annotations = Some(recorded(live));
     HTTPRoute {
         metadata,
         spec: HttpRouteSpec {
@@ -217,8 +282,9 @@ pub fn live_traffic(route: Option<&HTTPRoute>) -> LiveTraffic {
 /// not, in words for status and Events.
 pub fn route_state(
     route: Option<&HTTPRoute>,
-    gateway: &GatewayApiTraffic,
+    parent_refs: &[ParentReference],
     namespace: &str,
+    gateway: impl Fn(&str, &str) -> ParentGateway,
 ) -> RouteState {
     let Some(route) = route else {
         return RouteState::Pending("HTTPRoute not created yet".to_owned());
@@ -229,15 +295,26 @@ pub fn route_state(
         .as_ref()
         .map(|s| s.parents.as_slice())
         .unwrap_or_default();
-    for wanted in &gateway.parent_refs {
+    for wanted in parent_refs {
         let name = parent_name(wanted, namespace);
         let Some(parent) = parents
             .iter()
             .find(|p| same_parent(&p.parent_ref, wanted, namespace))
         else {
-            return RouteState::Unreported(format!(
-                "no Gateway controller reports on the HTTPRoute for parent {name} (does that Gateway exist, and is its GatewayClass served?)"
-            ));
+            let is_gateway = wanted
+                .group
+                .as_deref()
+                .is_none_or(|g| g == "gateway.networking.k8s.io")
+                && wanted.kind.as_deref().is_none_or(|k| k == "Gateway");
+            let known = if is_gateway {
+                gateway(
+                    wanted.namespace.as_deref().unwrap_or(namespace),
+                    &wanted.name,
+                )
+            } else {
+                ParentGateway::Unknown
+            };
+            return RouteState::Unreported(unreported(&name, known));
         };
         for type_ in ["Accepted", "ResolvedRefs"] {
             let Some(condition) = parent.conditions.iter().find(|c| c.type_ == type_) else {
@@ -259,6 +336,157 @@ pub fn route_state(
         }
     }
     RouteState::Routed
+}
+
+/// What the operator records on a route it steers (either mode): the colors and weight it
+/// wrote, and the rollout's state, so a lost status can be rebuilt from the route.
+fn recorded(live: &LiveTraffic) -> BTreeMap<String, String> {
+    let stable = live.stable_color.unwrap_or(Color::Blue);
+    let canary = live.canary_color.unwrap_or(stable.other());
+    let mut annotations = BTreeMap::from([
+        (ANNOTATION_STABLE_COLOR.to_owned(), stable.to_string()),
+        (ANNOTATION_CANARY_COLOR.to_owned(), canary.to_string()),
+        (
+            ANNOTATION_CANARY_WEIGHT.to_owned(),
+            live.canary_weight.clamp(0, 100).to_string(),
+        ),
+    ]);
+    record_rollout(&mut annotations, live);
+    annotations
+}
+
+/// Every annotation key [`recorded`] may write.
+const RECORDED_KEYS: [&str; 6] = [
+    ANNOTATION_STABLE_COLOR,
+    ANNOTATION_CANARY_COLOR,
+    ANNOTATION_CANARY_WEIGHT,
+    crate::resources::ANNOTATION_CANARY_REVISION,
+    crate::resources::ANNOTATION_FAILED_REVISION,
+    crate::resources::ANNOTATION_STEP,
+];
+
+/// Referenced mode: the color a backendRef points at, if it is one of the rollout's color
+/// Services (kind Service, core group, the route's own namespace).
+fn backend_color(
+    er: &EmbeddingRollout,
+    route: &HTTPRoute,
+    backend: &HttpBackendRef,
+) -> Option<Color> {
+    let core = backend.group.as_deref().is_none_or(str::is_empty);
+    let service = backend.kind.as_deref().is_none_or(|k| k == "Service");
+    let here = backend.namespace.is_none() || backend.namespace == route.metadata.namespace;
+    if !(core && service && here) {
+        return None;
+    }
+    [Color::Blue, Color::Green]
+        .into_iter()
+        .find(|c| backend.name == color_name(er, *c))
+}
+
+/// Referenced mode: why the route cannot carry the rollout's weights, if it cannot. Each rule
+/// that names one color must name both, or a weight could not move between them.
+pub fn referenced_route_problem(
+    er: &EmbeddingRollout,
+    route: Option<&HTTPRoute>,
+    name: &str,
+) -> Option<String> {
+    let Some(route) = route else {
+        return Some(format!(
+            "HTTPRoute {name} (traffic.gatewayAPI.httpRouteRef) does not exist"
+        ));
+    };
+    if route.spec.parent_refs.is_empty() {
+        return Some(format!(
+            "HTTPRoute {name} has no parentRefs: no Gateway serves it"
+        ));
+    }
+    let (blue, green) = (color_name(er, Color::Blue), color_name(er, Color::Green));
+    let mut steered = false;
+    for (i, rule) in route.spec.rules.iter().enumerate() {
+        let colors: Vec<Color> = rule
+            .backend_refs
+            .iter()
+            .filter_map(|b| backend_color(er, route, b))
+            .collect();
+        let (has_blue, has_green) = (
+            colors.contains(&Color::Blue),
+            colors.contains(&Color::Green),
+        );
+        if has_blue != has_green {
+            let missing = if has_blue { &green } else { &blue };
+            return Some(format!(
+                "HTTPRoute {name} rule {i} has no backendRef to Service {missing}: each rule that sends to one color must list both ({blue} and {green})"
+            ));
+        }
+        steered |= has_blue;
+    }
+    (!steered).then(|| {
+        format!("HTTPRoute {name} has no backendRefs to the rollout's Services {blue} and {green}")
+    })
+}
+
+/// Referenced mode: the JSON patch that gives the route's color backendRefs the weights
+/// `live` describes (`100 - w` to stable, `w` to the canary, 0 to an idle color) and records
+/// the rollout on it, touching nothing else. Each change is preceded by a `test` of the
+/// backendRef's name, so a route edited since it was cached is not patched at the wrong
+/// place (the apiserver refuses the whole patch). Empty when the route already says all that.
+pub fn referenced_route_patch(
+    er: &EmbeddingRollout,
+    route: &HTTPRoute,
+    live: &LiveTraffic,
+) -> Vec<serde_json::Value> {
+    use serde_json::json;
+    let stable = live.stable_color.unwrap_or(Color::Blue);
+    let canary = live.canary_color.unwrap_or(stable.other());
+    let canary_weight = if canary == stable {
+        0
+    } else {
+        live.canary_weight.clamp(0, 100)
+    };
+    let weight_of = |color: Color| {
+        if color == stable {
+            100 - canary_weight
+        } else {
+            canary_weight
+        }
+    };
+    let mut ops = Vec::new();
+    for (i, rule) in route.spec.rules.iter().enumerate() {
+        for (j, backend) in rule.backend_refs.iter().enumerate() {
+            let Some(color) = backend_color(er, route, backend) else {
+                continue;
+            };
+            let weight = weight_of(color);
+            // An unset weight is 1 (the API's default).
+            if backend.weight.unwrap_or(1) == weight {
+                continue;
+            }
+            let at = format!("/spec/rules/{i}/backendRefs/{j}");
+            ops.push(json!({"op": "test", "path": format!("{at}/name"), "value": backend.name}));
+            ops.push(json!({"op": "add", "path": format!("{at}/weight"), "value": weight}));
+        }
+    }
+    let wanted = recorded(live);
+    match &route.metadata.annotations {
+        None => ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": wanted})),
+        Some(have) => {
+            for key in RECORDED_KEYS {
+                let path = format!(
+                    "/metadata/annotations/{}",
+                    key.replace('~', "~0").replace('/', "~1")
+                );
+                match (have.get(key), wanted.get(key)) {
+                    (Some(a), Some(b)) if a == b => {}
+                    (_, Some(value)) => {
+                        ops.push(json!({"op": "add", "path": path, "value": value}))
+                    }
+                    (Some(_), None) => ops.push(json!({"op": "remove", "path": path})),
+                    (None, None) => {}
+                }
+            }
+        }
+    }
+    ops
 }
 
 fn parent_name(parent: &ParentReference, namespace: &str) -> String {
@@ -418,25 +646,65 @@ mod tests {
         let gw = gateway(&er);
         let route = http_route(&er, &gw, &live(10));
         assert!(matches!(
-            route_state(None, &gw, "ml"),
+            route_state(None, &gw.parent_refs, "ml", |_, _| ParentGateway::Unknown),
             RouteState::Pending(_)
         ));
-        let RouteState::Unreported(why) = route_state(Some(&route), &gw, "ml") else {
+        let RouteState::Unreported(why) =
+            route_state(Some(&route), &gw.parent_refs, "ml", |_, _| {
+                ParentGateway::Unknown
+            })
+        else {
             panic!("no parent status is unreported");
         };
         assert!(why.contains("infra/web"), "{why}");
+
+        // Where the operator can read the parent Gateway, it says what is wrong with it.
+        let unreported_with = |parent: fn() -> ParentGateway| {
+            let RouteState::Unreported(why) =
+                route_state(Some(&route), &gw.parent_refs, "ml", |ns, name| {
+                    assert_eq!((ns, name), ("infra", "web"));
+                    parent()
+                })
+            else {
+                panic!("no parent status is unreported");
+            };
+            why
+        };
+        let missing = unreported_with(|| ParentGateway::Missing);
+        assert_eq!(missing, "parent Gateway infra/web does not exist");
+        let unserved = unreported_with(|| {
+            ParentGateway::Found(Box::new(Gateway::new(
+                "web",
+                GatewaySpec {
+                    gateway_class_name: "nobody".to_owned(),
+                },
+            )))
+        });
+        assert!(
+            unserved.contains("GatewayClass nobody served"),
+            "{unserved}"
+        );
 
         let ok = with_status(
             route.clone(),
             &[("Accepted", "True", 2), ("ResolvedRefs", "True", 2)],
         );
-        assert_eq!(route_state(Some(&ok), &gw, "ml"), RouteState::Routed);
+        assert_eq!(
+            route_state(Some(&ok), &gw.parent_refs, "ml", |_, _| {
+                ParentGateway::Unknown
+            }),
+            RouteState::Routed
+        );
 
         let refused = with_status(
             route.clone(),
             &[("Accepted", "False", 2), ("ResolvedRefs", "True", 2)],
         );
-        let RouteState::Refused(why) = route_state(Some(&refused), &gw, "ml") else {
+        let RouteState::Refused(why) =
+            route_state(Some(&refused), &gw.parent_refs, "ml", |_, _| {
+                ParentGateway::Unknown
+            })
+        else {
             panic!("a False condition is a refusal");
         };
         assert!(why.contains("Accepted is False (NoSuchGateway)"), "{why}");
@@ -446,9 +714,123 @@ mod tests {
             route,
             &[("Accepted", "False", 1), ("ResolvedRefs", "True", 1)],
         );
-        let RouteState::Pending(why) = route_state(Some(&stale), &gw, "ml") else {
+        let RouteState::Pending(why) = route_state(Some(&stale), &gw.parent_refs, "ml", |_, _| {
+            ParentGateway::Unknown
+        }) else {
             panic!("a stale report is pending");
         };
         assert!(why.contains("generation 2"), "{why}");
+    }
+
+    /// A route as a team keeps it in Git: two rules, one with a filter and a third backend the
+    /// operator must leave alone, and the colors listed in the other order.
+    fn referenced() -> HTTPRoute {
+        serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": "ml", "resourceVersion": "7"},
+            "spec": {
+                "parentRefs": [{"name": "gw"}],
+                "rules": [
+                    {"backendRefs": [{"name": "demo-green", "port": 8080, "weight": 0},
+                                     {"name": "demo-blue", "port": 8080}]},
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/old"}}],
+                     "backendRefs": [{"name": "legacy", "port": 80, "weight": 5}]}
+                ]
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_referenced_route_gets_only_its_color_weights_and_the_record() {
+        let er = rollout();
+        let route = referenced();
+        assert_eq!(referenced_route_problem(&er, Some(&route), "web"), None);
+        let ops = referenced_route_patch(&er, &route, &live(10));
+        let weights: Vec<(&str, &serde_json::Value)> = ops
+            .iter()
+            .filter(|op| op["path"].as_str().unwrap().ends_with("/weight"))
+            .map(|op| (op["path"].as_str().unwrap(), &op["value"]))
+            .collect();
+        assert_eq!(
+            weights,
+            [
+                ("/spec/rules/0/backendRefs/0/weight", &json!(10)),
+                ("/spec/rules/0/backendRefs/1/weight", &json!(90)),
+            ],
+            "{ops:?}"
+        );
+        // Each weight is guarded by a test of the name it belongs to.
+        assert_eq!(
+            ops[0],
+            json!({"op": "test", "path": "/spec/rules/0/backendRefs/0/name", "value": "demo-green"})
+        );
+        let annotations = ops.last().unwrap();
+        assert_eq!(annotations["path"], "/metadata/annotations");
+        assert_eq!(annotations["value"][ANNOTATION_CANARY_WEIGHT], "10");
+
+        // Applied, the route reads back the same and needs nothing more.
+        let mut doc = serde_json::to_value(&route).unwrap();
+        let patch: json_patch::Patch = serde_json::from_value(json!(ops)).unwrap();
+        json_patch::patch(&mut doc, &patch).unwrap();
+        let patched: HTTPRoute = serde_json::from_value(doc).unwrap();
+        assert_eq!(
+            patched.spec.rules[1], route.spec.rules[1],
+            "other backends untouched"
+        );
+        assert_eq!(live_traffic(Some(&patched)), live(10));
+        assert_eq!(
+            referenced_route_patch(&er, &patched, &live(10)),
+            Vec::<serde_json::Value>::new()
+        );
+
+        // Promoted: green is stable, blue idle at 0; a revision no longer recorded is removed.
+        let promoted = LiveTraffic {
+            stable_color: Some(Color::Green),
+            canary_color: Some(Color::Blue),
+            canary_weight: 0,
+            canary_revision: None,
+            failed_revision: None,
+            step_index: None,
+        };
+        let ops = referenced_route_patch(&er, &patched, &promoted);
+        let mut doc = serde_json::to_value(&patched).unwrap();
+        let patch: json_patch::Patch = serde_json::from_value(json!(ops)).unwrap();
+        json_patch::patch(&mut doc, &patch).unwrap();
+        let done: HTTPRoute = serde_json::from_value(doc).unwrap();
+        let refs: Vec<(&str, Option<i32>)> = done.spec.rules[0]
+            .backend_refs
+            .iter()
+            .map(|b| (b.name.as_str(), b.weight))
+            .collect();
+        assert_eq!(refs, [("demo-green", Some(100)), ("demo-blue", Some(0))]);
+        assert_eq!(live_traffic(Some(&done)), promoted);
+    }
+
+    #[test]
+    fn a_referenced_route_that_cannot_carry_the_weights_says_why() {
+        let er = rollout();
+        let missing = referenced_route_problem(&er, None, "web").unwrap();
+        assert!(missing.contains("does not exist"), "{missing}");
+
+        let mut one_color = referenced();
+        one_color.spec.rules[0].backend_refs.remove(0);
+        let why = referenced_route_problem(&er, Some(&one_color), "web").unwrap();
+        assert!(
+            why.contains("rule 0") && why.contains("demo-green"),
+            "{why}"
+        );
+
+        let mut elsewhere = referenced();
+        for b in &mut elsewhere.spec.rules[0].backend_refs {
+            b.namespace = Some("other".to_owned());
+        }
+        let why = referenced_route_problem(&er, Some(&elsewhere), "web").unwrap();
+        assert!(why.contains("no backendRefs"), "{why}");
+
+        let mut unattached = referenced();
+        unattached.spec.parent_refs.clear();
+        let why = referenced_route_problem(&er, Some(&unattached), "web").unwrap();
+        assert!(why.contains("no parentRefs"), "{why}");
     }
 }
