@@ -329,6 +329,7 @@ async fn embed(
             e.to_string(),
         )
     })?;
+    state.faults.perturb(&mut vectors);
     if job.normalize {
         vectors.iter_mut().for_each(|v| l2_normalize(v));
     }
@@ -560,6 +561,7 @@ async fn info(State(state): State<AppState>) -> Json<Value> {
         "fault_injection": {
             "latency_ms": state.faults.latency.as_millis() as u64,
             "error_rate": state.faults.error_rate,
+            "vector_noise": state.faults.vector_noise,
         },
     }))
 }

@@ -97,10 +97,23 @@ pub struct Config {
     #[arg(long, env = "EMBEDDER_FAULT_ERROR_RATE", default_value_t = 0.0)]
     pub fault_error_rate: f64,
 
+    /// FAULT INJECTION (tests and chaos only): standard deviation of Gaussian noise added to
+    /// every component of every vector before normalisation: answers stay fast and 200, but
+    /// their vectors differ from the model's (a drill for the operator's compatibility gate).
+    #[arg(long, env = "EMBEDDER_FAULT_VECTOR_NOISE", default_value_t = 0.0, value_parser = non_negative)]
+    pub fault_vector_noise: f32,
+
     /// FAULT INJECTION (tests and chaos only): wait this long before loading the default model,
     /// keeping the server unready (e.g. to exercise progress deadlines).
     #[arg(long, env = "EMBEDDER_FAULT_STARTUP_DELAY_MS", default_value_t = 0)]
     pub fault_startup_delay_ms: u64,
+}
+
+fn non_negative(value: &str) -> Result<f32, String> {
+    match value.parse::<f32>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{value:?} is not a finite number ≥ 0")),
+    }
 }
 
 impl Config {

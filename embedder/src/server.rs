@@ -33,13 +33,15 @@ pub async fn serve(
     let faults = Faults {
         latency: Duration::from_millis(config.fault_latency_ms),
         error_rate: config.fault_error_rate,
+        vector_noise: config.fault_vector_noise,
     };
     if faults.any() || config.fault_startup_delay_ms > 0 {
         tracing::warn!(
             latency_ms = config.fault_latency_ms,
             error_rate = config.fault_error_rate,
+            vector_noise = config.fault_vector_noise,
             startup_delay_ms = config.fault_startup_delay_ms,
-            "FAULT INJECTION IS ON: this server deliberately slows down or fails requests"
+            "FAULT INJECTION IS ON: this server deliberately slows down, fails requests or returns wrong vectors"
         );
     }
     let state = AppState {

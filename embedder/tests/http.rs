@@ -193,6 +193,48 @@ async fn concurrent_clients_get_their_own_results_in_order() {
     );
 }
 
+/// `--fault-vector-noise`: answers stay 200 and unit-length, but the vectors are not the
+/// model's (what only a vector-compatibility check can see).
+#[tokio::test(flavor = "multi_thread")]
+async fn vector_noise_fault_gives_fast_200s_with_wrong_vectors() {
+    let texts = json!({"texts": ["the cat sat on the mat", "kubernetes rollouts"]});
+    let clean = Server::start(&[]).await;
+    let (code, good) = post(&clean, "/api/v1/embed", texts.clone()).await;
+    assert_eq!(code, StatusCode::OK);
+    let noisy = Server::start(&["--fault-vector-noise", "0.05"]).await;
+    let (code, bad) = post(&noisy, "/api/v1/embed", texts).await;
+    assert_eq!(code, StatusCode::OK, "{bad}");
+    let vector = |v: &Value, i: usize| -> Vec<f64> {
+        v["embeddings"][i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    for i in 0..2 {
+        let (a, b) = (vector(&good, i), vector(&bad, i));
+        let norm: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "still normalised: {norm}");
+        let cosine: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!(cosine < 0.999, "text {i}: cosine {cosine} with noise");
+        assert!(
+            cosine > 0.5,
+            "text {i}: cosine {cosine}: noise, not another model"
+        );
+    }
+    let info: Value = Client::new()
+        .get(noisy.url("/info"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let noise = info["fault_injection"]["vector_noise"].as_f64().unwrap();
+    assert!((noise - 0.05).abs() < 1e-6, "/info says {noise}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn overload_answers_429_with_retry_after() {
     let server = Server::start(&[
