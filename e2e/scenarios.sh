@@ -21,7 +21,9 @@ if ip link show embedroll0 >/dev/null 2>&1; then
   say "another local cluster is running (bridge embedroll0 exists); run e2e/cluster down first"
   exit 1
 fi
-[[ -f "$cache/models/all-MiniLM-L6-v2/model.safetensors" ]] || { say "model missing; run embedder/models/fetch.sh"; exit 1; }
+for model in all-MiniLM-L6-v2 sre-embedding-model; do
+  [[ -f "$cache/models/$model/model.safetensors" ]] || { say "model $model missing; run embedder/models/fetch.sh"; exit 1; }
+done
 
 rm -rf "$EMBEDROLL_CLUSTER_DIR"
 cleanup() {
@@ -43,6 +45,7 @@ say "cluster up with the CRD in $((SECONDS - started))s"
 
 if [[ $EMBEDROLL_PROFILE == release ]]; then bin_dir="$CARGO_TARGET_DIR/release"; else bin_dir="$CARGO_TARGET_DIR/debug"; fi
 export EMBEDROLL_BIN_DIR="$bin_dir" EMBEDROLL_CLUSTER="$cluster" EMBEDROLL_E2E_LOGS="$EMBEDROLL_CLUSTER_DIR/logs"
+export EMBEDROLL_MODELS_DIR="$cache/models"
 profile_flag=()
 [[ $EMBEDROLL_PROFILE == release ]] && profile_flag=(--release)
 cargo test "${profile_flag[@]}" --locked -p embedroll-e2e --test rollouts -- --test-threads=1 --nocapture "$@"

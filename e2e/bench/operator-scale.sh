@@ -123,6 +123,8 @@ spec:
   traffic: {nginx: {host: s-$i.scale.local, ingressClassName: no-controller}}
   strategy: {scaleDownDelaySeconds: 5, abortScaleDownDelaySeconds: 5, progressDeadlineSeconds: 600}
   analysis: {interval: 2s}
+  # Fake (kwok) pods must never receive a packet: no vector-compatibility check to them.
+  compatibility: {enabled: false}
 ---
 EOF
   done

@@ -8,14 +8,16 @@
 //!
 //! Analysis intervals are seconds instead of minutes; the logic is the same.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use embedroll_operator::conditions;
-use embedroll_operator::crd::{EmbeddingRollout, EmbeddingRolloutStatus, Phase};
+use embedroll_operator::crd::{
+    CompatibilityResult, CompatibilityStage, EmbeddingRollout, EmbeddingRolloutStatus, Phase,
+};
 use embedroll_operator::resources::{
     ANNOTATION_CANARY_WEIGHT, FIELD_MANAGER, LABEL_COLOR, LABEL_ROLLOUT,
 };
@@ -894,6 +896,26 @@ async fn b_upgrade_promotes_through_every_step() {
         Some("green")
     );
     assert_eq!(st.canary_weight, 0);
+    // The vector gate passed it before its first weight and again before promotion: the same
+    // model and weights give the same vectors (only the batching flag differs).
+    let check = st.compatibility.clone().expect("a vector check");
+    say(
+        "b",
+        format!(
+            "vector check: {:?} {:?}: {}",
+            check.stage, check.result, check.message
+        ),
+    );
+    assert_eq!(check.result, CompatibilityResult::Compatible);
+    assert_eq!(check.stage, CompatibilityStage::BeforePromotion);
+    let min: f64 = check.min_cosine.as_deref().unwrap().parse().unwrap();
+    assert!(min >= 0.9999, "min cosine {min}");
+    assert_eq!(check.texts, Some(50));
+    assert_eq!(
+        events(&client, ns, "VectorsCompatible").await.len(),
+        2,
+        "checked before traffic and before promotion"
+    );
     assert!(!await_event(&client, ns, "Promoted").await.is_empty());
     // One Event per weight change, each with its own message (not folded into one series).
     let weight_events: Vec<String> = events(&client, ns, "WeightUpdated")
@@ -1363,6 +1385,19 @@ async fn g_invalid_rollouts_are_rejected_with_the_field_named() {
             json!({"traffic": {"nginx": null, "gatewayAPI": {"httpRouteRef": {"name": "mine"}},
                                "canaryHeader": {"name": "X-Canary", "value": "1"}}}),
             &["spec.traffic.canaryHeader", "a route the operator owns"],
+        ),
+        (
+            "re-index without a route for it",
+            json!({"compatibility": {"onIncompatible": "Reindex"}}),
+            &[
+                "spec.compatibility.onIncompatible",
+                "set traffic.canaryHeader",
+            ],
+        ),
+        (
+            "a cosine above 1",
+            json!({"compatibility": {"minCosine": 1.5}}),
+            &["spec.compatibility.minCosine"],
         ),
         (
             "unparseable interval",
@@ -2583,6 +2618,317 @@ async fn n_canary_header_reaches_a_0_percent_canary_on_both_providers() {
         );
         assert_eq!(status(&client, ns, name).await.canary_weight, 0);
     }
+    cleanup(&client, ns).await;
+}
+
+// ------------------------------------------------------------------ vector compatibility
+
+/// The P95 latency and the error count of `n` one-text requests sent straight to a pod of
+/// `color` (what the latency and error gates would measure of it).
+async fn direct_p95(client: &Client, ns: &str, color: &str, n: usize) -> (f64, usize) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let selector = format!("{LABEL_ROLLOUT}={ns},{LABEL_COLOR}={color}");
+    let pod = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find_map(|p| p.status.and_then(|s| s.pod_ip))
+        .expect("a pod of the color");
+    let http = reqwest::Client::new();
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for i in 0..n {
+        let started = Instant::now();
+        let ok = http
+            .post(format!("http://{pod}:8080/api/v1/embed"))
+            .json(&json!({"texts": [format!("direct request {i}")]}))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        latencies.push(started.elapsed().as_secs_f64());
+        errors += usize::from(!ok);
+    }
+    latencies.sort_by(f64::total_cmp);
+    (latencies[(n * 95).div_ceil(100) - 1], errors)
+}
+
+/// p) A same-model revision whose vectors are wrong (`--fault-vector-noise 0.05`: fast, all
+///    200s) never gets a request: the vector gate rolls it back at weight 0 with
+///    `VectorMismatch`, naming the worst text and its cosine. Its own P95 and error rate,
+///    measured straight at its pod, would have passed the latency and error gates.
+#[tokio::test]
+async fn p_wrong_vectors_never_get_traffic() {
+    let client = client().await;
+    let ns = "p-vectors";
+    // The golden set from a ConfigMap this time (b uses the built-in one).
+    let spec = json!({"strategy": {"abortScaleDownDelaySeconds": 60},
+                      "compatibility": {"goldenSet": {"configMapKeyRef": {"name": "golden", "key": "texts"}}}});
+    install(&client, ns, &rollout_manifest(ns, &[], spec.clone())).await;
+    let texts: Vec<String> = (0..20)
+        .map(|i| {
+            format!(
+                "support ticket {i}: the search results for query {} look wrong",
+                i * 7
+            )
+        })
+        .collect();
+    let golden: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "golden"},
+        "data": {"texts": texts.join("\n")}
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &golden)
+        .await
+        .unwrap();
+    let traffic = Traffic::start(host(ns), 2);
+    apply(
+        &client,
+        ns,
+        &rollout_manifest(ns, &["--fault-vector-noise", "0.05"], spec),
+    )
+    .await;
+    let mut weights = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let st = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no rollback: {:?}",
+            status(&client, ns, ns).await
+        );
+        let st = status(&client, ns, ns).await;
+        weights.insert(st.canary_weight);
+        weights.insert(ingress_weight(&client, ns, ns).await.unwrap_or(0));
+        if st.phase == Some(Phase::Failed) {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (_, reason, message) = condition(&st, conditions::ROLLED_BACK);
+    say(ns, format!("RolledBack {reason}: {message}"));
+    assert_eq!(reason, "VectorMismatch");
+    assert!(
+        message.contains("vectors differ from stable: min cosine") && message.contains("(text "),
+        "{message}"
+    );
+    assert_eq!(
+        weights,
+        BTreeSet::from([0]),
+        "weight 0 throughout (status and Ingress)"
+    );
+    let check = st.compatibility.clone().unwrap();
+    assert_eq!(check.result, CompatibilityResult::Incompatible);
+    assert_eq!(check.texts, Some(20), "the ConfigMap's texts");
+    let (_, vectors_reason, _) = condition(&st, "VectorsCompatible");
+    assert_eq!(vectors_reason, "VectorMismatch");
+    let mismatch = await_event(&client, ns, "VectorMismatch").await;
+    say(ns, format!("Event: {:?}", mismatch[0].message));
+    // Not one user request reached the canary, by its own counters.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let canary_served = served_by(&client, ns, ns, "green").await;
+    assert_eq!(canary_served, 0.0, "the canary served user requests");
+    // What the latency and error gates would have seen of it (its pod is kept up for
+    // abortScaleDownDelaySeconds): fast and error-free.
+    let (p95, errors) = direct_p95(&client, ns, "green", 40).await;
+    say(
+        ns,
+        format!(
+            "the wrong canary straight at its pod: P95 {:.1}ms (limit 100ms), {errors} errors of 40 (limit 5%): the latency and error gates would have passed it",
+            p95 * 1000.0
+        ),
+    );
+    assert!(p95 < 0.1 && errors == 0, "P95 {p95}, errors {errors}");
+    let answers = traffic.finish().await;
+    assert!(answers.all_ok(), "stable served everything: {answers:?}");
+    cleanup(&client, ns).await;
+}
+
+/// q) A model change (all-MiniLM-L6-v2 -> its fine-tune sre-embedding-model): first with
+///    the wrong dimensions in `spec.model` (held: `DimensionMismatch`), then by default held
+///    as `ModelChanged` with no traffic and a message that says what to set; with
+///    `onIncompatible: Reindex` it serves only on the re-index route (the canary header) at
+///    0%, and a promote moves 100% at once: no weight is ever set on the rollout.
+#[tokio::test]
+async fn q_a_model_change_is_a_reindex_cut_over() {
+    let client = client().await;
+    let ns = "q-reindex";
+    let header = json!({"traffic": {"canaryHeader": {"name": "X-Reindex", "value": "1"}}});
+    install(&client, ns, &rollout_manifest(ns, &[], header.clone())).await;
+    let traffic = Traffic::start(host(ns), 2);
+    let models = env("EMBEDROLL_MODELS_DIR");
+    let sre_dir = format!("sre-embedding-model={models}/sre-embedding-model");
+    let sre = |dimensions: i32, on_incompatible: &str| {
+        let mut patch = header.clone();
+        merge(
+            &mut patch,
+            json!({"model": {"name": "sre-embedding-model", "dimensions": dimensions},
+                   "compatibility": {"onIncompatible": on_incompatible}}),
+        );
+        rollout_manifest(ns, &["--model", &sre_dir], patch)
+    };
+    // Watch every weight the rollout is ever given, in status and on the canary Ingress.
+    let weights = Arc::new(Mutex::new(BTreeSet::new()));
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = tokio::spawn({
+        let (client, weights, watching) = (client.clone(), weights.clone(), watching.clone());
+        async move {
+            while watching.load(Ordering::Relaxed) {
+                let st = status(&client, ns, ns).await;
+                let told = ingress_weight(&client, ns, ns).await.unwrap_or(0);
+                weights.lock().unwrap().extend([st.canary_weight, told]);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+
+    // spec.model says 768 dimensions; the pods answer 384.
+    apply(&client, ns, &sre(768, "Block")).await;
+    let held = wait_status(
+        &client,
+        ns,
+        ns,
+        "DimensionMismatch",
+        Duration::from_secs(120),
+        |s| {
+            conditions::get(&s.conditions, "VectorsCompatible")
+                .is_some_and(|c| c.reason == "DimensionMismatch")
+        },
+    )
+    .await;
+    let (_, _, message) = condition(&held, "VectorsCompatible");
+    say(ns, format!("held: DimensionMismatch: {message}"));
+    assert!(
+        message.contains("384") && message.contains("768"),
+        "{message}"
+    );
+    assert_eq!(held.phase, Some(Phase::Paused));
+
+    // Right dimensions, default Block: held as a model change, saying what to set.
+    apply(&client, ns, &sre(384, "Block")).await;
+    let held = wait_status(
+        &client,
+        ns,
+        ns,
+        "ModelChanged",
+        Duration::from_secs(120),
+        |s| {
+            conditions::get(&s.conditions, "VectorsCompatible")
+                .is_some_and(|c| c.reason == "ModelChanged")
+                && s.phase == Some(Phase::Paused)
+        },
+    )
+    .await;
+    let message = held.message.clone().unwrap_or_default();
+    say(ns, format!("held: {message}"));
+    assert!(
+        message.contains("all-MiniLM-L6-v2") && message.contains("onIncompatible: Reindex"),
+        "{message}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        served_by(&client, ns, ns, "green").await,
+        0.0,
+        "no traffic while held"
+    );
+
+    // Reindex: served at 0% on the header route only.
+    apply(&client, ns, &sre(384, "Reindex")).await;
+    let st = wait_status(
+        &client,
+        ns,
+        ns,
+        "AwaitingReindex",
+        Duration::from_secs(60),
+        |s| s.phase == Some(Phase::AwaitingReindex),
+    )
+    .await;
+    say(
+        ns,
+        format!(
+            "AwaitingReindex: {}",
+            st.message.clone().unwrap_or_default()
+        ),
+    );
+    wait_ingress_settled(&client, ns).await;
+    let base = env("INGRESS_URL");
+    let http = reqwest::Client::new();
+    let embed = |reindex: bool| {
+        let mut request = http
+            .post(format!("{base}/api/v1/embed"))
+            .header("Host", host(ns))
+            .json(&json!({"texts": ["kubernetes rollout of an embedding model"]}));
+        if reindex {
+            request = request.header("X-Reindex", "1");
+        }
+        async move {
+            let answer: Value = request.send().await.unwrap().json().await.unwrap();
+            answer["embeddings"][0]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect::<Vec<f64>>()
+        }
+    };
+    let green_before = served_by(&client, ns, ns, "green").await;
+    let (new_model, old_model) = (embed(true).await, embed(false).await);
+    for _ in 0..9 {
+        embed(true).await;
+    }
+    let cosine: f64 = new_model.iter().zip(&old_model).map(|(a, b)| a * b).sum();
+    say(
+        ns,
+        format!("the same text on the re-index route and on the user route: cosine {cosine:.3}"),
+    );
+    assert!(
+        cosine < 0.99,
+        "the re-index route serves the new model: cosine {cosine}"
+    );
+    assert_eq!(
+        served_by(&client, ns, ns, "green").await - green_before,
+        10.0,
+        "the new model served the header's requests, and the user traffic none of its own"
+    );
+
+    // Promote: 100% at once.
+    cli(&["promote", ns, "-n", ns]);
+    let st = wait_status(
+        &client,
+        ns,
+        ns,
+        "Healthy on the new model",
+        Duration::from_secs(60),
+        |s| s.phase == Some(Phase::Healthy),
+    )
+    .await;
+    assert_eq!(
+        st.stable_color.map(|c| c.to_string()).as_deref(),
+        Some("green")
+    );
+    wait_for(
+        "users on the new model",
+        Duration::from_secs(15),
+        || async {
+            let cosine: f64 = embed(false)
+                .await
+                .iter()
+                .zip(&new_model)
+                .map(|(a, b)| a * b)
+                .sum();
+            cosine > 0.9999
+        },
+    )
+    .await;
+    watching.store(false, Ordering::Relaxed);
+    watcher.await.unwrap();
+    let weights = weights.lock().unwrap().clone();
+    say(ns, format!("weights ever set: {weights:?}"));
+    assert_eq!(weights, BTreeSet::from([0]), "no weight was ever set");
+    assert!(events(&client, ns, "WeightUpdated").await.is_empty());
+    let answers = traffic.finish().await;
+    assert!(answers.all_ok(), "every user request answered: {answers:?}");
     cleanup(&client, ns).await;
 }
 

@@ -9,6 +9,8 @@ pub const PROGRESSING: &str = "Progressing";
 pub const ANALYSIS: &str = "Analysis";
 pub const ROLLED_BACK: &str = "RolledBack";
 pub const WEIGHT_VERIFIED: &str = "WeightVerified";
+pub const VECTORS_COMPATIBLE: &str = "VectorsCompatible";
+pub const TRAFFIC_ROUTED: &str = "TrafficRouted";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {

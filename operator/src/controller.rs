@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::Timestamp;
@@ -27,13 +28,14 @@ use tracing::{debug, info, warn};
 
 use crate::analysis::{self, AnalysisOutcome, Vars};
 use crate::children::ChildCache;
+use crate::compatibility;
 use crate::crd::{
     CheckResult, Color, EmbeddingRollout, EmbeddingRolloutStatus, Phase, parse_duration,
 };
 use crate::diff;
 use crate::error::{Error, Result};
 use crate::gateway::{self, Gateway, HTTPRoute, ParentGateway};
-use crate::machine::{self, Commands, Input, LiveTraffic, Plan, RouteState};
+use crate::machine::{self, CheckRequest, Commands, Input, LiveTraffic, Plan, RouteState};
 use crate::metrics::{MetricLabels, Metrics, ReasonLabels, ResultLabels, RolloutLabels};
 use crate::owned;
 use crate::prometheus;
@@ -139,6 +141,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub prometheus: prometheus::Clients,
+    /// For the vector-compatibility checks, straight to pods.
+    pub http: reqwest::Client,
     /// Used when a rollout names no Prometheus.
     pub default_prometheus: Option<String>,
     pub settings: Settings,
@@ -292,6 +296,11 @@ pub async fn run(
         recorder: Recorder::new(client, reporter),
         metrics,
         prometheus: prometheus::Clients::default(),
+        http: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .no_proxy()
+            .build()
+            .unwrap_or_default(),
         default_prometheus,
         settings: settings.clone(),
         stores: stores.clone(),
@@ -612,7 +621,25 @@ impl EmbeddingRollout {
         } else {
             None
         };
-        let mut plan = machine::plan(&input, outcome.as_ref());
+        let mut plan = machine::plan(&input, outcome.as_ref(), &[]);
+        // The vector gate asks for a check (at most one per stage: before traffic, and before
+        // promotion when a promote --full comes first): run it and plan again with it.
+        let mut checked = Vec::new();
+        while let Some(request) = plan.check.clone() {
+            if checked.len() >= 2 {
+                break;
+            }
+            let found = self.check_vectors(ctx, &request).await;
+            self.record_check_metrics(ctx, &namespace, &name, &found);
+            checked.push((request, found));
+            // Planned at the time the check ended: a step that starts now has its analysis
+            // window start after the check's own requests.
+            let after = Input {
+                now: Timestamp::now(),
+                ..input
+            };
+            plan = machine::plan(&after, outcome.as_ref(), &checked);
+        }
         plan.status.consumed_commands = consumed;
         for (key, deferred) in [
             (ANNOTATION_PROMOTE, plan.deferred.promote),
@@ -1019,6 +1046,145 @@ impl EmbeddingRollout {
                     warn!(error = %e, reason = transition.reason, "could not publish Event");
                 }
             }
+        }
+    }
+
+    /// The golden set embedded by one Ready pod of the canary color (and of stable's, to
+    /// compare with), straight to the pods (their addresses from the color Services'
+    /// EndpointSlices: no Service proxy needed).
+    async fn check_vectors(&self, ctx: &Context, request: &CheckRequest) -> compatibility::Outcome {
+        let spec = &self.spec.compatibility;
+        let namespace = self.namespace().unwrap_or_default();
+        let texts = match &spec.golden_set {
+            None => compatibility::golden_texts(compatibility::DEFAULT_GOLDEN_SET),
+            Some(golden) => {
+                let reference = &golden.config_map_key_ref;
+                let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+                match api.get_opt(&reference.name).await {
+                    Ok(Some(map)) => match map.data.as_ref().and_then(|d| d.get(&reference.key)) {
+                        Some(text) => compatibility::golden_texts(text),
+                        None => {
+                            return compatibility::Outcome::Inconclusive(format!(
+                                "golden set: ConfigMap {} has no key {:?}",
+                                reference.name, reference.key
+                            ));
+                        }
+                    },
+                    Ok(None) => {
+                        return compatibility::Outcome::Inconclusive(format!(
+                            "golden set: ConfigMap {} not found",
+                            reference.name
+                        ));
+                    }
+                    Err(e) => {
+                        return compatibility::Outcome::Inconclusive(format!(
+                            "golden set: ConfigMap {}: {e}",
+                            reference.name
+                        ));
+                    }
+                }
+            }
+        };
+        let pod = |color| self.ready_pod(ctx, color);
+        let canary = match pod(request.canary).await {
+            Ok(pod) => pod,
+            Err(why) => return compatibility::Outcome::Inconclusive(format!("canary: {why}")),
+        };
+        let stable = match request.stable {
+            None => None,
+            Some(color) => match pod(color).await {
+                Ok(pod) => Some(pod),
+                Err(why) => {
+                    return compatibility::Outcome::Inconclusive(format!("stable: {why}"));
+                }
+            },
+        };
+        let model = self.spec.model.as_ref();
+        let started = Instant::now();
+        let outcome = compatibility::run(
+            &ctx.http,
+            &canary,
+            stable.as_ref(),
+            &compatibility::Request {
+                model: model.map(|m| m.name.as_str()),
+                dimensions: model.and_then(|m| m.dimensions),
+                texts: &texts,
+                k: usize::try_from(spec.top_k).unwrap_or(10),
+                timeout: parse_duration(&spec.timeout).unwrap_or(Duration::from_secs(60)),
+            },
+        )
+        .await;
+        info!(
+            rollout = %self.name_any(), namespace = %namespace, stage = ?request.stage,
+            canary = %canary.ip, stable = ?stable.as_ref().map(|p| &p.ip), texts = texts.len(),
+            seconds = started.elapsed().as_secs_f64(), ?outcome, "vector-compatibility check"
+        );
+        outcome
+    }
+
+    /// A Ready endpoint of the color's Service.
+    async fn ready_pod(
+        &self,
+        ctx: &Context,
+        color: Color,
+    ) -> std::result::Result<compatibility::PodAddress, String> {
+        let namespace = self.namespace().unwrap_or_default();
+        let service = resources::color_name(self, color);
+        let api: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &namespace);
+        let slices = api
+            .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={service}")))
+            .await
+            .map_err(|e| format!("EndpointSlices of {service}: {e}"))?;
+        for slice in slices {
+            let port = slice
+                .ports
+                .as_ref()
+                .and_then(|ports| ports.iter().find_map(|p| p.port));
+            let Some(port) = port else { continue };
+            for endpoint in slice.endpoints.iter().flatten() {
+                let ready = endpoint
+                    .conditions
+                    .as_ref()
+                    .and_then(|c| c.ready)
+                    .unwrap_or(false);
+                if let (true, Some(ip)) = (ready, endpoint.addresses.first()) {
+                    return Ok(compatibility::PodAddress {
+                        ip: ip.clone(),
+                        port,
+                    });
+                }
+            }
+        }
+        Err(format!("no Ready pod behind Service {service}"))
+    }
+
+    fn record_check_metrics(
+        &self,
+        ctx: &Context,
+        namespace: &str,
+        name: &str,
+        outcome: &compatibility::Outcome,
+    ) {
+        let result = match outcome {
+            compatibility::Outcome::Compared { .. } => "Compared",
+            compatibility::Outcome::ContractKept { .. } => "ModelChanged",
+            compatibility::Outcome::ContractBroken { .. } => "ContractBroken",
+            compatibility::Outcome::Inconclusive(_) => "Inconclusive",
+        };
+        ctx.metrics
+            .compatibility_checks
+            .get_or_create(&crate::metrics::CompatibilityLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+        if let compatibility::Outcome::Compared { comparison, .. } = outcome {
+            ctx.metrics
+                .compatibility_min_cosine
+                .get_or_create(&RolloutLabels {
+                    namespace: namespace.to_owned(),
+                    rollout: name.to_owned(),
+                })
+                .set(comparison.min_cosine);
         }
     }
 

@@ -51,6 +51,7 @@ pub const MAX_NAME_LEN: usize = 57;
         .message("metadata.name: at most 57 characters (children are named <name>-green)"),
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.compatibility) || !has(self.compatibility.onIncompatible) || self.compatibility.onIncompatible != 'Reindex' || has(self.traffic.canaryHeader)").message("onIncompatible: Reindex serves the new model on the canary header route while the index is rebuilt: set traffic.canaryHeader").field_path(".compatibility.onIncompatible"))]
 pub struct EmbeddingRolloutSpec {
     /// Pods per color. The scale subresource points here, so an HPA can drive it.
     #[serde(default = "default_replicas")]
@@ -68,6 +69,107 @@ pub struct EmbeddingRolloutSpec {
     pub strategy: StrategySpec,
     #[serde(default)]
     pub analysis: AnalysisSpec,
+    #[serde(default)]
+    pub compatibility: CompatibilitySpec,
+}
+
+/// The embedding-compatibility gate: before a new revision takes any traffic (and again
+/// before it is promoted), one Ready pod of each color embeds a golden set of texts and the
+/// vectors are compared. A same-model revision whose vectors differ is incompatible; a model
+/// change (another name or dimensions than the stable revision's) is incompatible by
+/// definition, since vectors from two models cannot share one index.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CompatibilitySpec {
+    /// The gate is on unless this is false.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The texts to compare on: a ConfigMap key holding one text per line. Unset: a built-in
+    /// set of 50 (short and long, non-ASCII, code, numbers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub golden_set: Option<GoldenSet>,
+    /// Every text's cosine between stable's and the canary's vector must reach this.
+    #[serde(default = "default_min_cosine")]
+    #[schemars(range(min = -1.0, max = 1.0))]
+    pub min_cosine: f64,
+    /// Neighbourhood size for the top-k agreement.
+    #[serde(default = "default_top_k")]
+    #[schemars(range(min = 1, max = 100))]
+    pub top_k: i32,
+    /// The mean overlap of each text's top-k nearest neighbours (within the golden set) under
+    /// stable's and the canary's vectors must reach this.
+    #[serde(default = "default_min_top_k_agreement")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub min_top_k_agreement: f64,
+    /// What an incompatible revision does: `Block` (a same-model mismatch is rolled back, a
+    /// model change is held until this says `Reindex`) or `Reindex` (served at 0% on the
+    /// re-index route, then switched to 100% at once when promoted).
+    #[serde(default)]
+    pub on_incompatible: OnIncompatible,
+    /// How long one check may take before it counts as inconclusive.
+    #[serde(default = "default_check_timeout")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub timeout: String,
+}
+
+impl Default for CompatibilitySpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            golden_set: None,
+            min_cosine: default_min_cosine(),
+            top_k: default_top_k(),
+            min_top_k_agreement: default_min_top_k_agreement(),
+            on_incompatible: OnIncompatible::default(),
+            timeout: default_check_timeout(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_min_cosine() -> f64 {
+    0.999
+}
+
+fn default_top_k() -> i32 {
+    10
+}
+
+fn default_min_top_k_agreement() -> f64 {
+    0.9
+}
+
+fn default_check_timeout() -> String {
+    "60s".to_owned()
+}
+
+/// Where the golden set comes from.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GoldenSet {
+    /// A key of a ConfigMap in the rollout's namespace; one text per line.
+    pub config_map_key_ref: ConfigMapKey,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapKey {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum OnIncompatible {
+    #[default]
+    Block,
+    Reindex,
 }
 
 fn default_replicas() -> i32 {
@@ -533,6 +635,9 @@ pub enum Phase {
     Degraded,
     /// The last rollout was rolled back or aborted; waits for a spec change or a retry.
     Failed,
+    /// A model change served at 0% on the re-index route: waits for the corpus to be
+    /// re-embedded, then for a promote, which switches 100% at once.
+    AwaitingReindex,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
@@ -614,6 +719,9 @@ pub struct EmbeddingRolloutStatus {
     pub analysis: Option<AnalysisStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight_check: Option<WeightCheck>,
+    /// The last vector-compatibility check of the revision in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compatibility: Option<CompatibilityStatus>,
     /// Hash of the effective steps of the rollout in flight; when the steps are edited, they
     /// start over from the first instead of being skipped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -641,6 +749,57 @@ pub struct EmbeddingRolloutStatus {
 pub struct ScaleDown {
     pub color: Color,
     pub at: Time,
+}
+
+/// When a compatibility check ran.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum CompatibilityStage {
+    /// Before the revision's first weight.
+    BeforeTraffic,
+    /// After its last step, before it is promoted.
+    BeforePromotion,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum CompatibilityResult {
+    /// The vectors agree with stable's.
+    Compatible,
+    /// The vectors differ from stable's (same model).
+    Incompatible,
+    /// Another model than stable's: incompatible by definition.
+    ModelChanged,
+    /// The pods do not serve `spec.model` as declared.
+    ContractBroken,
+    /// The check could not run; never a pass.
+    Inconclusive,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CompatibilityStatus {
+    pub revision: String,
+    pub stage: CompatibilityStage,
+    pub result: CompatibilityResult,
+    /// Lowest per-text cosine, formatted (`0.99993`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_cosine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_cosine: Option<String>,
+    /// Index in the golden set of the text with the lowest cosine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worst_text: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k_agreement: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub texts: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<Time>,
+    #[serde(default)]
+    pub message: String,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]

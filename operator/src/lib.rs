@@ -4,6 +4,7 @@
 
 pub mod analysis;
 pub mod children;
+pub mod compatibility;
 pub mod conditions;
 pub mod controller;
 pub mod crd;

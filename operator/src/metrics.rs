@@ -53,14 +53,22 @@ pub struct ErrorLabels {
     pub error: String,
 }
 
-pub const PHASES: [Phase; 6] = [
+pub const PHASES: [Phase; 7] = [
     Phase::Healthy,
     Phase::Progressing,
     Phase::Paused,
     Phase::RollingBack,
     Phase::Degraded,
     Phase::Failed,
+    Phase::AwaitingReindex,
 ];
+
+/// One compatibility check's result (`Compatible`, `Incompatible`, `ModelChanged`,
+/// `ContractBroken`, `Inconclusive`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CompatibilityLabels {
+    pub result: String,
+}
 
 pub struct Metrics {
     pub registry: Registry,
@@ -73,6 +81,9 @@ pub struct Metrics {
     pub analysis_runs: Family<ResultLabels, Counter>,
     pub rollbacks: Family<ReasonLabels, Counter>,
     pub inconclusive_checks: Family<RolloutLabels, Gauge>,
+    pub compatibility_checks: Family<CompatibilityLabels, Counter>,
+    /// The last check's lowest per-text cosine between the canary's and stable's vectors.
+    pub compatibility_min_cosine: Family<RolloutLabels, Gauge<f64, AtomicU64>>,
     pub leader: Gauge,
     /// The label values each rollout's series were created with, so they can all be removed
     /// when the rollout is deleted.
@@ -100,6 +111,8 @@ impl Default for Metrics {
         let analysis_runs = Family::<ResultLabels, Counter>::default();
         let rollbacks = Family::<ReasonLabels, Counter>::default();
         let inconclusive_checks = Family::<RolloutLabels, Gauge>::default();
+        let compatibility_checks = Family::<CompatibilityLabels, Counter>::default();
+        let compatibility_min_cosine = Family::<RolloutLabels, Gauge<f64, AtomicU64>>::default();
         let leader = Gauge::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
@@ -143,6 +156,16 @@ impl Default for Metrics {
             inconclusive_checks.clone(),
         );
         registry.register(
+            "compatibility_checks",
+            "Vector-compatibility checks run, by result",
+            compatibility_checks.clone(),
+        );
+        registry.register(
+            "compatibility_min_cosine",
+            "Lowest per-text cosine between the canary's and stable's vectors in the last check",
+            compatibility_min_cosine.clone(),
+        );
+        registry.register(
             "leader",
             "1 while this replica holds the leader Lease",
             leader.clone(),
@@ -158,6 +181,8 @@ impl Default for Metrics {
             analysis_runs,
             rollbacks,
             inconclusive_checks,
+            compatibility_checks,
+            compatibility_min_cosine,
             leader,
             series: Mutex::default(),
         }
@@ -223,6 +248,7 @@ impl Metrics {
         };
         self.canary_weight.remove(&labels);
         self.inconclusive_checks.remove(&labels);
+        self.compatibility_min_cosine.remove(&labels);
         for metric in known.metrics {
             self.analysis_value.remove(&MetricLabels {
                 namespace: ns.clone(),

@@ -35,6 +35,9 @@ pub const ANNOTATION_CANARY_BY_HEADER_VALUE: &str =
 pub const ANNOTATION_CANARY_REVISION: &str = "embedroll.dev/canary-revision";
 pub const ANNOTATION_FAILED_REVISION: &str = "embedroll.dev/failed-revision";
 pub const ANNOTATION_STEP: &str = "embedroll.dev/step";
+/// On a color's Deployment: the model (and dimensions) its revision declared.
+pub const ANNOTATION_MODEL: &str = "embedroll.dev/model";
+pub const ANNOTATION_MODEL_DIMENSIONS: &str = "embedroll.dev/model-dimensions";
 
 pub fn color_name(er: &EmbeddingRollout, color: Color) -> String {
     format!("{}-{color}", er.name_any())
@@ -110,8 +113,21 @@ pub fn deployment(
     }
     let mut labels = selector(er, color);
     labels.insert(LABEL_REVISION.to_owned(), revision.to_owned());
+    let mut metadata = meta(er, color_name(er, color), labels);
+    // The model this revision declared, on the Deployment (not its pod template, which would
+    // restart pods): a later revision's model change is seen from here, even with status lost.
+    if let Some(model) = &er.spec.model {
+        let annotations = metadata.annotations.get_or_insert_with(BTreeMap::new);
+        annotations.insert(ANNOTATION_MODEL.to_owned(), model.name.clone());
+        if let Some(dimensions) = model.dimensions {
+            annotations.insert(
+                ANNOTATION_MODEL_DIMENSIONS.to_owned(),
+                dimensions.to_string(),
+            );
+        }
+    }
     Deployment {
-        metadata: meta(er, color_name(er, color), labels),
+        metadata,
         spec: Some(DeploymentSpec {
             replicas: Some(replicas),
             selector: LabelSelector {
@@ -301,6 +317,10 @@ pub struct ColorState {
     pub ready_replicas: i32,
     /// Every desired pod runs the current template and is Ready, and no old pod is left.
     pub ready: bool,
+    /// The model its revision declared (`spec.model`), from the Deployment's annotations;
+    /// `None` when it declared none or was written by an older operator.
+    pub model: Option<String>,
+    pub dimensions: Option<i32>,
 }
 
 impl ColorState {
@@ -327,12 +347,15 @@ impl ColorState {
             && status.updated_replicas.unwrap_or(0) >= desired
             && ready_replicas >= desired
             && status.replicas.unwrap_or(0) == desired;
+        let annotation = |key: &str| deployment.annotations().get(key).cloned();
         Self {
             exists: true,
             revision,
             desired_replicas: desired,
             ready_replicas,
             ready,
+            model: annotation(ANNOTATION_MODEL),
+            dimensions: annotation(ANNOTATION_MODEL_DIMENSIONS).and_then(|d| d.parse().ok()),
         }
     }
 

@@ -1,6 +1,6 @@
 //! `embedroll`: drive and inspect EmbeddingRollouts from a terminal.
 //!
-//!   embedroll status NAME [-n NS]       step, weight, analysis and conditions as a table
+//!   embedroll status NAME [-n NS]       step, weight, vector check, analysis and conditions
 //!   embedroll promote NAME [--full]     finish the current step (or the whole rollout)
 //!   embedroll abort NAME                roll back now
 //!   embedroll retry NAME                try a rolled-back revision again
@@ -182,6 +182,21 @@ fn render_status(rollout: &EmbeddingRollout) -> String {
             ),
         );
     }
+    if let Some(check) = &status.compatibility {
+        let when = check
+            .checked_at
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_else(dash);
+        row(
+            &mut out,
+            "Vectors:",
+            format!(
+                "{:?} for {} ({:?}, {when}): {}",
+                check.result, check.revision, check.stage, check.message
+            ),
+        );
+    }
     if let Some(analysis) = &status.analysis {
         let when = analysis
             .last_run_at
@@ -220,7 +235,7 @@ fn render_status(rollout: &EmbeddingRollout) -> String {
     }
     let _ = writeln!(
         out,
-        "\n  {:<16}{:<9}{:<26}MESSAGE",
+        "\n  {:<19}{:<9}{:<26}MESSAGE",
         "CONDITION", "STATUS", "REASON"
     );
     for type_ in [
@@ -228,12 +243,14 @@ fn render_status(rollout: &EmbeddingRollout) -> String {
         conditions::PROGRESSING,
         conditions::ANALYSIS,
         conditions::WEIGHT_VERIFIED,
+        conditions::VECTORS_COMPATIBLE,
+        conditions::TRAFFIC_ROUTED,
         conditions::ROLLED_BACK,
     ] {
         if let Some(c) = conditions::get(&status.conditions, type_) {
             let _ = writeln!(
                 out,
-                "  {:<16}{:<9}{:<26}{}",
+                "  {:<19}{:<9}{:<26}{}",
                 c.type_, c.status, c.reason, c.message
             );
         }

@@ -6,7 +6,8 @@
 //!
 //! One file per phase: `install` (first install, settled stable, status recovery), `steps`
 //! (weights, pauses, edited steps), `analysis` (recording checks, waking for the next),
-//! `rollback`, `promotion`, `scale` (replicas, HPA semantics).
+//! `compatibility` (the vector gate and the re-index cut-over), `rollback`, `promotion`,
+//! `scale` (replicas, HPA semantics).
 
 use std::time::Duration;
 
@@ -14,11 +15,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::analysis::AnalysisOutcome;
+use crate::compatibility::Outcome;
 use crate::conditions::{self, Status};
-use crate::crd::{Color, EmbeddingRolloutSpec, EmbeddingRolloutStatus, Phase, parse_duration};
+use crate::crd::{
+    Color, CompatibilityStage, EmbeddingRolloutSpec, EmbeddingRolloutStatus, Phase, parse_duration,
+};
 use crate::resources::ColorState;
 
 mod analysis;
+mod compatibility;
 mod install;
 mod promotion;
 mod rollback;
@@ -27,6 +32,7 @@ mod steps;
 #[cfg(test)]
 mod tests;
 
+pub use compatibility::CheckRequest;
 pub use scale::{canary_replicas, replicas_for};
 pub use steps::{StepKind, steps, steps_hash};
 
@@ -144,6 +150,9 @@ pub struct Plan {
     pub rollback: Option<&'static str>,
     /// Commands that could not act yet and stay pending (their annotation is kept).
     pub deferred: Commands,
+    /// A vector-compatibility check the rollout waits for: run it and plan again with its
+    /// outcome.
+    pub check: Option<CheckRequest>,
 }
 
 pub fn interval(spec: &EmbeddingRolloutSpec) -> Duration {
@@ -199,7 +208,13 @@ pub fn analysis_due(input: &Input<'_>) -> bool {
     input.now >= plus(started, every) && last.is_none_or(|last| input.now >= plus(last, every))
 }
 
-pub fn plan(input: &Input<'_>, analysis: Option<&AnalysisOutcome>) -> Plan {
+/// The next plan. `checked` is the outcome of the check a previous plan for this same input
+/// asked for ([`Plan::check`]).
+pub fn plan(
+    input: &Input<'_>,
+    analysis: Option<&AnalysisOutcome>,
+    checked: &[(CheckRequest, Outcome)],
+) -> Plan {
     let mut planner = Planner {
         input,
         st: input.status.clone(),
@@ -207,10 +222,11 @@ pub fn plan(input: &Input<'_>, analysis: Option<&AnalysisOutcome>) -> Plan {
         wake: Vec::new(),
         rollback: None,
         deferred: Commands::default(),
+        check: None,
         steps: steps(input.spec),
         interval: interval(input.spec),
     };
-    planner.run(analysis);
+    planner.run(analysis, checked);
     planner.finish()
 }
 
@@ -222,6 +238,7 @@ struct Planner<'a, 'b> {
     wake: Vec<Timestamp>,
     rollback: Option<&'static str>,
     deferred: Commands,
+    check: Option<CheckRequest>,
     steps: Vec<StepKind>,
     interval: Duration,
 }
@@ -263,7 +280,7 @@ impl Planner<'_, '_> {
         }
     }
 
-    fn run(&mut self, analysis: Option<&AnalysisOutcome>) {
+    fn run(&mut self, analysis: Option<&AnalysisOutcome>, checked: &[(CheckRequest, Outcome)]) {
         let now = self.input.now;
         let desired = self.input.desired_revision.to_owned();
         self.st.observed_generation = self.input.generation;
@@ -324,7 +341,19 @@ impl Planner<'_, '_> {
             return;
         }
 
+        if self.st.current_step_index.is_none()
+            && self.vectors_gate(CompatibilityStage::BeforeTraffic, checked, analysis)
+                == compatibility::Gate::Closed
+        {
+            return;
+        }
         if self.input.commands.promote_full {
+            if self.vectors_gate(CompatibilityStage::BeforePromotion, checked, None)
+                == compatibility::Gate::Closed
+            {
+                self.deferred.promote_full = self.rollback.is_none();
+                return;
+            }
             self.promote("promoted in full by the embedroll.dev/promote-full annotation");
             return;
         }
@@ -349,7 +378,7 @@ impl Planner<'_, '_> {
             self.st.message = Some(format!("holding {weight}%: {why}"));
             return;
         }
-        self.advance();
+        self.advance(checked);
     }
 
     /// Condition `TrafficRouted` (Gateway API): True once accepted, Unknown while no Gateway
@@ -460,6 +489,7 @@ impl Planner<'_, '_> {
             deploy,
             rollback: self.rollback,
             deferred: self.deferred,
+            check: self.check,
         }
     }
 }

@@ -5,9 +5,14 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::compatibility::{CheckRequest, Gate};
 use super::{Planner, at, plus};
+use crate::compatibility::Outcome;
 use crate::conditions::{self, Status};
-use crate::crd::{CheckResult, Color, EmbeddingRolloutSpec, OnInconclusive, Phase, parse_duration};
+use crate::crd::{
+    CheckResult, Color, CompatibilityStage, EmbeddingRolloutSpec, OnInconclusive, Phase,
+    parse_duration,
+};
 use crate::resources::ColorState;
 
 /// A step with defaults applied.
@@ -188,7 +193,7 @@ impl Planner<'_, '_> {
         }
     }
 
-    pub(super) fn advance(&mut self) {
+    pub(super) fn advance(&mut self, checked: &[(CheckRequest, Outcome)]) {
         let now = self.input.now;
         let index = self.st.current_step_index.unwrap_or(0).max(0) as usize;
         let Some(step) = self.steps.get(index).copied() else {
@@ -275,7 +280,13 @@ impl Planner<'_, '_> {
             return;
         }
         if index + 1 >= total {
-            self.promote("every step passed");
+            if self.vectors_gate(CompatibilityStage::BeforePromotion, checked, None) == Gate::Open {
+                self.promote("every step passed");
+            } else if self.rollback.is_none() {
+                // A promote waits for the vector check (asked for, or inconclusive and
+                // retried) instead of being dropped.
+                self.deferred.promote = promote;
+            }
         } else {
             self.enter_step(index + 1);
             self.st.phase = Some(Phase::Progressing);

@@ -6,7 +6,10 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::*;
 use crate::analysis::MetricOutcome;
-use crate::crd::{CheckResult, EmbeddingRolloutSpec, OnInconclusive};
+use crate::compatibility::Comparison;
+use crate::crd::{
+    CheckResult, CompatibilityResult, EmbeddingRolloutSpec, OnIncompatible, OnInconclusive,
+};
 
 fn spec() -> EmbeddingRolloutSpec {
     serde_json::from_value(serde_json::json!({
@@ -31,6 +34,23 @@ fn ready(revision: &str) -> ColorState {
         desired_replicas: 2,
         ready_replicas: 2,
         ready: true,
+        model: None,
+        dimensions: None,
+    }
+}
+
+/// A vector comparison with every text's cosine at `min_cosine` and neighbourhoods kept.
+fn compared(min_cosine: f64, top_k_agreement: f64) -> Outcome {
+    Outcome::Compared {
+        comparison: Comparison {
+            min_cosine,
+            mean_cosine: min_cosine,
+            worst_text: 17,
+            top_k_agreement,
+            k: 10,
+            texts: 50,
+        },
+        dimensions: 384,
     }
 }
 
@@ -65,6 +85,12 @@ struct World {
     route: RouteState,
     now: Timestamp,
     events: Vec<&'static str>,
+    /// What a vector check finds (same model), and what a model change's contract check
+    /// finds.
+    vectors: Outcome,
+    contract: Outcome,
+    /// The checks the plans asked for.
+    checks: Vec<CheckRequest>,
 }
 
 impl World {
@@ -79,6 +105,9 @@ impl World {
             route: RouteState::Routed,
             now: t(0),
             events: Vec::new(),
+            vectors: compared(1.0, 1.0),
+            contract: Outcome::ContractKept { dimensions: 384 },
+            checks: Vec::new(),
         }
     }
 
@@ -98,7 +127,19 @@ impl World {
         };
         let due = analysis_due(&input);
         let analysis = analysis.filter(|_| due).map(outcome);
-        let plan = plan(&input, analysis.as_ref());
+        let mut next = plan(&input, analysis.as_ref(), &[]);
+        let mut checked = Vec::new();
+        while let Some(request) = next.check.clone() {
+            assert!(checked.len() < 2, "at most two checks per reconcile");
+            self.checks.push(request.clone());
+            let found = match request.stable {
+                Some(_) => self.vectors.clone(),
+                None => self.contract.clone(),
+            };
+            checked.push((request, found));
+            next = plan(&input, analysis.as_ref(), &checked);
+        }
+        let plan = next;
         self.status = plan.status.clone();
         self.live = LiveTraffic::written_by(&plan.status);
         self.events.extend(plan.events.iter().map(|e| e.reason));
@@ -854,4 +895,270 @@ fn a_route_the_gateway_has_not_accepted_holds_the_weight_and_says_why() {
     let routed = conditions::get(&w.status.conditions, "TrafficRouted").unwrap();
     assert_eq!(routed.status, "True");
     assert!(w.events.contains(&"RouteAccepted"));
+}
+
+// ------------------------------------------------------------------ vector-compatibility gate
+
+/// The model a color's Deployment declares.
+fn serving(revision: &str, model: &str, dimensions: i32) -> ColorState {
+    ColorState {
+        model: Some(model.to_owned()),
+        dimensions: Some(dimensions),
+        ..ready(revision)
+    }
+}
+
+fn with_model(w: &mut World, name: &str, dimensions: i32) {
+    w.spec.model = Some(crate::crd::ModelSpec {
+        name: name.to_owned(),
+        dimensions: Some(dimensions),
+    });
+}
+
+#[test]
+fn a_compatible_revision_is_checked_before_traffic_and_before_promotion() {
+    let mut w = World::installed();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    let plan = w.reconcile("r2", None);
+    assert_eq!(
+        plan.status.canary_weight, 1,
+        "the first weight after the check"
+    );
+    assert_eq!(w.checks.len(), 1);
+    assert_eq!(w.checks[0].stage, CompatibilityStage::BeforeTraffic);
+    assert_eq!(w.checks[0].stable, Some(Color::Blue));
+    let recorded = plan.status.compatibility.clone().unwrap();
+    assert_eq!(recorded.result, CompatibilityResult::Compatible);
+    assert_eq!(recorded.min_cosine.as_deref(), Some("1.00000"));
+    assert!(w.events.contains(&"VectorsCompatible"));
+    // No second check for the same stage.
+    w.reconcile("r2", None);
+    assert_eq!(w.checks.len(), 1);
+    for _ in 0..4 {
+        w.tick(10);
+        w.reconcile("r2", Some(CheckResult::Passed));
+    }
+    assert_eq!(w.status.phase, Some(Phase::Healthy));
+    assert_eq!(
+        w.checks.iter().map(|c| c.stage).collect::<Vec<_>>(),
+        [
+            CompatibilityStage::BeforeTraffic,
+            CompatibilityStage::BeforePromotion
+        ]
+    );
+}
+
+#[test]
+fn differing_vectors_are_rolled_back_at_weight_0_and_say_where() {
+    let mut w = World::installed();
+    w.vectors = compared(0.912, 0.64);
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.rollback, Some("VectorMismatch"));
+    assert_eq!(plan.status.canary_weight, 0, "never above 0");
+    assert_eq!(plan.status.phase, Some(Phase::Failed));
+    let message = plan.status.message.clone().unwrap();
+    assert!(
+        message.contains("vectors differ from stable: min cosine 0.91200 (text 17)")
+            && message.contains("top-10 agreement 0.64"),
+        "{message}"
+    );
+    let condition = conditions::get(&plan.status.conditions, "VectorsCompatible").unwrap();
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("False", "VectorMismatch")
+    );
+    assert!(w.events.contains(&"VectorMismatch") && w.events.contains(&"RolledBack"));
+}
+
+#[test]
+fn top_k_agreement_below_the_limit_is_a_mismatch_too() {
+    let mut w = World::installed();
+    w.vectors = compared(0.9995, 0.8);
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    assert_eq!(w.reconcile("r2", None).rollback, Some("VectorMismatch"));
+}
+
+#[test]
+fn a_mismatch_found_before_promotion_rolls_back_from_its_weight() {
+    let mut w = World::canary_at_first_step();
+    w.vectors = compared(0.95, 1.0);
+    for _ in 0..4 {
+        w.tick(10);
+        if w.reconcile("r2", Some(CheckResult::Passed))
+            .rollback
+            .is_some()
+        {
+            break;
+        }
+    }
+    assert_eq!(w.status.phase, Some(Phase::Failed));
+    assert_eq!(w.status.stable_revision.as_deref(), Some("r1"));
+    assert_eq!(w.status.canary_weight, 0);
+}
+
+#[test]
+fn an_inconclusive_check_holds_at_0_and_is_retried_every_interval() {
+    let mut w = World::installed();
+    w.vectors = Outcome::Inconclusive("canary: no Ready pod behind Service search-green".into());
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    let plan = w.reconcile("r2", None);
+    assert_eq!((plan.rollback, plan.status.canary_weight), (None, 0));
+    assert!(plan.status.message.unwrap().contains("inconclusive"));
+    assert_eq!(plan.requeue, Some(Duration::from_secs(10)));
+    w.reconcile("r2", None);
+    assert_eq!(w.checks.len(), 1, "not retried before the interval");
+    w.tick(10);
+    w.reconcile("r2", None);
+    assert_eq!(w.checks.len(), 2);
+    assert_eq!(
+        w.events
+            .iter()
+            .filter(|e| **e == "VectorCheckInconclusive")
+            .count(),
+        1,
+        "the same reason once"
+    );
+    w.vectors = compared(1.0, 1.0);
+    w.tick(10);
+    assert_eq!(w.reconcile("r2", None).status.canary_weight, 1);
+}
+
+#[test]
+fn a_broken_dimension_contract_holds_the_revision() {
+    let mut w = World::installed();
+    w.vectors = Outcome::ContractBroken {
+        reason: "DimensionMismatch",
+        message: "the canary's vectors have 384 dimensions; spec.model.dimensions says 768".into(),
+    };
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    let plan = w.reconcile("r2", None);
+    assert_eq!((plan.rollback, plan.status.canary_weight), (None, 0));
+    assert_eq!(plan.status.phase, Some(Phase::Paused));
+    let condition = conditions::get(&plan.status.conditions, "VectorsCompatible").unwrap();
+    assert_eq!(condition.reason, "DimensionMismatch");
+    assert!(w.events.contains(&"DimensionMismatch"));
+}
+
+#[test]
+fn the_gate_can_be_turned_off() {
+    let mut w = World::installed();
+    w.spec.compatibility.enabled = false;
+    w.vectors = compared(0.1, 0.0);
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    assert_eq!(w.reconcile("r2", None).status.canary_weight, 1);
+    assert!(w.checks.is_empty());
+}
+
+/// r1 serves all-MiniLM-L6-v2 on blue; r2 declares sre-embedding-model and is Ready on green.
+fn model_change(on_incompatible: OnIncompatible) -> World {
+    let mut w = World::new();
+    with_model(&mut w, "all-MiniLM-L6-v2", 384);
+    w.spec.compatibility.on_incompatible = on_incompatible;
+    w.reconcile("r1", None);
+    w.blue = serving("r1", "all-MiniLM-L6-v2", 384);
+    w.reconcile("r1", None);
+    assert_eq!(w.status.phase, Some(Phase::Healthy));
+    with_model(&mut w, "sre-embedding-model", 384);
+    w.reconcile("r2", None);
+    w.green = serving("r2", "sre-embedding-model", 384);
+    w
+}
+
+#[test]
+fn a_model_change_is_held_by_default_with_what_to_set() {
+    let mut w = model_change(OnIncompatible::Block);
+    let plan = w.reconcile("r2", None);
+    assert_eq!(
+        w.checks[0].stable, None,
+        "nothing to compare a new model with"
+    );
+    assert_eq!((plan.rollback, plan.status.canary_weight), (None, 0));
+    assert_eq!(plan.status.phase, Some(Phase::Paused));
+    let message = plan.status.message.unwrap();
+    assert!(
+        message.contains("all-MiniLM-L6-v2 (384 dimensions) to sre-embedding-model")
+            && message.contains("onIncompatible: Reindex"),
+        "{message}"
+    );
+    let condition = conditions::get(&plan.status.conditions, "VectorsCompatible").unwrap();
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("False", "ModelChanged")
+    );
+    // A promote does not push a model change through a weighted canary.
+    w.commands.promote = true;
+    w.commands.promote_full = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.stable_revision.as_deref(), Some("r1"));
+    assert_eq!(plan.status.canary_weight, 0);
+}
+
+#[test]
+fn reindex_serves_a_new_model_at_0_then_cuts_over_at_once() {
+    let mut w = model_change(OnIncompatible::Reindex);
+    w.spec.traffic.canary_header = Some(crate::crd::CanaryHeader {
+        name: "X-Reindex".into(),
+        value: "1".into(),
+    });
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.phase, Some(Phase::AwaitingReindex));
+    assert_eq!(plan.status.canary_weight, 0);
+    let message = plan.status.message.clone().unwrap();
+    assert!(
+        message.contains("X-Reindex: 1") && message.contains("search-green"),
+        "{message}"
+    );
+    // Its analysis runs on the re-index traffic; passing it moves no weight.
+    let mut weights = vec![plan.status.canary_weight];
+    for _ in 0..5 {
+        w.tick(10);
+        let plan = w.reconcile("r2", Some(CheckResult::Passed));
+        weights.push(plan.status.canary_weight);
+        assert_eq!(plan.status.phase, Some(Phase::AwaitingReindex));
+    }
+    w.commands.promote = true;
+    let plan = w.reconcile("r2", None);
+    weights.push(plan.status.canary_weight);
+    assert_eq!(plan.status.phase, Some(Phase::Healthy));
+    assert_eq!(plan.status.stable_color, Some(Color::Green));
+    assert_eq!(plan.status.stable_revision.as_deref(), Some("r2"));
+    assert!(
+        weights.iter().all(|w| *w == 0),
+        "no weight ever: {weights:?}"
+    );
+}
+
+#[test]
+fn a_failing_analysis_while_awaiting_reindex_rolls_back() {
+    let mut w = model_change(OnIncompatible::Reindex);
+    w.reconcile("r2", None);
+    let mut rolled_back = false;
+    for _ in 0..3 {
+        w.tick(10);
+        rolled_back |= w
+            .reconcile("r2", Some(CheckResult::Failed))
+            .rollback
+            .is_some();
+    }
+    assert!(rolled_back);
+    assert_eq!(w.status.stable_revision.as_deref(), Some("r1"));
+}
+
+#[test]
+fn same_model_vectors_that_differ_can_be_reindexed_on_purpose() {
+    let mut w = World::installed();
+    w.spec.compatibility.on_incompatible = OnIncompatible::Reindex;
+    w.vectors = compared(0.97, 0.95);
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.rollback, None);
+    assert_eq!(plan.status.phase, Some(Phase::AwaitingReindex));
 }
