@@ -162,6 +162,52 @@ enum Failure {
     Other(String),
 }
 
+/// Attempts per batch: a transient error (a 5xx, a reset connection) is tried again; a pod
+/// that keeps failing makes the check inconclusive.
+const ATTEMPTS: usize = 3;
+
+/// One batch embedded by the pod at `url`.
+async fn embed_batch(
+    http: &reqwest::Client,
+    url: &str,
+    request: &Request<'_>,
+    batch: &[String],
+    left: Duration,
+) -> Result<Vec<Vec<f32>>, Failure> {
+    let response = http
+        .post(url)
+        .timeout(left)
+        .json(&match request.model {
+            Some(model) => json!({"model": model, "input": batch, "encoding_format": "float"}),
+            None => json!({"input": batch, "encoding_format": "float"}),
+        })
+        .send()
+        .await
+        .map_err(|e| Failure::Other(format!("{url}: {e}")))?;
+    let status = response.status();
+    if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
+        let body: String = body.chars().take(300).collect();
+        if status == reqwest::StatusCode::NOT_FOUND && body.contains("model") {
+            return Err(Failure::ModelNotServed(body));
+        }
+        return Err(Failure::Other(format!("{url} answered {status}: {body}")));
+    }
+    let mut answer: OpenAiResponse = response
+        .json()
+        .await
+        .map_err(|e| Failure::Other(format!("{url}: unreadable answer: {e}")))?;
+    if answer.data.len() != batch.len() {
+        return Err(Failure::Other(format!(
+            "{url}: {} vectors for {} texts",
+            answer.data.len(),
+            batch.len()
+        )));
+    }
+    answer.data.sort_by_key(|v| v.index);
+    Ok(answer.data.into_iter().map(|v| v.embedding).collect())
+}
+
 /// The golden set embedded by the pod at `pod`, through the OpenAI-compatible route (which
 /// this project's embedder, TEI and most others serve; the request counters of the native
 /// route, which user traffic shares, stay untouched).
@@ -174,48 +220,27 @@ async fn embed(
     let url = format!("http://{}:{}/v1/embeddings", pod.ip, pod.port);
     let mut vectors = Vec::with_capacity(request.texts.len());
     for batch in request.texts.chunks(BATCH) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Failure::Other(format!(
-                "timed out after {:?} ({} of {} texts embedded by {})",
-                request.timeout,
-                vectors.len(),
-                request.texts.len(),
-                pod.ip
-            )));
-        }
-        let response = http
-            .post(&url)
-            .timeout(left)
-            .json(&match request.model {
-                Some(model) => json!({"model": model, "input": batch, "encoding_format": "float"}),
-                None => json!({"input": batch, "encoding_format": "float"}),
-            })
-            .send()
-            .await
-            .map_err(|e| Failure::Other(format!("{url}: {e}")))?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            let body: String = body.chars().take(300).collect();
-            if status == reqwest::StatusCode::NOT_FOUND && body.contains("model") {
-                return Err(Failure::ModelNotServed(body));
+        let mut attempt = 0;
+        let answer = loop {
+            attempt += 1;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Failure::Other(format!(
+                    "timed out after {:?} ({} of {} texts embedded by {})",
+                    request.timeout,
+                    vectors.len(),
+                    request.texts.len(),
+                    pod.ip
+                )));
             }
-            return Err(Failure::Other(format!("{url} answered {status}: {body}")));
-        }
-        let mut answer: OpenAiResponse = response
-            .json()
-            .await
-            .map_err(|e| Failure::Other(format!("{url}: unreadable answer: {e}")))?;
-        if answer.data.len() != batch.len() {
-            return Err(Failure::Other(format!(
-                "{url}: {} vectors for {} texts",
-                answer.data.len(),
-                batch.len()
-            )));
-        }
-        answer.data.sort_by_key(|v| v.index);
-        vectors.extend(answer.data.into_iter().map(|v| v.embedding));
+            match embed_batch(http, &url, request, batch, left).await {
+                Err(Failure::Other(why)) if attempt < ATTEMPTS => {
+                    tracing::debug!(%why, attempt, "vector check: batch failed; trying again");
+                }
+                answer => break answer?,
+            }
+        };
+        vectors.extend(answer);
     }
     Ok(vectors)
 }

@@ -153,6 +153,21 @@ impl Planner<'_, '_> {
         match result.result {
             CompatibilityResult::Compatible => Gate::Open,
             CompatibilityResult::Inconclusive => {
+                // Holding at 0% is safe, but not forever: a canary that cannot be checked by
+                // the progress deadline (its pods failing the check's requests, say) is
+                // rolled back like one that never got Ready.
+                let deadline = self.deadline();
+                if stage == CompatibilityStage::BeforeTraffic && self.input.now > deadline {
+                    self.roll_back(
+                        "VectorCheckInconclusive",
+                        format!(
+                            "no conclusive vector check within progressDeadlineSeconds {}: {}",
+                            self.input.spec.strategy.progress_deadline_seconds, result.message
+                        ),
+                    );
+                    return Gate::Closed;
+                }
+                self.wake_at(deadline);
                 self.st.message = Some(format!(
                     "holding {}%: vector check inconclusive, retried every {}s: {}",
                     self.st.canary_weight,

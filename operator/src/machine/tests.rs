@@ -1029,6 +1029,31 @@ fn an_inconclusive_check_holds_at_0_and_is_retried_every_interval() {
 }
 
 #[test]
+fn a_canary_that_cannot_be_checked_is_rolled_back_at_the_progress_deadline() {
+    let mut w = World::installed();
+    w.vectors = Outcome::Inconclusive("canary: answered 500 Internal Server Error".into());
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    let plan = w.reconcile("r2", None);
+    assert_eq!((plan.rollback, plan.status.canary_weight), (None, 0));
+    // progressDeadlineSeconds is 120 in this world.
+    for _ in 0..12 {
+        w.tick(10);
+        assert_eq!(w.reconcile("r2", None).rollback, None);
+    }
+    w.tick(10);
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.rollback, Some("VectorCheckInconclusive"));
+    assert_eq!(plan.status.canary_weight, 0);
+    assert!(
+        plan.status
+            .message
+            .unwrap()
+            .contains("no conclusive vector check within progressDeadlineSeconds 120")
+    );
+}
+
+#[test]
 fn a_broken_dimension_contract_holds_the_revision() {
     let mut w = World::installed();
     w.vectors = Outcome::ContractBroken {
