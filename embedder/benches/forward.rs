@@ -1,5 +1,7 @@
 //! In-process timings of the model's forward pass: batch 1 and batch 32 over texts of mixed
-//! length, no HTTP. `cargo bench -p embedder --bench forward [-- MODEL_DIR]`.
+//! length, and throughput and pass time by token budget (what `--max-batch-tokens` trades:
+//! a small request waits up to one pass behind a heavy one), no HTTP.
+//! `cargo bench -p embedder --bench forward [-- MODEL_DIR]`.
 //! For the comparison with sentence-transformers use benches/compare.sh.
 
 use std::path::PathBuf;
@@ -96,4 +98,47 @@ fn main() {
         percentile(&batch_ms, 0.5),
         percentile(&batch_ms, 0.95)
     );
+
+    // Long texts, as a heavy client sends them, packed under each budget.
+    let long: Vec<Vec<u32>> = (0..64)
+        .map(|i| {
+            let text = corpus[i * 4..i * 4 + 8].join(" ");
+            model.tokenize(&text).unwrap()
+        })
+        .collect();
+    let all_tokens: usize = long.iter().map(Vec::len).sum();
+    println!(
+        "budget (tokens per pass) over {} texts, {all_tokens} tokens:",
+        long.len()
+    );
+    for budget in [64, 128, 256, 512, 1024, 2048, 4096, 16384] {
+        let mut passes: Vec<Vec<&[u32]>> = vec![Vec::new()];
+        let mut tokens = 0;
+        for seq in &long {
+            if !passes.last().unwrap().is_empty() && tokens + seq.len() > budget {
+                passes.push(Vec::new());
+                tokens = 0;
+            }
+            tokens += seq.len();
+            passes.last_mut().unwrap().push(seq.as_slice());
+        }
+        let started = Instant::now();
+        let mut pass_ms: Vec<f64> = passes
+            .iter()
+            .map(|pass| {
+                let t0 = Instant::now();
+                rayon::scope(|_| model.embed(pass)).unwrap();
+                t0.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        let elapsed = started.elapsed().as_secs_f64();
+        pass_ms.sort_by(f64::total_cmp);
+        println!(
+            "  {budget:6}: {:8.0} tokens/s  pass p50 {:7.2} ms  max {:7.2} ms  ({} passes)",
+            all_tokens as f64 / elapsed,
+            percentile(&pass_ms, 0.5),
+            pass_ms.last().copied().unwrap_or_default(),
+            pass_ms.len()
+        );
+    }
 }

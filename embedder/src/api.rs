@@ -35,16 +35,41 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub max_concurrent_requests: usize,
     pub max_batch_tokens: usize,
+    pub max_queued_tokens: usize,
+    pub header_read_timeout_ms: u64,
+    pub body_read_timeout_ms: u64,
+    pub request_timeout_ms: u64,
 }
 
+/// Characters of one text kept before tokenising, per token of `max_seq_length` (TEI's
+/// multiplier): no token is this long, so the tokens a truncated text gives are the same,
+/// and a megabyte-long string costs the tokenizer nothing.
+pub const CHARS_PER_TOKEN_CAP: usize = 250;
+
 /// Readiness: true once the default model is warm, false again while draining.
-#[derive(Default)]
 pub struct Health {
     model_ready: AtomicBool,
     draining: AtomicBool,
+    /// Set once the server stops accepting connections: bodies still arriving then are cut
+    /// off, so a slow client cannot hold up shutdown.
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            model_ready: AtomicBool::default(),
+            draining: AtomicBool::default(),
+            closing: tokio::sync::watch::Sender::new(false),
+        }
+    }
 }
 
 impl Health {
+    pub fn start_closing(&self) {
+        self.closing.send_replace(true);
+    }
+
     pub fn set_model_ready(&self) {
         self.model_ready.store(true, Ordering::SeqCst);
     }
@@ -68,7 +93,13 @@ impl Health {
 pub struct AppState {
     pub registry: Arc<Registry>,
     pub metrics: Metrics,
+    /// Requests in flight (`--max-concurrent-requests`), taken once the body is read.
     pub admission: Arc<Semaphore>,
+    /// Tokens in flight (`--max-queued-tokens`): the work admitted, not the requests.
+    pub queued_tokens: Arc<Semaphore>,
+    /// Tokenisations at once: one per compute thread, so a flood of long texts queues here
+    /// instead of occupying every blocking thread.
+    pub tokenizers: Arc<Semaphore>,
     pub limits: Limits,
     pub faults: Faults,
     pub health: Arc<Health>,
@@ -76,11 +107,13 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
-    // Admission runs before the body is read, so requests turned away cost no buffering.
+    // The body is read (within its timeout) before admission, so a client trickling bytes
+    // holds no permit; the last layer added runs first.
     let embed_routes = Router::new()
         .route(NATIVE_ROUTE, post(embed_native))
         .route(OPENAI_ROUTE, post(embed_openai))
-        .route_layer(middleware::from_fn_with_state(state.clone(), admit));
+        .route_layer(middleware::from_fn_with_state(state.clone(), admit))
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body));
     Router::new()
         .merge(embed_routes)
         .route("/health/live", get(live))
@@ -167,16 +200,77 @@ struct EmbedOutput {
     tokens: usize,
 }
 
+/// The route label of an embed request (only the two embed routes carry these layers).
+fn embed_route(request: &Request) -> &'static str {
+    if request.uri().path() == OPENAI_ROUTE {
+        OPENAI_ROUTE
+    } else {
+        NATIVE_ROUTE
+    }
+}
+
+/// Reads the whole body within `--body-read-timeout-ms` and `--max-body-bytes`: a client
+/// that trickles its body is answered 408 and holds nothing while it does.
+async fn read_body(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = embed_route(&request);
+    let started = Instant::now();
+    let (parts, body) = request.into_parts();
+    let limit = state.limits.max_body_bytes;
+    let timeout = Duration::from_millis(state.limits.body_read_timeout_ms);
+    let mut closing = state.health.closing.subscribe();
+    let read = tokio::select! {
+        read = tokio::time::timeout(
+            timeout,
+            http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit)),
+        ) => Some(read),
+        _ = closing.wait_for(|closing| *closing) => None,
+    };
+    let Some(read) = read else {
+        let error = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is stopping; the request body was not complete",
+        );
+        state
+            .metrics
+            .observe_request(NO_MODEL, route, 503, started.elapsed());
+        return error.into_response();
+    };
+    let error = match read {
+        Ok(Ok(collected)) => {
+            let body = axum::body::Body::from(collected.to_bytes());
+            return next.run(Request::from_parts(parts, body)).await;
+        }
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} ms",
+                timeout.as_millis()
+            ),
+        ),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body is larger than {limit} bytes (--max-body-bytes)"),
+        ),
+        Ok(Err(error)) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("cannot read the request body: {error}"),
+        ),
+    };
+    state
+        .metrics
+        .observe_request(NO_MODEL, route, error.status.as_u16(), started.elapsed());
+    error.into_response()
+}
+
 /// Turns requests away with 429 once `--max-concurrent-requests` are in flight; the permit
 /// is held until the response is ready.
 async fn admit(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Ok(_permit) = state.admission.clone().try_acquire_owned() else {
-        // Only the two embed routes carry this layer, so the path is one of two values.
-        let route = if request.uri().path() == OPENAI_ROUTE {
-            OPENAI_ROUTE
-        } else {
-            NATIVE_ROUTE
-        };
+        let route = embed_route(&request);
         state
             .metrics
             .observe_request(NO_MODEL, route, 429, Duration::ZERO);
@@ -242,7 +336,21 @@ async fn serve_embed(
         started: Instant::now(),
         answered: false,
     };
-    let result = embed(state, body, parse, &mut record.model).await;
+    let deadline = Duration::from_millis(state.limits.request_timeout_ms);
+    let result =
+        match tokio::time::timeout(deadline, embed(state, body, parse, &mut record.model)).await {
+            Ok(result) => result,
+            // Dropping the request drops its place in the queue: the batcher skips texts whose
+            // requester is gone.
+            Err(_) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                format!(
+                    "not answered within {} ms (--request-timeout-ms); retry later",
+                    deadline.as_millis()
+                ),
+            )),
+        };
     let response = match result {
         Ok(output) => render(output),
         Err(error) => {
@@ -264,6 +372,8 @@ async fn embed(
 ) -> Result<EmbedOutput, ApiError> {
     let body = body.map_err(ApiError::from_body)?;
     let mut job = parse(&body)?;
+    // The texts are owned by the job now; the raw body goes before the request waits.
+    drop(body);
     let registry = &state.registry;
     let name = job
         .model
@@ -310,8 +420,27 @@ async fn embed(
     }
 
     let model = loaded.model.clone();
-    let texts = job.texts;
+    let mut texts = job.texts;
+    let cap = info.max_seq_length.saturating_mul(CHARS_PER_TOKEN_CAP);
+    for text in &mut texts {
+        if let Some((cut, _)) = text.char_indices().nth(cap) {
+            text.truncate(cut);
+        }
+    }
+    let tokenizing = state
+        .tokenizers
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the server is stopping",
+            )
+        })?;
     let ids = tokio::task::spawn_blocking(move || {
+        let _tokenizing = tokenizing;
         texts
             .iter()
             .map(|text| model.tokenize(text))
@@ -320,7 +449,31 @@ async fn embed(
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
     .map_err(|e| ApiError::invalid(e.to_string()))?;
-    let tokens = ids.iter().map(Vec::len).sum();
+    let tokens: usize = ids.iter().map(Vec::len).sum();
+
+    // Admission by work: the request's tokens, held until it is answered.
+    let capacity = state.limits.max_queued_tokens;
+    if tokens > capacity {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_tokens",
+            format!(
+                "{tokens} tokens in one request; the server takes at most {capacity} at once (--max-queued-tokens): split it"
+            ),
+        ));
+    }
+    let _work = u32::try_from(tokens)
+        .ok()
+        .and_then(|n| state.queued_tokens.clone().try_acquire_many_owned(n).ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "overloaded",
+                format!(
+                    "{tokens} more tokens would exceed the {capacity} the server takes at once; retry shortly"
+                ),
+            )
+        })?;
 
     let mut vectors = loaded.batcher.embed(ids).await.map_err(|e| {
         ApiError::new(

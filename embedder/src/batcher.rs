@@ -5,10 +5,16 @@
 //! the batcher thread takes whatever waits, up to the token budget, and runs the backend
 //! ([`SentenceModel::embed`]) off the async runtime, so a long forward pass never stalls I/O.
 //! The backend packs texts without padding, so texts of any lengths share a pass at no cost.
+//!
+//! Packing is fair between requests, not first-in first-out between texts: each pass takes
+//! one text from every waiting request in turn (oldest request first), then a second from
+//! each, until the budget is full. A one-text request waits at most one pass however many
+//! texts a heavy client queued before it; the heavy request still gets the rest of each pass.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
@@ -18,6 +24,8 @@ use crate::metrics::Metrics;
 use crate::model::SentenceModel;
 
 struct Entry {
+    /// Which request the text belongs to (ids grow with arrival).
+    request: u64,
     ids: Vec<u32>,
     reply: oneshot::Sender<Result<Vec<f32>, String>>,
 }
@@ -28,6 +36,7 @@ pub struct Batcher {
     queue: mpsc::UnboundedSender<Entry>,
     model: String,
     metrics: Metrics,
+    next_request: AtomicU64,
 }
 
 impl Batcher {
@@ -47,18 +56,28 @@ impl Batcher {
             queue,
             model: name,
             metrics,
+            next_request: AtomicU64::new(0),
         })
     }
 
     /// Embeds tokenised texts, returning pooled (unnormalised) vectors in input order.
     pub async fn embed(&self, texts: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>> {
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let mut replies = Vec::with_capacity(texts.len());
         for ids in texts {
             let (reply, rx) = oneshot::channel();
             // Counted before sending so the batcher's decrement can never come first.
             let depth = self.metrics.queue_depth(&self.model);
             depth.inc();
-            if self.queue.send(Entry { ids, reply }).is_err() {
+            if self
+                .queue
+                .send(Entry {
+                    request,
+                    ids,
+                    reply,
+                })
+                .is_err()
+            {
                 depth.dec();
                 return Err(Error::BatcherGone);
             }
@@ -78,6 +97,74 @@ impl Batcher {
     }
 }
 
+/// The texts waiting, grouped by request in arrival order.
+#[derive(Default)]
+struct Waiting {
+    requests: VecDeque<(u64, VecDeque<Entry>)>,
+    /// How many requests at the back were served by the last pass: a new request goes in
+    /// ahead of them.
+    served_last: usize,
+}
+
+impl Waiting {
+    fn is_empty(&self) -> bool {
+        self.requests.is_empty()
+    }
+
+    fn push(&mut self, entry: Entry) {
+        // A request's texts are sent together, so its queue is almost always the last one.
+        match self
+            .requests
+            .iter_mut()
+            .rev()
+            .find(|(id, _)| *id == entry.request)
+        {
+            Some((_, queue)) => queue.push_back(entry),
+            None => {
+                let at = self.requests.len() - self.served_last;
+                self.requests
+                    .insert(at, (entry.request, VecDeque::from([entry])));
+            }
+        }
+    }
+
+    /// Round-robin over the waiting requests, one text each per round, until `budget` tokens
+    /// are taken; a text that does not fit is left for a later pass (a single text longer
+    /// than the budget runs alone). Requests this pass served then go behind those it did
+    /// not, so when one heavy request's text fills a pass, the next pass starts with the
+    /// requests that waited.
+    fn pack(&mut self, budget: usize) -> Vec<Entry> {
+        let mut batch = Vec::new();
+        let mut tokens = 0;
+        loop {
+            let mut took = false;
+            for (_, queue) in self.requests.iter_mut() {
+                let Some(front) = queue.front() else {
+                    continue;
+                };
+                if !batch.is_empty() && tokens + front.ids.len() > budget {
+                    continue;
+                }
+                tokens += front.ids.len();
+                batch.extend(queue.pop_front());
+                took = true;
+            }
+            if !took {
+                break;
+            }
+        }
+        self.requests.retain(|(_, queue)| !queue.is_empty());
+        let served = |id: &u64| batch.iter().any(|e: &Entry| e.request == *id);
+        let (waited, served): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.requests)
+            .into_iter()
+            .partition(|(id, _)| !served(id));
+        self.requests = waited;
+        self.served_last = served.len();
+        self.requests.extend(served);
+        batch
+    }
+}
+
 fn run(
     model: Arc<SentenceModel>,
     mut rx: mpsc::UnboundedReceiver<Entry>,
@@ -86,30 +173,20 @@ fn run(
 ) {
     let name = model.info.name.clone();
     let queue_depth = metrics.queue_depth(&name);
-    let mut waiting: VecDeque<Entry> = VecDeque::new();
+    let mut waiting = Waiting::default();
     loop {
         if waiting.is_empty() {
             match rx.blocking_recv() {
-                Some(entry) => waiting.push_back(entry),
+                Some(entry) => waiting.push(entry),
                 None => break,
             }
         }
         // Everything that arrived while the previous pass ran joins this one.
         while let Ok(entry) = rx.try_recv() {
-            waiting.push_back(entry);
+            waiting.push(entry);
         }
 
-        // First come, first served up to the budget; a single text longer than the budget
-        // still runs, alone.
-        let mut batch = Vec::new();
-        let mut tokens = 0;
-        while let Some(front) = waiting.front() {
-            if !batch.is_empty() && tokens + front.ids.len() > max_batch_tokens {
-                break;
-            }
-            tokens += front.ids.len();
-            batch.extend(waiting.pop_front());
-        }
+        let mut batch = waiting.pack(max_batch_tokens);
         queue_depth.dec_by(batch.len() as i64);
         // Clients that went away (timeout, disconnect) cost nothing more.
         batch.retain(|entry| !entry.reply.is_closed());
@@ -147,5 +224,92 @@ fn fail_all(entries: Vec<Entry>, model: &str, message: String) {
     tracing::error!(model, error = %message, texts = entries.len(), "forward pass failed");
     for entry in entries {
         let _ = entry.reply.send(Err(message.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(request: u64, tokens: usize) -> Entry {
+        let (reply, _) = oneshot::channel();
+        Entry {
+            request,
+            ids: vec![0; tokens],
+            reply,
+        }
+    }
+
+    fn packed(batch: &[Entry]) -> Vec<(u64, usize)> {
+        batch.iter().map(|e| (e.request, e.ids.len())).collect()
+    }
+
+    #[test]
+    fn a_small_request_rides_the_next_pass_behind_a_heavy_one() {
+        let mut waiting = Waiting::default();
+        for _ in 0..256 {
+            waiting.push(entry(1, 100));
+        }
+        waiting.push(entry(2, 8));
+        let batch = waiting.pack(1000);
+        let requests: Vec<u64> = batch.iter().map(|e| e.request).collect();
+        assert!(
+            requests.contains(&2),
+            "the small request is in the first pass"
+        );
+        assert_eq!(
+            batch.iter().map(|e| e.ids.len()).sum::<usize>(),
+            908,
+            "the heavy request fills the rest"
+        );
+        // The heavy request goes on in later passes, in order.
+        assert_eq!(packed(&waiting.pack(300)), [(1, 100), (1, 100), (1, 100)]);
+    }
+
+    #[test]
+    fn when_one_text_fills_a_pass_the_next_starts_with_who_waited() {
+        let mut waiting = Waiting::default();
+        for _ in 0..4 {
+            waiting.push(entry(1, 256));
+        }
+        assert_eq!(packed(&waiting.pack(256)), [(1, 256)]);
+        // A small request arrives while that pass runs.
+        waiting.push(entry(2, 4));
+        assert_eq!(packed(&waiting.pack(256)), [(2, 4)]);
+        assert_eq!(packed(&waiting.pack(256)), [(1, 256)]);
+        // Two heavy requests share the passes in turn, the newcomer first (1 just ran).
+        waiting.push(entry(3, 256));
+        waiting.push(entry(3, 256));
+        let order: Vec<u64> = (0..4).map(|_| waiting.pack(256)[0].request).collect();
+        assert_eq!(order, [3, 1, 3, 1]);
+    }
+
+    #[test]
+    fn rounds_take_one_text_per_request_in_arrival_order() {
+        let mut waiting = Waiting::default();
+        for (request, tokens) in [(1, 10), (1, 10), (1, 10), (2, 10), (3, 10), (3, 10)] {
+            waiting.push(entry(request, tokens));
+        }
+        assert_eq!(
+            packed(&waiting.pack(50)),
+            [(1, 10), (2, 10), (3, 10), (1, 10), (3, 10)]
+        );
+        assert_eq!(packed(&waiting.pack(50)), [(1, 10)]);
+        assert!(waiting.is_empty());
+    }
+
+    #[test]
+    fn a_text_longer_than_the_budget_runs_alone_and_smaller_ones_fill_in() {
+        let mut waiting = Waiting::default();
+        waiting.push(entry(1, 500));
+        waiting.push(entry(2, 20));
+        assert_eq!(packed(&waiting.pack(100)), [(1, 500)]);
+        let mut waiting = Waiting::default();
+        waiting.push(entry(1, 60));
+        waiting.push(entry(1, 60));
+        waiting.push(entry(2, 30));
+        // 60 + 30 fit; the second 60 does not, and waits.
+        assert_eq!(packed(&waiting.pack(100)), [(1, 60), (2, 30)]);
+        assert_eq!(packed(&waiting.pack(100)), [(1, 60)]);
     }
 }

@@ -63,9 +63,34 @@ pub struct Config {
     #[arg(long, env = "EMBEDDER_MAX_BATCH_TOKENS", default_value_t = 16384)]
     pub max_batch_tokens: usize,
 
-    /// Requests admitted at once; beyond it the server answers 429 with Retry-After.
+    /// Requests admitted at once (counted once their body is read); beyond it the server
+    /// answers 429 with Retry-After.
     #[arg(long, env = "EMBEDDER_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
     pub max_concurrent_requests: usize,
+
+    /// Tokens admitted at once, queued or in a pass: the work the server takes on. Beyond
+    /// it a request gets 429 with Retry-After; a single request larger than it gets 413.
+    #[arg(long, env = "EMBEDDER_MAX_QUEUED_TOKENS", default_value_t = 131_072)]
+    pub max_queued_tokens: usize,
+
+    /// How long a client may take to send its request headers before the connection is
+    /// closed.
+    #[arg(long, env = "EMBEDDER_HEADER_READ_TIMEOUT_MS", default_value_t = 5_000)]
+    pub header_read_timeout_ms: u64,
+
+    /// How long a client may take to send its request body (408 beyond). A client trickling
+    /// bytes holds no admission permit meanwhile.
+    #[arg(long, env = "EMBEDDER_BODY_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub body_read_timeout_ms: u64,
+
+    /// The most time a request may take once its body is read: tokenising, queueing and
+    /// inference (503 beyond; its queued texts are dropped).
+    #[arg(long, env = "EMBEDDER_REQUEST_TIMEOUT_MS", default_value_t = 60_000)]
+    pub request_timeout_ms: u64,
+
+    /// On shutdown, the most time given to open connections to finish before exiting.
+    #[arg(long, env = "EMBEDDER_SHUTDOWN_TIMEOUT_MS", default_value_t = 30_000)]
+    pub shutdown_timeout_ms: u64,
 
     /// Most texts in one request (413 beyond).
     #[arg(long, env = "EMBEDDER_MAX_CLIENT_BATCH", default_value_t = 256)]
@@ -176,6 +201,7 @@ impl Config {
             ("--max-concurrent-requests", self.max_concurrent_requests),
             ("--max-client-batch", self.max_client_batch),
             ("--max-body-bytes", self.max_body_bytes),
+            ("--max-queued-tokens", self.max_queued_tokens),
         ] {
             if value == 0 {
                 return Err(Error::Config(format!("{flag} must be at least 1")));

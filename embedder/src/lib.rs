@@ -1,6 +1,7 @@
 //! embedder: a sentence-embedding HTTP server on candle.
 //!
-//! Modules follow the request path: [`api`] (HTTP) → [`registry`] (which model) →
+//! Modules follow the request path: [`connections`] (accepting, timeouts, drain) → [`api`]
+//! (HTTP, admission by work) → [`registry`] (which model) →
 //! [`batcher`] (queue and dynamic batching) → [`model`] (tokeniser and BERT forward pass) →
 //! [`pooling`]. [`metrics`] is the contract with Prometheus and the operator.
 
@@ -8,6 +9,7 @@ pub mod api;
 pub mod batcher;
 pub mod bert;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod fault;
 pub mod metrics;

@@ -9,6 +9,7 @@ use tokio::sync::Semaphore;
 
 use crate::api::{self, AppState, Health, Limits};
 use crate::config::Config;
+use crate::connections;
 use crate::error::{Error, Result};
 use crate::fault::Faults;
 use crate::metrics::Metrics;
@@ -48,11 +49,17 @@ pub async fn serve(
         registry: registry.clone(),
         metrics,
         admission: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+        queued_tokens: Arc::new(Semaphore::new(config.max_queued_tokens)),
+        tokenizers: Arc::new(Semaphore::new(rayon::current_num_threads().max(1))),
         limits: Limits {
             max_client_batch: config.max_client_batch,
             max_body_bytes: config.max_body_bytes,
             max_concurrent_requests: config.max_concurrent_requests,
             max_batch_tokens: config.max_batch_tokens,
+            max_queued_tokens: config.max_queued_tokens,
+            header_read_timeout_ms: config.header_read_timeout_ms,
+            body_read_timeout_ms: config.body_read_timeout_ms,
+            request_timeout_ms: config.request_timeout_ms,
         },
         faults,
         health: Arc::new(Health::default()),
@@ -78,21 +85,31 @@ pub async fn serve(
     ));
 
     let health = state.health.clone();
+    let closing = state.health.clone();
     let drain_delay = Duration::from_millis(config.drain_delay_ms);
     let app = api::router(state);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        health.start_draining();
-        tracing::info!(
-            drain_delay_ms = drain_delay.as_millis() as u64,
-            "shutting down: readiness off, draining"
-        );
-        tokio::time::sleep(drain_delay).await;
-    });
+    let timeouts = connections::Timeouts {
+        header_read: Duration::from_millis(config.header_read_timeout_ms),
+        drain: Duration::from_millis(config.shutdown_timeout_ms),
+    };
+    let server = connections::serve(
+        listener,
+        app,
+        timeouts,
+        async move {
+            shutdown.await;
+            health.start_draining();
+            tracing::info!(
+                drain_delay_ms = drain_delay.as_millis() as u64,
+                "shutting down: readiness off, draining"
+            );
+            tokio::time::sleep(drain_delay).await;
+        },
+        move || closing.start_closing(),
+    );
     tokio::select! {
-        served = server => {
-            served.map_err(|e| Error::Config(format!("server failed: {e}")))?;
-            tracing::info!("in-flight requests finished; exiting");
+        () = server => {
+            tracing::info!("exiting");
             Ok(())
         }
         Ok(error) = startup_failed => Err(error),
