@@ -17,7 +17,7 @@ model_dir="$cache/models/all-MiniLM-L6-v2"
 echo "bench: building the embedder (release)" >&2
 cargo build --release --quiet -p embedder --manifest-path "$root/Cargo.toml"
 port="$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-"$root/target/release/embedder" --listen "127.0.0.1:$port" --model "all-MiniLM-L6-v2=$model_dir" \
+"${CARGO_TARGET_DIR:-$root/target}/release/embedder" --listen "127.0.0.1:$port" --model "all-MiniLM-L6-v2=$model_dir" \
   --threads "$threads" >"${TMPDIR:-/tmp}/embedder-bench.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT

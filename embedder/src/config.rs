@@ -58,9 +58,11 @@ pub struct Config {
     #[arg(long, env = "EMBEDDER_MAX_MODELS", default_value_t = 4)]
     pub max_models: usize,
 
-    /// Token budget of one forward pass: texts waiting are packed first-come first-served,
+    /// Token budget of one forward pass: texts waiting are packed fairly between requests,
     /// without padding, until their tokens reach it (a single longer text still runs alone).
-    #[arg(long, env = "EMBEDDER_MAX_BATCH_TOKENS", default_value_t = 16384)]
+    /// A small request waits up to about one pass behind a heavy one; 256 tokens is tens of
+    /// milliseconds on 2 cores, and throughput is flat from 64 to 16384 (benches/forward.rs).
+    #[arg(long, env = "EMBEDDER_MAX_BATCH_TOKENS", default_value_t = 256)]
     pub max_batch_tokens: usize,
 
     /// Requests admitted at once (counted once their body is read); beyond it the server
