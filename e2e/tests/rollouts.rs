@@ -2158,6 +2158,30 @@ fn gateway_manifest(name: &str, extra_args: &[&str], parent: &str) -> Value {
     manifest
 }
 
+/// Waits until the rollout holds a new revision at 0% with `TrafficRouted` `status`, and
+/// returns the condition's reason and message.
+async fn wait_held_at_0(client: &Client, ns: &str, status: &str) -> (String, String) {
+    let held = wait_status(
+        client,
+        ns,
+        ns,
+        &format!("TrafficRouted {status}, holding at 0%"),
+        Duration::from_secs(90),
+        |s| {
+            s.phase == Some(Phase::Progressing)
+                && conditions::get(&s.conditions, "TrafficRouted")
+                    .is_some_and(|c| c.status == status)
+                && s.message
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with("holding 0%"))
+        },
+    )
+    .await;
+    let (_, reason, message) = condition(&held, "TrafficRouted");
+    say(ns, format!("held: {reason}: {message}"));
+    (reason, message)
+}
+
 /// m) Gateway API: a first install answers through the Gateway; an upgrade walks 1 -> 10 ->
 ///    50 -> 100 with each color's share counted by its pods at every weight; a revision whose
 ///    HTTPRoute no Gateway accepts (a parentRef to a missing Gateway) holds at 0% with
@@ -2180,15 +2204,7 @@ async fn m_gateway_api_routes_weights_and_holds_an_unaccepted_route() {
     .await;
     let (_, reason, message) = condition(&st, "TrafficRouted");
     say("m", format!("TrafficRouted: {reason}: {message}"));
-    let routes = Api::<DynamicObject>::namespaced_with(
-        client.clone(),
-        ns,
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
-            "httproutes",
-        ),
-    );
-    let route = routes.get(ns).await.unwrap();
+    let route = http_routes(&client, ns).get(ns).await.unwrap();
     say("m", format!("HTTPRoute status: {}", route.data["status"]));
 
     let traffic = Traffic::start_at(&base, host(ns), 4);
@@ -2222,24 +2238,7 @@ async fn m_gateway_api_routes_weights_and_holds_an_unaccepted_route() {
         &gateway_manifest(ns, &["--max-batch-tokens", "4096"], "missing"),
     )
     .await;
-    let held = wait_status(
-        &client,
-        ns,
-        ns,
-        "TrafficRouted Unknown, holding at 0%",
-        Duration::from_secs(90),
-        |s| {
-            s.phase == Some(Phase::Progressing)
-                && conditions::get(&s.conditions, "TrafficRouted")
-                    .is_some_and(|c| c.status == "Unknown")
-                && s.message
-                    .as_deref()
-                    .is_some_and(|m| m.starts_with("holding 0%"))
-        },
-    )
-    .await;
-    let (_, reason, message) = condition(&held, "TrafficRouted");
-    say("m", format!("held: {reason}: {message}"));
+    let (reason, message) = wait_held_at_0(&client, ns, "Unknown").await;
     assert_eq!(reason, "RouteNotReported");
     assert!(message.contains("/missing"), "names the parent: {message}");
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -2428,24 +2427,7 @@ async fn o_gateway_api_referenced_route_gets_only_its_weights_set() {
     // The team drops the idle color from the rule: the next revision cannot take weight.
     apply_team_route(&client, ns, &team_route(ns, &[("green", 100)])).await;
     apply(&client, ns, &manifest(&["--max-batch-tokens", "4096"])).await;
-    let held = wait_status(
-        &client,
-        ns,
-        ns,
-        "TrafficRouted False, holding at 0%",
-        Duration::from_secs(90),
-        |s| {
-            s.phase == Some(Phase::Progressing)
-                && conditions::get(&s.conditions, "TrafficRouted")
-                    .is_some_and(|c| c.status == "False")
-                && s.message
-                    .as_deref()
-                    .is_some_and(|m| m.starts_with("holding 0%"))
-        },
-    )
-    .await;
-    let (_, reason, message) = condition(&held, "TrafficRouted");
-    say(ns, format!("held: {reason}: {message}"));
+    let (reason, message) = wait_held_at_0(&client, ns, "False").await;
     assert_eq!(reason, "RouteNotAccepted");
     assert!(
         message.contains("rule 0") && message.contains(&format!("{ns}-blue")),

@@ -624,11 +624,7 @@ async fn sigterm_turns_unready_finishes_in_flight_then_exits() {
             .status()
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &server.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    server.terminate();
     tokio::time::sleep(Duration::from_millis(150)).await;
     let (status, body) = server.get("/health/ready").await;
     assert_eq!(status, 503);

@@ -227,11 +227,7 @@ async fn shutdown_is_not_held_up_by_a_stalled_client() {
     .await;
     let _stalled = stalled_mid_body(&server).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &server.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    server.terminate();
     // The stalled request is cut off at once (503 shutting_down); the process exits.
     let code = tokio::task::spawn_blocking(move || server.wait_exit(Duration::from_secs(30)))
         .await
