@@ -14,18 +14,18 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
+use crate::embed::{self, EmbedJob, EmbedOutput, Inputs};
 use crate::fault::Faults;
 use crate::metrics::Metrics;
-use crate::pooling::l2_normalize;
-use crate::registry::{LookupError, Registry};
+use crate::model::Direction;
+use crate::registry::Registry;
+use crate::{openai, tei};
 
 pub const NATIVE_ROUTE: &str = "/api/v1/embed";
-pub const OPENAI_ROUTE: &str = "/v1/embeddings";
 /// Model label for requests refused before a model was chosen (overload, bad JSON).
 const NO_MODEL: &str = "";
 
@@ -39,12 +39,9 @@ pub struct Limits {
     pub header_read_timeout_ms: u64,
     pub body_read_timeout_ms: u64,
     pub request_timeout_ms: u64,
+    /// Over-long inputs are truncated unless a request says `truncate: false`.
+    pub auto_truncate: bool,
 }
-
-/// Characters of one text kept before tokenising, per token of `max_seq_length` (TEI's
-/// multiplier): no token is this long, so the tokens a truncated text gives are the same,
-/// and a megabyte-long string costs the tokenizer nothing.
-pub const CHARS_PER_TOKEN_CAP: usize = 250;
 
 /// Readiness: true once the default model is warm, false again while draining.
 pub struct Health {
@@ -101,6 +98,8 @@ pub struct AppState {
     /// instead of occupying every blocking thread.
     pub tokenizers: Arc<Semaphore>,
     pub limits: Limits,
+    /// `--served-model-name`: other names the default model answers to.
+    pub aliases: Arc<Vec<String>>,
     pub faults: Faults,
     pub health: Arc<Health>,
 }
@@ -111,7 +110,11 @@ pub fn router(state: AppState) -> Router {
     // holds no permit; the last layer added runs first.
     let embed_routes = Router::new()
         .route(NATIVE_ROUTE, post(embed_native))
-        .route(OPENAI_ROUTE, post(embed_openai))
+        .route(openai::ROUTE, post(openai::embed))
+        .route(tei::EMBED_ROUTE, post(tei::embed))
+        // TEI serves its embed route at the root too, where huggingface_hub's client posts.
+        .route("/", post(tei::embed))
+        .route(tei::TOKENIZE_ROUTE, post(tei::tokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), admit))
         .route_layer(middleware::from_fn_with_state(state.clone(), read_body));
     Router::new()
@@ -130,13 +133,13 @@ pub fn router(state: AppState) -> Router {
 
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -144,11 +147,11 @@ impl ApiError {
         }
     }
 
-    fn invalid(message: impl Into<String>) -> Self {
+    pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
     }
 
-    fn from_json(error: serde_json::Error) -> Self {
+    pub fn from_json(error: serde_json::Error) -> Self {
         use serde_json::error::Category;
         match error.classify() {
             Category::Data => Self::invalid(error.to_string()),
@@ -160,7 +163,7 @@ impl ApiError {
         }
     }
 
-    fn from_body(rejection: BytesRejection) -> Self {
+    pub fn from_body(rejection: BytesRejection) -> Self {
         let status = rejection.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             Self::new(status, "body_too_large", rejection.body_text())
@@ -181,31 +184,13 @@ impl IntoResponse for ApiError {
     }
 }
 
-// ---------- the embedding pipeline shared by both routes ----------
-
-struct EmbedJob {
-    texts: Vec<String>,
-    model: Option<String>,
-    normalize: bool,
-    /// OpenAI's `dimensions`: accepted only when it equals the model's.
-    dimensions: Option<usize>,
-    format: EncodingFormat,
-}
-
-struct EmbedOutput {
-    vectors: Vec<Vec<f32>>,
-    format: EncodingFormat,
-    model: String,
-    dimensions: usize,
-    tokens: usize,
-}
-
-/// The route label of an embed request (only the two embed routes carry these layers).
+/// The route label of a request to one of the routes these layers wrap.
 fn embed_route(request: &Request) -> &'static str {
-    if request.uri().path() == OPENAI_ROUTE {
-        OPENAI_ROUTE
-    } else {
-        NATIVE_ROUTE
+    match request.uri().path() {
+        openai::ROUTE => openai::ROUTE,
+        tei::EMBED_ROUTE | "/" => tei::EMBED_ROUTE,
+        tei::TOKENIZE_ROUTE => tei::TOKENIZE_ROUTE,
+        _ => NATIVE_ROUTE,
     }
 }
 
@@ -213,6 +198,7 @@ fn embed_route(request: &Request) -> &'static str {
 /// that trickles its body is answered 408 and holds nothing while it does.
 async fn read_body(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let route = embed_route(&request);
+    let dialect = Dialect::of(request.uri().path());
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     let limit = state.limits.max_body_bytes;
@@ -231,10 +217,14 @@ async fn read_body(State(state): State<AppState>, request: Request, next: Next) 
             "shutting_down",
             "the server is stopping; the request body was not complete",
         );
-        state
-            .metrics
-            .observe_request(NO_MODEL, route, 503, started.elapsed());
-        return error.into_response();
+        let response = dialect.render(error);
+        state.metrics.observe_request(
+            NO_MODEL,
+            route,
+            response.status().as_u16(),
+            started.elapsed(),
+        );
+        return response;
     };
     let error = match read {
         Ok(Ok(collected)) => {
@@ -260,10 +250,14 @@ async fn read_body(State(state): State<AppState>, request: Request, next: Next) 
             format!("cannot read the request body: {error}"),
         ),
     };
-    state
-        .metrics
-        .observe_request(NO_MODEL, route, error.status.as_u16(), started.elapsed());
-    error.into_response()
+    let response = dialect.render(error);
+    state.metrics.observe_request(
+        NO_MODEL,
+        route,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
 }
 
 /// Turns requests away with 429 once `--max-concurrent-requests` are in flight; the permit
@@ -274,15 +268,15 @@ async fn admit(State(state): State<AppState>, request: Request, next: Next) -> R
         state
             .metrics
             .observe_request(NO_MODEL, route, 429, Duration::ZERO);
-        return ApiError::new(
+        let error = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "overloaded",
             format!(
                 "more than {} requests in flight; retry shortly",
                 state.limits.max_concurrent_requests
             ),
-        )
-        .into_response();
+        );
+        return Dialect::of(request.uri().path()).render(error);
     };
     next.run(request).await
 }
@@ -319,14 +313,46 @@ impl Drop for RequestRecord<'_> {
     }
 }
 
-/// Runs parsing, validation, model lookup, faults, tokenisation and batching, and records the
-/// request's metrics whatever the outcome.
-async fn serve_embed(
+/// The JSON shape errors take: each API's own, so its clients read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// `{"error":{"code","message"}}`: the native and OpenAI routes (OpenAI's shape).
+    Native,
+    /// `{"error","error_type"}` with TEI's status codes.
+    Tei,
+}
+
+impl Dialect {
+    fn of(path: &str) -> Self {
+        if tei::ROUTES.contains(&path) {
+            Dialect::Tei
+        } else {
+            Dialect::Native
+        }
+    }
+
+    pub fn render(self, error: ApiError) -> Response {
+        match self {
+            Dialect::Native => error.into_response(),
+            Dialect::Tei => tei::error_response(error),
+        }
+    }
+}
+
+/// A route's request parser: the job, and what its renderer needs besides the output.
+pub type Parse<R> = fn(&[u8]) -> Result<(EmbedJob, R), ApiError>;
+
+/// Runs an embed request through the shared pipeline, renders it in the route's dialect with
+/// TEI's timing headers, and records the request's metrics whatever the outcome.
+/// `parse` returns the job and what rendering needs besides the output (e.g. OpenAI's
+/// `encoding_format`).
+pub async fn serve_embed<R>(
     state: &AppState,
     route: &'static str,
+    dialect: Dialect,
     body: Result<Bytes, BytesRejection>,
-    parse: fn(&[u8]) -> Result<EmbedJob, ApiError>,
-    render: impl FnOnce(EmbedOutput) -> Response,
+    parse: Parse<R>,
+    render: fn(EmbedOutput, R) -> Response,
 ) -> Response {
     let _inflight = state.metrics.inflight();
     let mut record = RequestRecord {
@@ -337,191 +363,57 @@ async fn serve_embed(
         answered: false,
     };
     let deadline = Duration::from_millis(state.limits.request_timeout_ms);
-    let result =
-        match tokio::time::timeout(deadline, embed(state, body, parse, &mut record.model)).await {
-            Ok(result) => result,
-            // Dropping the request drops its place in the queue: the batcher skips texts whose
-            // requester is gone.
-            Err(_) => Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "timeout",
-                format!(
-                    "not answered within {} ms (--request-timeout-ms); retry later",
-                    deadline.as_millis()
-                ),
-            )),
-        };
+    let run = async {
+        let body = body.map_err(ApiError::from_body)?;
+        let (job, extra) = parse(&body)?;
+        // The inputs are owned by the job now; the raw body goes before the request waits.
+        drop(body);
+        Ok((embed::embed(state, job, &mut record.model).await?, extra))
+    };
+    let result = match tokio::time::timeout(deadline, run).await {
+        Ok(result) => result,
+        // Dropping the request drops its place in the queue: the batcher skips texts whose
+        // requester is gone.
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            format!(
+                "not answered within {} ms (--request-timeout-ms); retry later",
+                deadline.as_millis()
+            ),
+        )),
+    };
     let response = match result {
-        Ok(output) => render(output),
+        Ok((output, extra)) => {
+            let headers = timing_headers(&output, record.started.elapsed());
+            (headers, render(output, extra)).into_response()
+        }
         Err(error) => {
             if error.status.is_server_error() {
                 tracing::warn!(route, model = %record.model, code = error.code, error = %error.message, "request failed");
             }
-            error.into_response()
+            dialect.render(error)
         }
     };
     record.answer(response.status());
     response
 }
 
-async fn embed(
-    state: &AppState,
-    body: Result<Bytes, BytesRejection>,
-    parse: fn(&[u8]) -> Result<EmbedJob, ApiError>,
-    model_label: &mut String,
-) -> Result<EmbedOutput, ApiError> {
-    let body = body.map_err(ApiError::from_body)?;
-    let mut job = parse(&body)?;
-    // The texts are owned by the job now; the raw body goes before the request waits.
-    drop(body);
-    let registry = &state.registry;
-    let name = job
-        .model
-        .take()
-        .unwrap_or_else(|| registry.default_model().to_string());
-    // Only served names become label values: request data must not grow series without bound.
-    if registry.is_served(&name) {
-        model_label.clone_from(&name);
-    }
-    validate(&job, &state.limits)?;
-
-    let loaded = registry.get(&name).await.map_err(|error| match error {
-        LookupError::Unknown(_) => ApiError::new(
-            StatusCode::NOT_FOUND,
-            "model_not_found",
-            format!(
-                "model {name:?} is not served; available: {}",
-                registry.names().collect::<Vec<_>>().join(", ")
-            ),
-        ),
-        // Details (file paths) go to the server log, not to clients.
-        LookupError::LoadFailed { .. } => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "model_unavailable",
-            format!("model {name:?} could not be loaded; the server log says why"),
-        ),
-    })?;
-    let info = &loaded.model.info;
-    if let Some(dimensions) = job.dimensions
-        && dimensions != info.dimensions
-    {
-        return Err(ApiError::invalid(format!(
-            "dimensions {dimensions} is not supported: model {name:?} produces {}",
-            info.dimensions
-        )));
-    }
-
-    if state.faults.inject().await {
-        return Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "fault_injected",
-            "error injected by --fault-error-rate",
-        ));
-    }
-
-    let model = loaded.model.clone();
-    let mut texts = job.texts;
-    let cap = info.max_seq_length.saturating_mul(CHARS_PER_TOKEN_CAP);
-    for text in &mut texts {
-        if let Some((cut, _)) = text.char_indices().nth(cap) {
-            text.truncate(cut);
-        }
-    }
-    let tokenizing = state
-        .tokenizers
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "the server is stopping",
-            )
-        })?;
-    let ids = tokio::task::spawn_blocking(move || {
-        let _tokenizing = tokenizing;
-        texts
-            .iter()
-            .map(|text| model.tokenize(text))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-    .map_err(|e| ApiError::invalid(e.to_string()))?;
-    let tokens: usize = ids.iter().map(Vec::len).sum();
-
-    // Admission by work: the request's tokens, held until it is answered.
-    let capacity = state.limits.max_queued_tokens;
-    if tokens > capacity {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_many_tokens",
-            format!(
-                "{tokens} tokens in one request; the server takes at most {capacity} at once (--max-queued-tokens): split it"
-            ),
-        ));
-    }
-    let _work = u32::try_from(tokens)
-        .ok()
-        .and_then(|n| state.queued_tokens.clone().try_acquire_many_owned(n).ok())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "overloaded",
-                format!(
-                    "{tokens} more tokens would exceed the {capacity} the server takes at once; retry shortly"
-                ),
-            )
-        })?;
-
-    let mut vectors = loaded.batcher.embed(ids).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "inference_failed",
-            e.to_string(),
-        )
-    })?;
-    state.faults.perturb(&mut vectors);
-    if job.normalize {
-        vectors.iter_mut().for_each(|v| l2_normalize(v));
-    }
-    Ok(EmbedOutput {
-        vectors,
-        format: job.format,
-        model: name,
-        dimensions: info.dimensions,
-        tokens,
-    })
-}
-
-fn validate(job: &EmbedJob, limits: &Limits) -> Result<(), ApiError> {
-    if job.texts.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "empty_input",
-            "no texts to embed",
-        ));
-    }
-    if job.texts.len() > limits.max_client_batch {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_many_inputs",
-            format!(
-                "{} texts in one request; the limit is {} (--max-client-batch)",
-                job.texts.len(),
-                limits.max_client_batch
-            ),
-        ));
-    }
-    if let Some(index) = job.texts.iter().position(|t| t.trim().is_empty()) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "empty_input",
-            format!("text {index} is empty"),
-        ));
-    }
-    Ok(())
+/// TEI's timing headers (integer milliseconds), so clients and proxies written for TEI see
+/// where a request's time went. These are the request's own times, not per-input averages.
+fn timing_headers(output: &EmbedOutput, total: Duration) -> [(&'static str, String); 8] {
+    let ms = |d: Duration| d.as_millis().to_string();
+    let timings = &output.timings;
+    [
+        ("x-compute-type", "cpu".to_string()),
+        ("x-compute-time", ms(total)),
+        ("x-total-time", ms(total)),
+        ("x-compute-characters", output.characters.to_string()),
+        ("x-compute-tokens", output.tokens.to_string()),
+        ("x-tokenization-time", ms(timings.tokenization)),
+        ("x-queue-time", ms(timings.batcher.queue)),
+        ("x-inference-time", ms(timings.batcher.inference)),
+    ]
 }
 
 // ---------- native route ----------
@@ -534,6 +426,14 @@ struct NativeRequest {
     model: Option<String>,
     #[serde(default)]
     normalize: Option<bool>,
+    #[serde(default)]
+    dimensions: Option<usize>,
+    #[serde(default)]
+    prompt_name: Option<String>,
+    #[serde(default)]
+    truncate: Option<bool>,
+    #[serde(default)]
+    truncation_direction: Option<Direction>,
 }
 
 #[derive(Serialize)]
@@ -549,126 +449,41 @@ struct NativeUsage {
     tokens: usize,
 }
 
-fn parse_native(body: &[u8]) -> Result<EmbedJob, ApiError> {
+fn parse_native(body: &[u8]) -> Result<(EmbedJob, ()), ApiError> {
     let request: NativeRequest = serde_json::from_slice(body).map_err(ApiError::from_json)?;
-    Ok(EmbedJob {
-        texts: request.texts,
+    let job = EmbedJob {
         model: request.model,
         normalize: request.normalize.unwrap_or(true),
-        dimensions: None,
-        format: EncodingFormat::Float,
-    })
+        dimensions: request.dimensions,
+        prompt_name: request.prompt_name,
+        truncate: request.truncate,
+        direction: request.truncation_direction.unwrap_or_default(),
+        ..EmbedJob::new(Inputs::Texts(request.texts))
+    };
+    Ok((job, ()))
 }
 
 async fn embed_native(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    serve_embed(&state, NATIVE_ROUTE, body, parse_native, |out| {
-        Json(NativeResponse {
-            embeddings: out.vectors,
-            model: out.model,
-            dimensions: out.dimensions,
-            usage: NativeUsage { tokens: out.tokens },
-        })
-        .into_response()
-    })
-    .await
-}
-
-// ---------- OpenAI-compatible route ----------
-
-#[derive(Deserialize, Clone, Copy, Default, PartialEq)]
-#[serde(rename_all = "lowercase")]
-enum EncodingFormat {
-    #[default]
-    Float,
-    Base64,
-}
-
-#[derive(Deserialize)]
-struct OpenAiRequest {
-    input: Value,
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    encoding_format: Option<EncodingFormat>,
-    #[serde(default)]
-    dimensions: Option<usize>,
-}
-
-#[derive(Serialize)]
-#[serde(untagged)]
-enum OpenAiVector {
-    Float(Vec<f32>),
-    Base64(String),
-}
-
-fn parse_openai(body: &[u8]) -> Result<EmbedJob, ApiError> {
-    let request: OpenAiRequest = serde_json::from_slice(body).map_err(ApiError::from_json)?;
-    let texts = match request.input {
-        Value::String(text) => vec![text],
-        Value::Array(items) => items
-            .into_iter()
-            .enumerate()
-            .map(|(index, item)| match item {
-                Value::String(text) => Ok(text),
-                Value::Number(_) | Value::Array(_) => Err(ApiError::invalid(
-                    "input: token arrays are not supported; send strings",
-                )),
-                _ => Err(ApiError::invalid(format!(
-                    "input[{index}] must be a string"
-                ))),
+    serve_embed(
+        &state,
+        NATIVE_ROUTE,
+        Dialect::Native,
+        body,
+        parse_native,
+        |out, ()| {
+            Json(NativeResponse {
+                embeddings: out.vectors,
+                model: out.model,
+                dimensions: out.dimensions,
+                usage: NativeUsage { tokens: out.tokens },
             })
-            .collect::<Result<_, _>>()?,
-        _ => {
-            return Err(ApiError::invalid(
-                "input must be a string or an array of strings",
-            ));
-        }
-    };
-    Ok(EmbedJob {
-        texts,
-        model: request.model,
-        normalize: true,
-        dimensions: request.dimensions,
-        format: request.encoding_format.unwrap_or_default(),
-    })
-}
-
-async fn embed_openai(
-    State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    serve_embed(&state, OPENAI_ROUTE, body, parse_openai, |out| {
-        let format = out.format;
-        let data: Vec<Value> = out
-            .vectors
-            .into_iter()
-            .enumerate()
-            .map(|(index, vector)| {
-                let embedding = match format {
-                    EncodingFormat::Float => OpenAiVector::Float(vector),
-                    EncodingFormat::Base64 => OpenAiVector::Base64(base64_f32(&vector)),
-                };
-                json!({"object": "embedding", "index": index, "embedding": embedding})
-            })
-            .collect();
-        Json(json!({
-            "object": "list",
-            "data": data,
-            "model": out.model,
-            "usage": {"prompt_tokens": out.tokens, "total_tokens": out.tokens},
-        }))
-        .into_response()
-    })
+            .into_response()
+        },
+    )
     .await
-}
-
-/// OpenAI's base64 encoding: the little-endian f32 bytes of the vector.
-fn base64_f32(vector: &[f32]) -> String {
-    let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
-    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 // ---------- health, info, metrics ----------
@@ -697,6 +512,8 @@ async fn info(State(state): State<AppState>) -> Json<Value> {
                 "name": name, "loaded": true, "dimensions": info.dimensions,
                 "max_seq_length": info.max_seq_length, "pooling": info.pooling,
                 "normalized": info.normalized,
+                "prompts": info.prompts.keys().collect::<Vec<_>>(),
+                "default_prompt_name": info.default_prompt_name,
             }),
             None => json!({"name": name, "loaded": false}),
         })
@@ -708,6 +525,7 @@ async fn info(State(state): State<AppState>) -> Json<Value> {
             "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
         },
         "default_model": registry.default_model(),
+        "served_model_names": *state.aliases,
         "models": models,
         "limits": state.limits,
         "threads": rayon::current_num_threads(),

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -27,7 +27,23 @@ struct Entry {
     /// Which request the text belongs to (ids grow with arrival).
     request: u64,
     ids: Vec<u32>,
-    reply: oneshot::Sender<Result<Vec<f32>, String>>,
+    reply: oneshot::Sender<Result<(Vec<f32>, Pass), String>>,
+}
+
+/// The forward pass that carried a text.
+#[derive(Debug, Clone, Copy)]
+struct Pass {
+    id: u64,
+    took: Duration,
+}
+
+/// Where a request's time in the batcher went (TEI's `x-queue-time`, `x-inference-time`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timing {
+    /// Waiting for a pass (between its passes, for a request spread over several).
+    pub queue: Duration,
+    /// In the forward passes that carried its texts.
+    pub inference: Duration,
 }
 
 /// The handle HTTP handlers use; dropping the last handle stops the model's thread once its
@@ -60,8 +76,10 @@ impl Batcher {
         })
     }
 
-    /// Embeds tokenised texts, returning pooled (unnormalised) vectors in input order.
-    pub async fn embed(&self, texts: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>> {
+    /// Embeds tokenised texts, returning pooled (unnormalised) vectors in input order and
+    /// where the time went.
+    pub async fn embed(&self, texts: Vec<Vec<u32>>) -> Result<(Vec<Vec<f32>>, Timing)> {
+        let started = Instant::now();
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let mut replies = Vec::with_capacity(texts.len());
         for ids in texts {
@@ -84,16 +102,27 @@ impl Batcher {
             replies.push(rx);
         }
         let mut vectors = Vec::with_capacity(replies.len());
+        let mut passes: Vec<Pass> = Vec::new();
         for rx in replies {
             match rx.await {
-                Ok(Ok(vector)) => vectors.push(vector),
+                Ok(Ok((vector, pass))) => {
+                    vectors.push(vector);
+                    if !passes.iter().any(|p| p.id == pass.id) {
+                        passes.push(pass);
+                    }
+                }
                 Ok(Err(message)) => {
                     return Err(Error::Inference(candle_core::Error::Msg(message)));
                 }
                 Err(_) => return Err(Error::BatcherGone),
             }
         }
-        Ok(vectors)
+        let inference = passes.iter().map(|p| p.took).sum();
+        let timing = Timing {
+            queue: started.elapsed().saturating_sub(inference),
+            inference,
+        };
+        Ok((vectors, timing))
     }
 }
 
@@ -174,6 +203,7 @@ fn run(
     let name = model.info.name.clone();
     let queue_depth = metrics.queue_depth(&name);
     let mut waiting = Waiting::default();
+    let mut passes = 0u64;
     loop {
         if waiting.is_empty() {
             match rx.blocking_recv() {
@@ -194,12 +224,13 @@ fn run(
             continue;
         }
 
-        run_pass(&model, &name, batch, &metrics);
+        passes += 1;
+        run_pass(&model, &name, passes, batch, &metrics);
     }
     tracing::debug!(model = %name, "batcher stopped");
 }
 
-fn run_pass(model: &SentenceModel, name: &str, entries: Vec<Entry>, metrics: &Metrics) {
+fn run_pass(model: &SentenceModel, name: &str, id: u64, entries: Vec<Entry>, metrics: &Metrics) {
     let inputs: Vec<&[u32]> = entries.iter().map(|e| e.ids.as_slice()).collect();
     let tokens: usize = inputs.iter().map(|ids| ids.len()).sum();
     let started = Instant::now();
@@ -208,11 +239,13 @@ fn run_pass(model: &SentenceModel, name: &str, entries: Vec<Entry>, metrics: &Me
     // Running the pass on a rayon worker lets its parallel matmuls and attention heads fork
     // and join inside the pool instead of crossing threads for every operation.
     let outcome = catch_unwind(AssertUnwindSafe(|| rayon::scope(|_| model.embed(&inputs))));
-    metrics.observe_pass(name, entries.len(), tokens, started.elapsed());
+    let took = started.elapsed();
+    metrics.observe_pass(name, entries.len(), tokens, took);
     match outcome {
         Ok(Ok(vectors)) => {
+            let pass = Pass { id, took };
             for (entry, vector) in entries.into_iter().zip(vectors) {
-                let _ = entry.reply.send(Ok(vector));
+                let _ = entry.reply.send(Ok((vector, pass)));
             }
         }
         Ok(Err(error)) => fail_all(entries, name, error.to_string()),

@@ -53,6 +53,23 @@ pub struct Config {
     )]
     pub preload: Vec<String>,
 
+    /// Other names the default model answers to in requests' `model` (comma-separated in
+    /// the environment), for clients that hard-code one, e.g. text-embedding-3-small.
+    /// Responses name the model as the request did.
+    #[arg(
+        long = "served-model-name",
+        env = "EMBEDDER_SERVED_MODEL_NAME",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub served_model_names: Vec<String>,
+
+    /// Truncate inputs longer than the model's max_seq_length (sentence-transformers'
+    /// behaviour). With false, they are refused (413; 422 on TEI's routes) unless the request
+    /// says `truncate: true`.
+    #[arg(long, env = "EMBEDDER_AUTO_TRUNCATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_truncate: bool,
+
     /// Most models kept in memory at once; the least recently used is evicted first, the
     /// default model never.
     #[arg(long, env = "EMBEDDER_MAX_MODELS", default_value_t = 4)]
@@ -182,6 +199,13 @@ impl Config {
             Some(name) => name.clone(),
             None => first.unwrap_or_default(),
         };
+        for alias in &self.served_model_names {
+            if alias.trim().is_empty() || catalog.contains_key(alias) {
+                return Err(Error::Config(format!(
+                    "--served-model-name {alias:?} must be a name no --model uses"
+                )));
+            }
+        }
         for name in &self.preload {
             if !catalog.contains_key(name) {
                 return Err(Error::Config(format!(
@@ -266,6 +290,17 @@ mod tests {
             .model_catalog()
             .unwrap_err();
         assert!(err.to_string().contains("--preload"));
+        let err = parse(&[
+            "--model",
+            "a=/x",
+            "--model",
+            "b=/y",
+            "--served-model-name",
+            "b",
+        ])
+        .model_catalog()
+        .unwrap_err();
+        assert!(err.to_string().contains("--served-model-name"), "{err}");
     }
 
     #[test]

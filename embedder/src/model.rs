@@ -2,8 +2,10 @@
 //!
 //! Layout read: `config.json` (BERT family), `tokenizer.json`, `model.safetensors` (or
 //! `pytorch_model.bin`), and when present `modules.json`, `sentence_bert_config.json`
-//! (max_seq_length, do_lower_case) and the pooling module's `config.json`.
+//! (max_seq_length, do_lower_case), `config_sentence_transformers.json` (prompts,
+//! default_prompt_name) and the pooling module's `config.json`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
@@ -28,14 +30,82 @@ pub struct ModelInfo {
     pub pooling: Pooling,
     /// The model's own pipeline ends in a Normalize module.
     pub normalized: bool,
+    /// Named prompts prepended to texts (sentence-transformers' `prompts`).
+    pub prompts: BTreeMap<String, String>,
+    /// The prompt used when a request names none.
+    pub default_prompt_name: Option<String>,
 }
 
 pub struct SentenceModel {
     pub info: ModelInfo,
-    tokenizer: Tokenizer,
+    /// Truncating at `max_seq_length`, keeping the start of a text (the default) ...
+    keep_start: Tokenizer,
+    /// ... or its end.
+    keep_end: Tokenizer,
+    /// Not truncating: for `/tokenize` and for counting what truncation would cut.
+    whole: Tokenizer,
     lowercase_input: bool,
     vocab_size: usize,
     bert: BertEncoder,
+}
+
+/// Which end of an over-long text is cut (TEI's `truncation_direction`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum Direction {
+    /// Cut the end: keep the start.
+    #[default]
+    #[serde(alias = "right", alias = "RIGHT")]
+    Right,
+    /// Cut the start: keep the end.
+    #[serde(alias = "left", alias = "LEFT")]
+    Left,
+}
+
+/// How a text longer than `max_seq_length` tokens is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Truncation {
+    /// Cut it to `max_seq_length` (sentence-transformers' behaviour); otherwise refuse it.
+    pub truncate: bool,
+    pub direction: Direction,
+}
+
+impl Default for Truncation {
+    fn default() -> Self {
+        Self {
+            truncate: true,
+            direction: Direction::Right,
+        }
+    }
+}
+
+/// Why one input cannot be embedded: the request's fault, answered with a 4xx.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    #[error(
+        "{tokens} tokens is more than the model's {max} (max_seq_length) and truncation is off"
+    )]
+    TooLong { tokens: usize, max: usize },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One token of a text, as `/tokenize` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Token {
+    pub id: u32,
+    pub text: String,
+    pub special: bool,
+    /// Byte offsets of the token in the input; none for special tokens.
+    pub start: Option<usize>,
+    pub stop: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct SentenceTransformersConfig {
+    #[serde(default)]
+    prompts: BTreeMap<String, String>,
+    #[serde(default)]
+    default_prompt_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -113,6 +183,21 @@ impl SentenceModel {
             ));
         }
 
+        let st_path = dir.join("config_sentence_transformers.json");
+        let prompts: SentenceTransformersConfig = if st_path.exists() {
+            read_json(name, &st_path)?
+        } else {
+            SentenceTransformersConfig::default()
+        };
+        if let Some(default) = &prompts.default_prompt_name
+            && !prompts.prompts.contains_key(default)
+        {
+            return Err(err_config(
+                &st_path,
+                format!("default_prompt_name {default:?} is not one of its prompts"),
+            ));
+        }
+
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.exists() {
             return Err(Error::ModelFile {
@@ -129,15 +214,24 @@ impl SentenceModel {
         // tokenizer.json often carries the training-time settings (fixed padding to 128,
         // truncation at 128); sentence-transformers truncates at max_seq_length and pads per
         // batch, so both are replaced. Padding is done by the batcher, per forward pass.
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: max_seq_length,
-                strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
-                direction: TruncationDirection::Right,
-            }))
-            .map_err(|e| err_config(&tokenizer_path, e.to_string()))?;
         tokenizer.with_padding(None::<PaddingParams>);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| err_config(&tokenizer_path, e.to_string()))?;
+        let truncating = |direction| {
+            let mut truncating = tokenizer.clone();
+            truncating
+                .with_truncation(Some(TruncationParams {
+                    max_length: max_seq_length,
+                    strategy: TruncationStrategy::LongestFirst,
+                    stride: 0,
+                    direction,
+                }))
+                .map_err(|e| err_config(&tokenizer_path, e.to_string()))?;
+            Ok::<_, Error>(truncating)
+        };
+        let keep_start = truncating(TruncationDirection::Right)?;
+        let keep_end = truncating(TruncationDirection::Left)?;
 
         let vb = load_weights(name, dir, &device)?;
         let bert = BertEncoder::load(vb, &config).map_err(|e| {
@@ -153,47 +247,128 @@ impl SentenceModel {
                 max_seq_length,
                 pooling,
                 normalized: pipeline.normalized,
+                prompts: prompts.prompts,
+                default_prompt_name: prompts.default_prompt_name,
             },
-            tokenizer,
+            keep_start,
+            keep_end,
+            whole: tokenizer,
             lowercase_input: st_config.do_lower_case,
             vocab_size: config.vocab_size,
             bert,
         })
     }
 
-    /// Token ids for one text, with special tokens, truncated at `max_seq_length`.
+    /// Token ids for one text, with special tokens, truncated at `max_seq_length` (keeping
+    /// its start).
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = if self.lowercase_input {
-            self.tokenizer.encode(text.to_lowercase(), true)
-        } else {
-            self.tokenizer.encode(text, true)
-        }
-        .map_err(|e| Error::Tokenizer {
-            model: self.info.name.clone(),
-            reason: e.to_string(),
-        })?;
-        // Checked here, per text, so a text the model cannot take fails its own request with
-        // a 4xx instead of the forward pass it would share with other requests.
-        let ids = encoding.get_ids();
-        let reason = if ids.is_empty() {
-            Some("the text produced no tokens".to_string())
-        } else {
-            ids.iter()
-                .find(|&&id| id as usize >= self.vocab_size)
-                .map(|id| {
-                    format!(
-                        "token id {id} is outside the model's vocabulary of {}",
-                        self.vocab_size
-                    )
-                })
-        };
-        if let Some(reason) = reason {
-            return Err(Error::Tokenizer {
+        self.tokenize_with(text, Truncation::default())
+            .map_err(|e| Error::Tokenizer {
                 model: self.info.name.clone(),
-                reason,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Token ids for one text, with special tokens, truncated (or refused) as asked.
+    pub fn tokenize_with(
+        &self,
+        text: &str,
+        truncation: Truncation,
+    ) -> Result<Vec<u32>, InputError> {
+        let tokenizer = match truncation.direction {
+            Direction::Right => &self.keep_start,
+            Direction::Left => &self.keep_end,
+        };
+        let encoding = self.encode(tokenizer, text, true)?;
+        if !truncation.truncate && !encoding.get_overflowing().is_empty() {
+            // Rare (the request fails); counted without truncation for the message.
+            let tokens = self.encode(&self.whole, text, true)?.len();
+            return Err(InputError::TooLong {
+                tokens,
+                max: self.info.max_seq_length,
             });
         }
-        Ok(ids.to_vec())
+        let ids = encoding.get_ids().to_vec();
+        self.check_ids(&ids)?;
+        Ok(ids)
+    }
+
+    /// Token ids a client sent itself (the model's own ids, special tokens included, as
+    /// `/tokenize` gives them): checked against the vocabulary and truncated as asked.
+    pub fn accept_ids(
+        &self,
+        mut ids: Vec<u32>,
+        truncation: Truncation,
+    ) -> Result<Vec<u32>, InputError> {
+        let max = self.info.max_seq_length;
+        if ids.len() > max {
+            if !truncation.truncate {
+                return Err(InputError::TooLong {
+                    tokens: ids.len(),
+                    max,
+                });
+            }
+            match truncation.direction {
+                Direction::Right => ids.truncate(max),
+                Direction::Left => {
+                    ids.drain(..ids.len() - max);
+                }
+            }
+        }
+        self.check_ids(&ids)?;
+        Ok(ids)
+    }
+
+    /// The tokens of one text as the model sees them, without truncation: for `/tokenize`.
+    pub fn tokens(&self, text: &str, add_special_tokens: bool) -> Result<Vec<Token>, InputError> {
+        let encoding = self.encode(&self.whole, text, add_special_tokens)?;
+        let specials = encoding.get_special_tokens_mask();
+        Ok(encoding
+            .get_ids()
+            .iter()
+            .zip(encoding.get_tokens())
+            .zip(encoding.get_offsets())
+            .zip(specials)
+            .map(|(((&id, token), &(start, stop)), &special)| {
+                let special = special == 1;
+                Token {
+                    id,
+                    text: token.clone(),
+                    special,
+                    start: (!special).then_some(start),
+                    stop: (!special).then_some(stop),
+                }
+            })
+            .collect())
+    }
+
+    fn encode(
+        &self,
+        tokenizer: &Tokenizer,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<tokenizers::Encoding, InputError> {
+        let encoded = if self.lowercase_input {
+            tokenizer.encode(text.to_lowercase(), add_special_tokens)
+        } else {
+            tokenizer.encode(text, add_special_tokens)
+        };
+        encoded.map_err(|e| InputError::Invalid(format!("tokenizer failed: {e}")))
+    }
+
+    // Checked per text, so a text the model cannot take fails its own request with a 4xx
+    // instead of the forward pass it would share with other requests.
+    fn check_ids(&self, ids: &[u32]) -> Result<(), InputError> {
+        if ids.is_empty() {
+            return Err(InputError::Invalid("the text produced no tokens".into()));
+        }
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            return Err(InputError::Invalid(format!(
+                "token id {id} is outside the model's vocabulary of {}",
+                self.vocab_size
+            )));
+        }
+        Ok(())
     }
 
     /// Pooled, not yet normalised, embeddings for a batch of tokenised texts, in input order.

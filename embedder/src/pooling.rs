@@ -14,7 +14,7 @@ pub enum Pooling {
 }
 
 /// The subset of sentence-transformers' pooling config that decides the mode.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 pub struct PoolingConfig {
     #[serde(default)]
     pub pooling_mode_cls_token: bool,
@@ -28,6 +28,13 @@ pub struct PoolingConfig {
     pub pooling_mode_weightedmean_tokens: bool,
     #[serde(default)]
     pub pooling_mode_lasttoken: bool,
+    /// Whether prompt tokens count in the pooled vector (sentence-transformers' default).
+    #[serde(default = "yes")]
+    pub include_prompt: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl PoolingConfig {
@@ -45,6 +52,12 @@ impl PoolingConfig {
         ];
         if let Some((_, name)) = unsupported.iter().find(|(on, _)| *on) {
             return Err(format!("pooling mode {name} is not supported"));
+        }
+        if !self.include_prompt {
+            return Err(
+                "include_prompt false (pooling without the prompt's tokens) is not supported"
+                    .into(),
+            );
         }
         let modes: Vec<Pooling> = [
             (self.pooling_mode_cls_token, Pooling::Cls),
@@ -120,6 +133,13 @@ mod tests {
                 .is_err()
         );
         assert!(config(r#"{"pooling_mode_lasttoken":true}"#).mode().is_err());
+        let without_prompt = r#"{"pooling_mode_mean_tokens":true,"include_prompt":false}"#;
+        assert!(
+            config(without_prompt)
+                .mode()
+                .unwrap_err()
+                .contains("include_prompt")
+        );
     }
 
     #[test]

@@ -60,7 +60,9 @@ pub async fn serve(
             header_read_timeout_ms: config.header_read_timeout_ms,
             body_read_timeout_ms: config.body_read_timeout_ms,
             request_timeout_ms: config.request_timeout_ms,
+            auto_truncate: config.auto_truncate,
         },
+        aliases: Arc::new(config.served_model_names.clone()),
         faults,
         health: Arc::new(Health::default()),
     };

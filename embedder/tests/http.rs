@@ -336,10 +336,23 @@ async fn client_errors_are_json_with_a_reason() {
         ("/v1/embeddings", json!({"input": []}), 400, "empty_input"),
         (
             "/v1/embeddings",
-            json!({"input": [[101, 2023]]}),
+            json!({"input": [[101, 99_999_999, 102]]}),
+            422,
+            "invalid_tokens",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"input": [101, -1]}),
             422,
             "invalid_request",
         ),
+        (
+            "/v1/embeddings",
+            json!({"input": ["text", [101, 102]]}),
+            422,
+            "invalid_request",
+        ),
+        ("/v1/embeddings", json!({"input": [[]]}), 400, "empty_input"),
         (
             "/v1/embeddings",
             json!({"input": {"a": 1}}),
@@ -360,7 +373,25 @@ async fn client_errors_are_json_with_a_reason() {
         ),
         (
             "/v1/embeddings",
-            json!({"input": "x", "dimensions": 128}),
+            json!({"input": "x", "dimensions": 385}),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"input": "x", "dimensions": 0}),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/api/v1/embed",
+            json!({"texts": ["x"], "prompt_name": "query"}),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/api/v1/embed",
+            json!({"texts": ["x"], "truncation_direction": "middle"}),
             422,
             "invalid_request",
         ),

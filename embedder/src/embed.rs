@@ -1,0 +1,432 @@
+//! The embedding pipeline every embed route shares, whatever its JSON dialect (native,
+//! OpenAI, TEI): model choice, prompts, input caps, tokenisation or token-id checks,
+//! admission by tokens, batching, then output dimensions and normalisation.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use serde_json::Value;
+
+use crate::api::{ApiError, AppState};
+use crate::batcher::Timing;
+use crate::model::{Direction, InputError, ModelInfo, SentenceModel, Truncation};
+use crate::pooling::l2_normalize;
+use crate::registry::{LoadedModel, LookupError};
+
+/// Characters of one text kept before tokenising, per token of `max_seq_length` (TEI's
+/// multiplier): no token is this long, so the tokens a truncated text gives are the same,
+/// and a megabyte-long string costs the tokenizer nothing.
+pub const CHARS_PER_TOKEN_CAP: usize = 250;
+
+/// What a request asks to embed.
+pub enum Inputs {
+    Texts(Vec<String>),
+    /// The model's own token ids, special tokens included (as `/tokenize` gives them).
+    Ids(Vec<Vec<u32>>),
+}
+
+impl Inputs {
+    fn len(&self) -> usize {
+        match self {
+            Inputs::Texts(texts) => texts.len(),
+            Inputs::Ids(ids) => ids.len(),
+        }
+    }
+
+    /// OpenAI's and TEI's `input`: a string, a list of strings, one list of token ids or a
+    /// list of them.
+    pub fn from_json(input: Value, field: &str) -> Result<Self, ApiError> {
+        let invalid = |message: String| Err(ApiError::invalid(message));
+        let items = match input {
+            Value::String(text) => return Ok(Inputs::Texts(vec![text])),
+            Value::Array(items) => items,
+            _ => {
+                return invalid(format!(
+                    "{field} must be a string, a list of strings or token ids"
+                ));
+            }
+        };
+        match items.first() {
+            None => Ok(Inputs::Texts(Vec::new())),
+            Some(Value::String(_)) => items
+                .into_iter()
+                .enumerate()
+                .map(|(index, item)| match item {
+                    Value::String(text) => Ok(text),
+                    _ => Err(ApiError::invalid(format!(
+                        "{field}[{index}] must be a string like the items before it"
+                    ))),
+                })
+                .collect::<Result<_, _>>()
+                .map(Inputs::Texts),
+            Some(Value::Number(_)) => token_ids(&items, field).map(|ids| Inputs::Ids(vec![ids])),
+            Some(Value::Array(_)) => items
+                .iter()
+                .enumerate()
+                .map(|(index, item)| match item {
+                    Value::Array(ids) => token_ids(ids, &format!("{field}[{index}]")),
+                    _ => Err(ApiError::invalid(format!(
+                        "{field}[{index}] must be a list of token ids like the items before it"
+                    ))),
+                })
+                .collect::<Result<_, _>>()
+                .map(Inputs::Ids),
+            Some(_) => invalid(format!(
+                "{field} must be a string, a list of strings or token ids"
+            )),
+        }
+    }
+}
+
+fn token_ids(items: &[Value], field: &str) -> Result<Vec<u32>, ApiError> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(index, item)| {
+            item.as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "{field}[{index}] must be a token id (a whole number from 0 to 2^32-1)"
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// One embed request, parsed from any route's JSON.
+pub struct EmbedJob {
+    pub inputs: Inputs,
+    pub model: Option<String>,
+    pub normalize: bool,
+    /// Keep the first `dimensions` components (Matryoshka models), then normalise.
+    pub dimensions: Option<usize>,
+    /// A prompt of the model's `config_sentence_transformers.json`; its default when none.
+    pub prompt_name: Option<String>,
+    /// Truncate over-long inputs; the server's `--auto-truncate` when unset.
+    pub truncate: Option<bool>,
+    pub direction: Direction,
+}
+
+impl EmbedJob {
+    pub fn new(inputs: Inputs) -> Self {
+        Self {
+            inputs,
+            model: None,
+            normalize: true,
+            dimensions: None,
+            prompt_name: None,
+            truncate: None,
+            direction: Direction::Right,
+        }
+    }
+}
+
+/// Where a request's time went: TEI's timing headers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    pub tokenization: Duration,
+    pub batcher: Timing,
+}
+
+pub struct EmbedOutput {
+    pub vectors: Vec<Vec<f32>>,
+    /// The name the client asked for (an alias stays an alias), else the default model's.
+    pub model: String,
+    pub dimensions: usize,
+    pub tokens: usize,
+    pub characters: usize,
+    pub timings: Timings,
+}
+
+/// Runs one embed request; `model_label` is set to the model's name for metrics once known.
+pub async fn embed(
+    state: &AppState,
+    mut job: EmbedJob,
+    model_label: &mut String,
+) -> Result<EmbedOutput, ApiError> {
+    let requested = job
+        .model
+        .take()
+        .unwrap_or_else(|| state.registry.default_model().to_string());
+    let name = resolve(state, &requested);
+    // Only served names become label values: request data must not grow series without bound.
+    if state.registry.is_served(&name) {
+        model_label.clone_from(&name);
+    }
+    validate(&job, state)?;
+    let (_, loaded) = model_for(state, Some(requested.clone())).await?;
+    let info = &loaded.model.info;
+    let dimensions = match job.dimensions {
+        None => info.dimensions,
+        Some(d) if d >= 1 && d <= info.dimensions => d,
+        Some(d) => {
+            return Err(ApiError::invalid(format!(
+                "dimensions {d} is not supported: model {name:?} gives vectors of 1 to {} dimensions",
+                info.dimensions
+            )));
+        }
+    };
+    let prompt = match &job.inputs {
+        Inputs::Ids(_) if job.prompt_name.is_some() => {
+            return Err(ApiError::invalid(
+                "prompt_name applies to texts, not to token ids",
+            ));
+        }
+        // Token ids are the whole sequence as the client wants it.
+        Inputs::Ids(_) => None,
+        Inputs::Texts(_) => prompt(info, job.prompt_name.as_deref())?,
+    };
+
+    if state.faults.inject().await {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "fault_injected",
+            "error injected by --fault-error-rate",
+        ));
+    }
+
+    let truncation = Truncation {
+        truncate: job.truncate.unwrap_or(state.limits.auto_truncate),
+        direction: job.direction,
+    };
+    let tokenizing_started = Instant::now();
+    let (ids, characters) = tokenize(
+        state,
+        loaded.model.clone(),
+        job.inputs,
+        prompt.cloned(),
+        truncation,
+    )
+    .await?;
+    let tokenization = tokenizing_started.elapsed();
+    let tokens: usize = ids.iter().map(Vec::len).sum();
+
+    // Admission by work: the request's tokens, held until it is answered.
+    let capacity = state.limits.max_queued_tokens;
+    if tokens > capacity {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_tokens",
+            format!(
+                "{tokens} tokens in one request; the server takes at most {capacity} at once (--max-queued-tokens): split it"
+            ),
+        ));
+    }
+    let _work = u32::try_from(tokens)
+        .ok()
+        .and_then(|n| state.queued_tokens.clone().try_acquire_many_owned(n).ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "overloaded",
+                format!(
+                    "{tokens} more tokens would exceed the {capacity} the server takes at once; retry shortly"
+                ),
+            )
+        })?;
+
+    let (mut vectors, batcher) = loaded.batcher.embed(ids).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "inference_failed",
+            e.to_string(),
+        )
+    })?;
+    state.faults.perturb(&mut vectors);
+    for vector in &mut vectors {
+        vector.truncate(dimensions);
+        if job.normalize {
+            l2_normalize(vector);
+        }
+    }
+    Ok(EmbedOutput {
+        vectors,
+        model: requested,
+        dimensions,
+        tokens,
+        characters,
+        timings: Timings {
+            tokenization,
+            batcher,
+        },
+    })
+}
+
+/// The served model a request's `model` names (an alias of the default model included).
+fn resolve(state: &AppState, requested: &str) -> String {
+    if state.aliases.iter().any(|alias| alias == requested) {
+        state.registry.default_model().to_string()
+    } else {
+        requested.to_string()
+    }
+}
+
+/// The model a request names (the default when none), loaded, and its served name.
+pub async fn model_for(
+    state: &AppState,
+    requested: Option<String>,
+) -> Result<(String, Arc<LoadedModel>), ApiError> {
+    let registry = &state.registry;
+    let name = match requested {
+        Some(requested) => resolve(state, &requested),
+        None => registry.default_model().to_string(),
+    };
+    match registry.get(&name).await {
+        Ok(loaded) => Ok((name, loaded)),
+        Err(LookupError::Unknown(_)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!(
+                "model {name:?} is not served; available: {}",
+                registry
+                    .names()
+                    .chain(state.aliases.iter().map(String::as_str))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+        // Details (file paths) go to the server log, not to clients.
+        Err(LookupError::LoadFailed { .. }) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "model_unavailable",
+            format!("model {name:?} could not be loaded; the server log says why"),
+        )),
+    }
+}
+
+/// The prompt a request gets: the one it names, else the model's default, else none.
+pub fn prompt<'a>(
+    info: &'a ModelInfo,
+    prompt_name: Option<&str>,
+) -> Result<Option<&'a String>, ApiError> {
+    let Some(prompt_name) = prompt_name else {
+        return Ok(info
+            .default_prompt_name
+            .as_ref()
+            .and_then(|default| info.prompts.get(default)));
+    };
+    info.prompts.get(prompt_name).map(Some).ok_or_else(|| {
+        let known: Vec<&str> = info.prompts.keys().map(String::as_str).collect();
+        ApiError::invalid(format!(
+            "prompt_name {prompt_name:?} is not one of model {:?}'s prompts ({})",
+            info.name,
+            if known.is_empty() {
+                "it has none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ))
+    })
+}
+
+pub fn shutting_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting_down",
+        "the server is stopping",
+    )
+}
+
+/// Token ids for every input and the characters read, on a blocking thread, at most one
+/// tokenisation per compute thread at once.
+async fn tokenize(
+    state: &AppState,
+    model: Arc<SentenceModel>,
+    inputs: Inputs,
+    prompt: Option<String>,
+    truncation: Truncation,
+) -> Result<(Vec<Vec<u32>>, usize), ApiError> {
+    let tokenizing = state
+        .tokenizers
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| shutting_down())?;
+    let cap = model
+        .info
+        .max_seq_length
+        .saturating_mul(CHARS_PER_TOKEN_CAP);
+    tokio::task::spawn_blocking(move || {
+        let _tokenizing = tokenizing;
+        let input_error = |index: usize, error: InputError| match error {
+            InputError::TooLong { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "input_too_long",
+                format!("input {index}: {error}; send truncate: true or shorten it"),
+            ),
+            InputError::Invalid(reason) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_tokens",
+                format!("input {index}: {reason}"),
+            ),
+        };
+        match inputs {
+            Inputs::Texts(texts) => {
+                let mut characters = 0;
+                let ids = texts
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, text)| {
+                        let mut text = match &prompt {
+                            Some(prompt) => format!("{prompt}{text}"),
+                            None => text,
+                        };
+                        if let Some((cut, _)) = text.char_indices().nth(cap) {
+                            text.truncate(cut);
+                        }
+                        characters += text.chars().count();
+                        model
+                            .tokenize_with(&text, truncation)
+                            .map_err(|e| input_error(index, e))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((ids, characters))
+            }
+            Inputs::Ids(ids) => ids
+                .into_iter()
+                .enumerate()
+                .map(|(index, ids)| {
+                    model
+                        .accept_ids(ids, truncation)
+                        .map_err(|e| input_error(index, e))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(|ids| (ids, 0)),
+        }
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+}
+
+fn validate(job: &EmbedJob, state: &AppState) -> Result<(), ApiError> {
+    let count = job.inputs.len();
+    if count == 0 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "empty_input",
+            "no inputs to embed",
+        ));
+    }
+    let limit = state.limits.max_client_batch;
+    if count > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_inputs",
+            format!("{count} inputs in one request; the limit is {limit} (--max-client-batch)"),
+        ));
+    }
+    let empty = match &job.inputs {
+        Inputs::Texts(texts) => texts.iter().position(|t| t.trim().is_empty()),
+        Inputs::Ids(ids) => ids.iter().position(Vec::is_empty),
+    };
+    if let Some(index) = empty {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "empty_input",
+            format!("input {index} is empty"),
+        ));
+    }
+    Ok(())
+}
