@@ -10,8 +10,14 @@
 //! one text from every waiting request in turn (oldest request first), then a second from
 //! each, until the budget is full. A one-text request waits at most one pass however many
 //! texts a heavy client queued before it; the heavy request still gets the rest of each pass.
+//!
+//! A pass is at least one whole text, and one long text is tens of milliseconds of compute.
+//! So passes run one encoder layer at a time, and between two layers of a long pass, texts
+//! of other requests that are much shorter than the work the pass has left run as a pass of
+//! their own (shortest work first, one level deep): a small request then waits about one
+//! layer, not one pass, behind a heavy neighbour.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,9 +25,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::bert::Pass as Forward;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::SentenceModel;
+
+/// A pass is interrupted for texts whose work (tokens × layers) is at most this fraction of
+/// what the pass has left: enough to let a small request by a heavy one, never enough for
+/// passes of similar size to keep overtaking each other.
+const INTERRUPT_RATIO: usize = 4;
 
 struct Entry {
     /// Which request the text belongs to (ids grow with arrival).
@@ -63,11 +75,16 @@ impl Batcher {
     ) -> Result<Self> {
         let (queue, rx) = mpsc::unbounded_channel();
         let name = model.info.name.clone();
-        let worker_metrics = metrics.clone();
-        std::thread::Builder::new()
-            .name(format!("batcher-{name}"))
-            .spawn(move || run(model, rx, max_batch_tokens.max(1), worker_metrics))
-            .map_err(|e| Error::Config(format!("cannot start batcher thread: {e}")))?;
+        spawn_worker(Worker {
+            model,
+            name: name.clone(),
+            rx,
+            waiting: Waiting::default(),
+            max_batch_tokens: max_batch_tokens.max(1),
+            metrics: metrics.clone(),
+            passes: 0,
+        })
+        .map_err(|e| Error::Config(format!("cannot start batcher thread: {e}")))?;
         Ok(Self {
             queue,
             model: name,
@@ -163,15 +180,28 @@ impl Waiting {
     /// not, so when one heavy request's text fills a pass, the next pass starts with the
     /// requests that waited.
     fn pack(&mut self, budget: usize) -> Vec<Entry> {
+        self.take(budget, false, &BTreeSet::new())
+    }
+
+    /// Like [`pack`](Self::pack), for a pass slotted between two layers of another: never
+    /// over `budget`, and none of the texts of requests in the interrupted pass.
+    fn pack_within(&mut self, budget: usize, running: &BTreeSet<u64>) -> Vec<Entry> {
+        self.take(budget, true, running)
+    }
+
+    fn take(&mut self, budget: usize, strict: bool, skip: &BTreeSet<u64>) -> Vec<Entry> {
         let mut batch = Vec::new();
         let mut tokens = 0;
         loop {
             let mut took = false;
-            for (_, queue) in self.requests.iter_mut() {
+            for (request, queue) in self.requests.iter_mut() {
+                if skip.contains(request) {
+                    continue;
+                }
                 let Some(front) = queue.front() else {
                     continue;
                 };
-                if !batch.is_empty() && tokens + front.ids.len() > budget {
+                if (strict || !batch.is_empty()) && tokens + front.ids.len() > budget {
                     continue;
                 }
                 tokens += front.ids.len();
@@ -181,6 +211,9 @@ impl Waiting {
             if !took {
                 break;
             }
+        }
+        if batch.is_empty() {
+            return batch;
         }
         self.requests.retain(|(_, queue)| !queue.is_empty());
         let served = |id: &u64| batch.iter().any(|e: &Entry| e.request == *id);
@@ -194,63 +227,129 @@ impl Waiting {
     }
 }
 
-fn run(
+/// The inference thread's state: the model, its queue and what waits.
+struct Worker {
     model: Arc<SentenceModel>,
-    mut rx: mpsc::UnboundedReceiver<Entry>,
+    name: String,
+    rx: mpsc::UnboundedReceiver<Entry>,
+    waiting: Waiting,
     max_batch_tokens: usize,
     metrics: Metrics,
-) {
-    let name = model.info.name.clone();
-    let queue_depth = metrics.queue_depth(&name);
-    let mut waiting = Waiting::default();
-    let mut passes = 0u64;
-    loop {
-        if waiting.is_empty() {
-            match rx.blocking_recv() {
-                Some(entry) => waiting.push(entry),
-                None => break,
-            }
-        }
-        // Everything that arrived while the previous pass ran joins this one.
-        while let Ok(entry) = rx.try_recv() {
-            waiting.push(entry);
-        }
-
-        let mut batch = waiting.pack(max_batch_tokens);
-        queue_depth.dec_by(batch.len() as i64);
-        // Clients that went away (timeout, disconnect) cost nothing more.
-        batch.retain(|entry| !entry.reply.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-
-        passes += 1;
-        run_pass(&model, &name, passes, batch, &metrics);
-    }
-    tracing::debug!(model = %name, "batcher stopped");
+    passes: u64,
 }
 
-fn run_pass(model: &SentenceModel, name: &str, id: u64, entries: Vec<Entry>, metrics: &Metrics) {
-    let inputs: Vec<&[u32]> = entries.iter().map(|e| e.ids.as_slice()).collect();
-    let tokens: usize = inputs.iter().map(|ids| ids.len()).sum();
-    let started = Instant::now();
-    // A panic inside the backend must fail this pass's requests, not silently kill the model's
-    // only inference thread.
-    // Running the pass on a rayon worker lets its parallel matmuls and attention heads fork
-    // and join inside the pool instead of crossing threads for every operation.
-    let outcome = catch_unwind(AssertUnwindSafe(|| rayon::scope(|_| model.embed(&inputs))));
-    let took = started.elapsed();
-    metrics.observe_pass(name, entries.len(), tokens, took);
-    match outcome {
-        Ok(Ok(vectors)) => {
-            let pass = Pass { id, took };
-            for (entry, vector) in entries.into_iter().zip(vectors) {
-                let _ = entry.reply.send(Ok((vector, pass)));
+impl Worker {
+    /// Moves what arrived into the waiting requests, without blocking.
+    fn receive(&mut self) {
+        while let Ok(entry) = self.rx.try_recv() {
+            self.waiting.push(entry);
+        }
+    }
+
+    /// Drops texts whose requester went away (timeout, disconnect): they cost nothing more.
+    fn live(&self, mut batch: Vec<Entry>) -> Vec<Entry> {
+        self.metrics
+            .queue_depth(&self.name)
+            .dec_by(batch.len() as i64);
+        batch.retain(|entry| !entry.reply.is_closed());
+        batch
+    }
+
+    fn run(mut self) {
+        loop {
+            if self.waiting.is_empty() {
+                match self.rx.blocking_recv() {
+                    Some(entry) => self.waiting.push(entry),
+                    None => break,
+                }
+            }
+            // Everything that arrived while the previous pass ran joins this one.
+            self.receive();
+            let batch = self.waiting.pack(self.max_batch_tokens);
+            let batch = self.live(batch);
+            if !batch.is_empty() {
+                self.run_pass(batch, true);
             }
         }
-        Ok(Err(error)) => fail_all(entries, name, error.to_string()),
-        Err(_) => fail_all(entries, name, "inference panicked".to_string()),
+        tracing::debug!(model = %self.name, "batcher stopped");
     }
+
+    /// Runs one forward pass, layer by layer; an `interruptible` one runs short passes of
+    /// other requests between its layers when they wait.
+    fn run_pass(&mut self, entries: Vec<Entry>, interruptible: bool) {
+        self.passes += 1;
+        let id = self.passes;
+        let model = self.model.clone();
+        let inputs: Vec<&[u32]> = entries.iter().map(|e| e.ids.as_slice()).collect();
+        let tokens: usize = inputs.iter().map(|ids| ids.len()).sum();
+        let started = Instant::now();
+        let mut interrupted = Duration::ZERO;
+        // A panic inside the backend must fail this pass's requests, not silently kill the
+        // model's only inference thread. Each layer runs on a rayon worker, so its parallel
+        // matmuls and attention heads fork and join inside the pool.
+        let begun = catch_unwind(AssertUnwindSafe(|| model.begin(&inputs)));
+        let mut forward = match begun {
+            Ok(Ok(forward)) => forward,
+            Ok(Err(error)) => return fail_all(entries, &self.name, error.to_string()),
+            Err(_) => return fail_all(entries, &self.name, "inference panicked".into()),
+        };
+        let running: BTreeSet<u64> = entries.iter().map(|e| e.request).collect();
+        loop {
+            let step = catch_unwind(AssertUnwindSafe(|| {
+                rayon::scope(|_| model.step(&mut forward))
+            }));
+            match step {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(_) => return fail_all(entries, &self.name, "inference panicked".into()),
+            }
+            if interruptible {
+                let paused = Instant::now();
+                if self.interrupt(&forward, &running) {
+                    interrupted += paused.elapsed();
+                }
+            }
+        }
+        let vectors = catch_unwind(AssertUnwindSafe(|| model.pool(forward)));
+        let took = started.elapsed().saturating_sub(interrupted);
+        self.metrics
+            .observe_pass(&self.name, entries.len(), tokens, took);
+        match vectors {
+            Ok(vectors) => {
+                let pass = Pass { id, took };
+                for (entry, vector) in entries.into_iter().zip(vectors) {
+                    let _ = entry.reply.send(Ok((vector, pass)));
+                }
+            }
+            Err(_) => fail_all(entries, &self.name, "inference panicked".into()),
+        }
+    }
+
+    /// Between two layers of `forward`: runs the texts of other requests that are much
+    /// shorter than the work it has left, if any wait. True if it ran a pass.
+    fn interrupt(&mut self, forward: &Forward, running: &BTreeSet<u64>) -> bool {
+        self.receive();
+        let layers = self.model.layers().max(1);
+        let left = forward.tokens() * forward.remaining_layers();
+        let budget = (left / (INTERRUPT_RATIO * layers)).min(self.max_batch_tokens);
+        if budget == 0 {
+            return false;
+        }
+        let batch = self.waiting.pack_within(budget, running);
+        let batch = self.live(batch);
+        if batch.is_empty() {
+            return false;
+        }
+        self.run_pass(batch, false);
+        true
+    }
+}
+
+fn spawn_worker(worker: Worker) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(format!("batcher-{}", worker.name))
+        .spawn(move || worker.run())
+        .map(drop)
 }
 
 fn fail_all(entries: Vec<Entry>, model: &str, message: String) {
@@ -328,6 +427,27 @@ mod tests {
             [(1, 10), (2, 10), (3, 10), (1, 10), (3, 10)]
         );
         assert_eq!(packed(&waiting.pack(50)), [(1, 10)]);
+        assert!(waiting.is_empty());
+    }
+
+    #[test]
+    fn a_pass_between_layers_takes_only_short_texts_of_other_requests() {
+        let mut waiting = Waiting::default();
+        // Request 1's pass is running; more of its texts wait, beside a second heavy
+        // request and two small ones.
+        waiting.push(entry(1, 256));
+        waiting.push(entry(2, 256));
+        waiting.push(entry(3, 6));
+        waiting.push(entry(4, 9));
+        waiting.push(entry(4, 9));
+        let running = BTreeSet::from([1]);
+        // Strict: nothing over the budget, not even a first text; nothing of request 1.
+        assert_eq!(packed(&waiting.pack_within(20, &running)), [(3, 6), (4, 9)]);
+        assert!(waiting.pack_within(5, &running).is_empty());
+        assert_eq!(packed(&waiting.pack_within(20, &running)), [(4, 9)]);
+        // The ordinary pass afterwards starts with the requests that did not run.
+        assert_eq!(packed(&waiting.pack(256)), [(1, 256)]);
+        assert_eq!(packed(&waiting.pack(256)), [(2, 256)]);
         assert!(waiting.is_empty());
     }
 

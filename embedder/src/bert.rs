@@ -35,6 +35,34 @@ pub struct BertEncoder {
     activation: HiddenAct,
 }
 
+/// A forward pass in progress: its activations after `layer` layers, and scratch buffers.
+pub struct Pass {
+    spans: Vec<Range<usize>>,
+    tokens: usize,
+    layer: usize,
+    layers: usize,
+    x: Vec<f32>,
+    qkv: Vec<f32>,
+    context: Vec<f32>,
+    attended: Vec<f32>,
+    intermediate: Vec<f32>,
+}
+
+impl Pass {
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    pub fn remaining_layers(&self) -> usize {
+        self.layers - self.layer
+    }
+
+    /// Final hidden states and each sequence's rows (once every layer has run).
+    pub fn into_hidden(self) -> (Vec<f32>, Vec<Range<usize>>) {
+        (self.x, self.spans)
+    }
+}
+
 struct Layer {
     qkv: Linear,
     attention_output: Linear,
@@ -262,29 +290,59 @@ impl BertEncoder {
     /// Final hidden states, `(total tokens, hidden)` row-major, sequences in input order and
     /// packed back to back, plus the row range of each sequence.
     pub fn forward(&self, seqs: &[&[u32]]) -> candle_core::Result<(Vec<f32>, Vec<Range<usize>>)> {
+        let mut pass = self.begin(seqs)?;
+        while !self.step(&mut pass) {}
+        Ok(pass.into_hidden())
+    }
+
+    /// Embeds the sequences; the layers then run one [`step`](Self::step) at a time, so a
+    /// caller can run a short pass between two layers of a long one.
+    pub fn begin(&self, seqs: &[&[u32]]) -> candle_core::Result<Pass> {
         let spans = spans(seqs);
         let tokens = spans.last().map_or(0, |s| s.end);
-        let h = self.hidden;
-        let mut x = self.embed(seqs, tokens)?;
-        let mut qkv = Vec::new();
-        let mut context = vec![0f32; tokens * h];
-        let mut attended = Vec::new();
-        let mut intermediate = Vec::new();
-        for layer in &self.layers {
-            layer.qkv.forward(&x, tokens, &mut qkv);
-            self.attention(&qkv, &spans, &mut context);
-            layer
-                .attention_output
-                .forward(&context, tokens, &mut attended);
-            layer.attention_norm.add_and_normalize(&mut attended, &x);
-            layer
-                .intermediate
-                .forward(&attended, tokens, &mut intermediate);
-            self.activate(&mut intermediate);
-            layer.output.forward(&intermediate, tokens, &mut x);
-            layer.output_norm.add_and_normalize(&mut x, &attended);
-        }
-        Ok((x, spans))
+        Ok(Pass {
+            x: self.embed(seqs, tokens)?,
+            context: vec![0f32; tokens * self.hidden],
+            spans,
+            tokens,
+            layer: 0,
+            layers: self.layers.len(),
+            qkv: Vec::new(),
+            attended: Vec::new(),
+            intermediate: Vec::new(),
+        })
+    }
+
+    pub fn layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Runs the pass's next layer; true once every layer has run.
+    pub fn step(&self, pass: &mut Pass) -> bool {
+        let Some(layer) = self.layers.get(pass.layer) else {
+            return true;
+        };
+        let tokens = pass.tokens;
+        layer.qkv.forward(&pass.x, tokens, &mut pass.qkv);
+        self.attention(&pass.qkv, &pass.spans, &mut pass.context);
+        layer
+            .attention_output
+            .forward(&pass.context, tokens, &mut pass.attended);
+        layer
+            .attention_norm
+            .add_and_normalize(&mut pass.attended, &pass.x);
+        layer
+            .intermediate
+            .forward(&pass.attended, tokens, &mut pass.intermediate);
+        self.activate(&mut pass.intermediate);
+        layer
+            .output
+            .forward(&pass.intermediate, tokens, &mut pass.x);
+        layer
+            .output_norm
+            .add_and_normalize(&mut pass.x, &pass.attended);
+        pass.layer += 1;
+        pass.layer == self.layers.len()
     }
 
     fn embed(&self, seqs: &[&[u32]], tokens: usize) -> candle_core::Result<Vec<f32>> {

@@ -17,7 +17,7 @@ use tokenizers::{
     utils::padding::PaddingParams,
 };
 
-use crate::bert::BertEncoder;
+use crate::bert::{BertEncoder, Pass};
 use crate::error::{Error, Result};
 use crate::pooling::{Pooling, PoolingConfig};
 
@@ -378,17 +378,40 @@ impl SentenceModel {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        let mut pass = self.begin(batch)?;
+        while !self.step(&mut pass) {}
+        Ok(self.pool(pass))
+    }
+
+    /// Starts a forward pass to run layer by layer ([`step`](Self::step), then
+    /// [`pool`](Self::pool)).
+    pub fn begin(&self, batch: &[&[u32]]) -> Result<Pass> {
         if let Some(empty) = batch.iter().position(|ids| ids.is_empty()) {
             return Err(Error::Inference(candle_core::Error::Msg(format!(
                 "text {empty} has no tokens"
             ))));
         }
-        let (hidden, spans) = self.bert.forward(batch)?;
+        Ok(self.bert.begin(batch)?)
+    }
+
+    /// Runs the pass's next layer; true once it is done.
+    pub fn step(&self, pass: &mut Pass) -> bool {
+        self.bert.step(pass)
+    }
+
+    /// The pooled vectors of a finished pass.
+    pub fn pool(&self, pass: Pass) -> Vec<Vec<f32>> {
+        let (hidden, spans) = pass.into_hidden();
         let width = self.info.dimensions;
-        Ok(spans
+        spans
             .into_iter()
             .map(|span| self.info.pooling.pool(&hidden, span, width))
-            .collect())
+            .collect()
+    }
+
+    /// Layers of the encoder: the steps of one pass.
+    pub fn layers(&self) -> usize {
+        self.bert.layers()
     }
 }
 
