@@ -92,10 +92,16 @@ pub struct Config {
     #[arg(long, env = "EMBEDDER_MAX_QUEUED_TOKENS", default_value_t = 131_072)]
     pub max_queued_tokens: usize,
 
-    /// How long a client may take to send its request headers before the connection is
-    /// closed.
+    /// How long a client may take to send its request headers, from their first byte, before
+    /// the connection is closed.
     #[arg(long, env = "EMBEDDER_HEADER_READ_TIMEOUT_MS", default_value_t = 5_000)]
     pub header_read_timeout_ms: u64,
+
+    /// How long a keep-alive connection may stay idle between requests. Keep it longer than
+    /// the upstream idle timeout of the proxies in front (Traefik 90 s, Google Cloud load
+    /// balancers 600 s), or a request they send on a connection closing under them fails.
+    #[arg(long, env = "EMBEDDER_IDLE_TIMEOUT_MS", default_value_t = 620_000)]
+    pub idle_timeout_ms: u64,
 
     /// How long a client may take to send its request body (408 beyond). A client trickling
     /// bytes holds no admission permit meanwhile.

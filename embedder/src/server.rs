@@ -58,6 +58,7 @@ pub async fn serve(
             max_batch_tokens: config.max_batch_tokens,
             max_queued_tokens: config.max_queued_tokens,
             header_read_timeout_ms: config.header_read_timeout_ms,
+            idle_timeout_ms: config.idle_timeout_ms,
             body_read_timeout_ms: config.body_read_timeout_ms,
             request_timeout_ms: config.request_timeout_ms,
             auto_truncate: config.auto_truncate,
@@ -92,6 +93,7 @@ pub async fn serve(
     let app = api::router(state);
     let timeouts = connections::Timeouts {
         header_read: Duration::from_millis(config.header_read_timeout_ms),
+        idle: Duration::from_millis(config.idle_timeout_ms),
         drain: Duration::from_millis(config.shutdown_timeout_ms),
     };
     let server = connections::serve(

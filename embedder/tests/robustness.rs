@@ -104,6 +104,35 @@ async fn a_small_request_is_answered_while_a_heavy_one_is_still_running() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_small_request_overtakes_a_long_pass_between_its_layers() {
+    let server = Server::start(&["--request-timeout-ms", "600000"]).await;
+    // One text of max_seq_length tokens: a single pass, which no packing order can split.
+    let heavy = json!({"texts": [long_text(1, 220)]});
+    let started = Instant::now();
+    let (status, _) = post(&server, heavy.clone()).await;
+    assert_eq!(status, 200);
+    let alone = started.elapsed();
+
+    let url = server.url("/api/v1/embed");
+    let heavy = tokio::spawn(async move {
+        let response = Client::new().post(url).json(&heavy).send().await.unwrap();
+        (response.status(), Instant::now())
+    });
+    // A quarter into the heavy pass (the clock is only a way to land inside it: if the small
+    // request arrives first, the heavy pass starts after it and the order holds as well).
+    tokio::time::sleep(alone / 4).await;
+    let (status, body) = post(&server, json!({"texts": ["a small request"]})).await;
+    let small_answered = Instant::now();
+    assert_eq!(status, 200, "{body}");
+    let (status, heavy_answered) = heavy.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        small_answered < heavy_answered,
+        "the small request waited for the whole heavy pass"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn work_is_admitted_by_tokens_not_requests() {
     let server = Server::start(&["--max-queued-tokens", "2000", "--max-batch-tokens", "64"]).await;
     // One request over the whole budget can never fit: 413, and it says how to fix it.
@@ -213,6 +242,88 @@ async fn slow_clients_hold_no_permit_and_are_cut_off() {
         metrics.contains("code=\"408\""),
         "timed-out bodies are counted"
     );
+}
+
+/// Sends one keep-alive request on `stream` and reads its whole answer; returns the status line.
+async fn exchange(stream: &mut TcpStream, body: &str) -> String {
+    let request = format!(
+        "POST /api/v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap();
+            if answer.len() >= end + 4 + length {
+                return text.lines().next().unwrap().to_owned();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_keep_alive_connection_outlives_the_header_timeout() {
+    // Proxies (Traefik, nginx) keep idle upstream connections for a minute or more; closing
+    // them sooner races the proxy's next request into a 502.
+    let server = Server::start(&[
+        "--header-read-timeout-ms",
+        "300",
+        "--idle-timeout-ms",
+        "2500",
+    ])
+    .await;
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let mut stream = TcpStream::connect(&address).await.unwrap();
+    let body = r#"{"texts":["keep me alive"]}"#;
+    assert!(
+        exchange(&mut stream, body)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        exchange(&mut stream, body)
+            .await
+            .starts_with("HTTP/1.1 200"),
+        "an idle keep-alive connection was closed by the header timeout"
+    );
+
+    // The header timeout still counts from a request's first byte after an idle spell.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stream
+        .write_all(b"POST /api/v1/embed HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let answer = answer_of(&mut stream, Duration::from_secs(20)).await;
+    assert!(!answer.starts_with("HTTP/1.1 2"), "{answer}");
+
+    // A connection that stays idle past --idle-timeout-ms is closed.
+    let mut idle = TcpStream::connect(&address).await.unwrap();
+    assert!(exchange(&mut idle, body).await.starts_with("HTTP/1.1 200"));
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), idle.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "an idle connection was never closed");
 }
 
 #[tokio::test(flavor = "multi_thread")]
