@@ -31,8 +31,9 @@ use crate::metrics::Metrics;
 use crate::model::SentenceModel;
 
 /// A pass is interrupted for texts whose work (tokens × layers) is at most this fraction of
-/// what the pass has left: enough to let a small request by a heavy one, never enough for
-/// passes of similar size to keep overtaking each other.
+/// what the lightest request in the pass has left: enough to let a small request by a heavy
+/// one, never enough for requests of similar size to keep overtaking each other (a pass of
+/// many small requests is not interrupted by one more).
 const INTERRUPT_RATIO: usize = 4;
 
 struct Entry {
@@ -294,6 +295,19 @@ impl Worker {
             Err(_) => return fail_all(entries, &self.name, "inference panicked".into()),
         };
         let running: BTreeSet<u64> = entries.iter().map(|e| e.request).collect();
+        // The tokens of the request with the fewest in this pass: interrupting must pay off
+        // for every request the pass carries.
+        let lightest = running
+            .iter()
+            .map(|request| {
+                entries
+                    .iter()
+                    .filter(|e| e.request == *request)
+                    .map(|e| e.ids.len())
+                    .sum::<usize>()
+            })
+            .min()
+            .unwrap_or(0);
         loop {
             let step = catch_unwind(AssertUnwindSafe(|| {
                 rayon::scope(|_| model.step(&mut forward))
@@ -305,7 +319,7 @@ impl Worker {
             }
             if interruptible {
                 let paused = Instant::now();
-                if self.interrupt(&forward, &running) {
+                if self.interrupt(&forward, lightest, &running) {
                     interrupted += paused.elapsed();
                 }
             }
@@ -326,12 +340,16 @@ impl Worker {
     }
 
     /// Between two layers of `forward`: runs the texts of other requests that are much
-    /// shorter than the work it has left, if any wait. True if it ran a pass.
-    fn interrupt(&mut self, forward: &Forward, running: &BTreeSet<u64>) -> bool {
+    /// shorter than the work its lightest request (`lightest` tokens) has left, if any wait.
+    /// True if it ran a pass.
+    fn interrupt(&mut self, forward: &Forward, lightest: usize, running: &BTreeSet<u64>) -> bool {
         self.receive();
-        let layers = self.model.layers().max(1);
-        let left = forward.tokens() * forward.remaining_layers();
-        let budget = (left / (INTERRUPT_RATIO * layers)).min(self.max_batch_tokens);
+        let budget = interrupt_budget(
+            lightest,
+            forward.remaining_layers(),
+            self.model.layers(),
+            self.max_batch_tokens,
+        );
         if budget == 0 {
             return false;
         }
@@ -343,6 +361,12 @@ impl Worker {
         self.run_pass(batch, false);
         true
     }
+}
+
+/// Tokens of other requests that may run between two layers of a pass whose lightest
+/// request has `lightest` tokens and `remaining` of `layers` layers to go.
+fn interrupt_budget(lightest: usize, remaining: usize, layers: usize, max: usize) -> usize {
+    (lightest * remaining / (INTERRUPT_RATIO * layers.max(1))).min(max)
 }
 
 fn spawn_worker(worker: Worker) -> std::io::Result<()> {
@@ -449,6 +473,17 @@ mod tests {
         assert_eq!(packed(&waiting.pack(256)), [(1, 256)]);
         assert_eq!(packed(&waiting.pack(256)), [(2, 256)]);
         assert!(waiting.is_empty());
+    }
+
+    #[test]
+    fn only_much_shorter_work_interrupts_a_pass() {
+        // One 256-token text, 5 of 6 layers to go: a one-sentence request (~10 tokens) fits.
+        assert_eq!(interrupt_budget(256, 5, 6, 256), 53);
+        assert_eq!(interrupt_budget(256, 1, 6, 256), 10);
+        // A pass of one-sentence requests is not interrupted by one more.
+        assert!(interrupt_budget(12, 5, 6, 256) < 3);
+        // Never more than a pass may hold.
+        assert_eq!(interrupt_budget(16_384, 5, 6, 256), 256);
     }
 
     #[test]
