@@ -212,27 +212,17 @@ async fn read_body(State(state): State<AppState>, request: Request, next: Next) 
         ) => Some(read),
         _ = closing.wait_for(|closing| *closing) => None,
     };
-    let Some(read) = read else {
-        let error = ApiError::new(
+    let error = match read {
+        None => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",
             "the server is stopping; the request body was not complete",
-        );
-        let response = dialect.render(error);
-        state.metrics.observe_request(
-            NO_MODEL,
-            route,
-            response.status().as_u16(),
-            started.elapsed(),
-        );
-        return response;
-    };
-    let error = match read {
-        Ok(Ok(collected)) => {
+        ),
+        Some(Ok(Ok(collected))) => {
             let body = axum::body::Body::from(collected.to_bytes());
             return next.run(Request::from_parts(parts, body)).await;
         }
-        Err(_) => ApiError::new(
+        Some(Err(_)) => ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "body_timeout",
             format!(
@@ -240,12 +230,12 @@ async fn read_body(State(state): State<AppState>, request: Request, next: Next) 
                 timeout.as_millis()
             ),
         ),
-        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => ApiError::new(
+        Some(Ok(Err(error))) if error.is::<http_body_util::LengthLimitError>() => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
             format!("the request body is larger than {limit} bytes (--max-body-bytes)"),
         ),
-        Ok(Err(error)) => ApiError::new(
+        Some(Ok(Err(error))) => ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_body",
             format!("cannot read the request body: {error}"),

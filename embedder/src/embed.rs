@@ -329,6 +329,18 @@ pub fn shutting_down() -> ApiError {
     )
 }
 
+/// The text the tokenizer sees: the prompt, then the text, cut to `cap` characters.
+pub fn prompted(prompt: Option<&str>, text: String, cap: usize) -> String {
+    let mut text = match prompt {
+        Some(prompt) => format!("{prompt}{text}"),
+        None => text,
+    };
+    if let Some((cut, _)) = text.char_indices().nth(cap) {
+        text.truncate(cut);
+    }
+    text
+}
+
 /// Token ids for every input and the characters read, on a blocking thread, at most one
 /// tokenisation per compute thread at once.
 async fn tokenize(
@@ -369,13 +381,7 @@ async fn tokenize(
                     .into_iter()
                     .enumerate()
                     .map(|(index, text)| {
-                        let mut text = match &prompt {
-                            Some(prompt) => format!("{prompt}{text}"),
-                            None => text,
-                        };
-                        if let Some((cut, _)) = text.char_indices().nth(cap) {
-                            text.truncate(cut);
-                        }
+                        let text = prompted(prompt.as_deref(), text, cap);
                         characters += text.chars().count();
                         model
                             .tokenize_with(&text, truncation)

@@ -167,13 +167,7 @@ async fn tokenize_body(state: &AppState, body: Result<Bytes, BytesRejection>) ->
             .into_iter()
             .enumerate()
             .map(|(index, text)| {
-                let mut text = match &prompt {
-                    Some(prompt) => format!("{prompt}{text}"),
-                    None => text,
-                };
-                if let Some((cut, _)) = text.char_indices().nth(cap) {
-                    text.truncate(cut);
-                }
+                let text = embed::prompted(prompt.as_deref(), text, cap);
                 let mut tokens = model.tokens(&text, add_special_tokens).map_err(|e| {
                     ApiError::new(
                         StatusCode::UNPROCESSABLE_ENTITY,

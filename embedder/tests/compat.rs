@@ -8,34 +8,10 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use common::{MODEL, Server, cosine, fixture, model_dir};
+use common::{MODEL, Server, cosine, fixture, model_dir, post, post_full};
 
-use reqwest::{Client, StatusCode};
+use reqwest::Client;
 use serde_json::{Value, json};
-
-async fn post(server: &Server, path: &str, body: Value) -> (StatusCode, Value) {
-    let (status, _, body) = post_full(server, path, body).await;
-    (status, body)
-}
-
-async fn post_full(
-    server: &Server,
-    path: &str,
-    body: Value,
-) -> (StatusCode, reqwest::header::HeaderMap, Value) {
-    let response = Client::new()
-        .post(server.url(path))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    let headers = response.headers().clone();
-    let text = response.text().await.unwrap();
-    let json =
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
-    (status, headers, json)
-}
 
 fn floats(value: &Value) -> Vec<f32> {
     serde_json::from_value(value.clone()).unwrap()

@@ -6,20 +6,9 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
-use common::{MODEL, SECOND_MODEL, Server, cosine, series_value};
+use common::{MODEL, SECOND_MODEL, Server, cosine, post, series_value};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
-
-async fn post(server: &Server, path: &str, body: Value) -> (StatusCode, Value) {
-    let response = Client::new()
-        .post(server.url(path))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    (status, response.json().await.unwrap())
-}
 
 async fn post_raw(
     server: &Server,

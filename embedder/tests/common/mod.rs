@@ -183,6 +183,40 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// POSTs JSON to `path`: the status and the JSON answer (a non-JSON answer fails the test).
+pub async fn post(
+    server: &Server,
+    path: &str,
+    body: serde_json::Value,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let (status, _, body) = post_full(server, path, body).await;
+    (status, body)
+}
+
+/// [`post`], with the answer's headers.
+pub async fn post_full(
+    server: &Server,
+    path: &str,
+    body: serde_json::Value,
+) -> (
+    reqwest::StatusCode,
+    reqwest::header::HeaderMap,
+    serde_json::Value,
+) {
+    let response = reqwest::Client::new()
+        .post(server.url(path))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let text = response.text().await.unwrap();
+    let json =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+    (status, headers, json)
+}
+
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a
         .iter()
