@@ -16,16 +16,11 @@ model_dir="$cache/models/all-MiniLM-L6-v2"
 
 echo "bench: building the embedder (release)" >&2
 cargo build --release --quiet -p embedder --manifest-path "$root/Cargo.toml"
-port="$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-"${CARGO_TARGET_DIR:-$root/target}/release/embedder" --listen "127.0.0.1:$port" --model "all-MiniLM-L6-v2=$model_dir" \
-  --threads "$threads" >"${TMPDIR:-/tmp}/embedder-bench.log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
-for _ in $(seq 1 600); do
-  curl -sf "http://127.0.0.1:$port/health/ready" >/dev/null && break
-  kill -0 $server 2>/dev/null || { cat "${TMPDIR:-/tmp}/embedder-bench.log" >&2; exit 1; }
-  sleep 0.1
-done
+# shellcheck source=embedder/scripts/serve-local.sh
+. "$root/embedder/scripts/serve-local.sh"
+start_embedder "${CARGO_TARGET_DIR:-$root/target}/release/embedder" "${TMPDIR:-/tmp}/embedder-bench.log" \
+  --model "all-MiniLM-L6-v2=$model_dir" --threads "$threads"
+port="$EMBEDDER_PORT"
 
 # The peer gets the same thread count; OMP/MKL pools follow torch.set_num_threads.
 OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \

@@ -23,15 +23,9 @@ target="${CARGO_TARGET_DIR:-$root/target}"
 
 echo "bench: building the embedder (release)" >&2
 cargo build --release --quiet -p embedder --manifest-path "$root/Cargo.toml"
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-log="${TMPDIR:-/tmp}/embedder-noisy.log"
-"$target/release/embedder" --listen "127.0.0.1:$port" --model "all-MiniLM-L6-v2=$model_dir" \
-  --threads "$threads" >"$log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
-for _ in $(seq 1 600); do
-  curl -sf "http://127.0.0.1:$port/health/ready" >/dev/null && break
-  kill -0 $server 2>/dev/null || { cat "$log" >&2; exit 1; }
-  sleep 0.1
-done
+# shellcheck source=embedder/scripts/serve-local.sh
+. "$root/embedder/scripts/serve-local.sh"
+start_embedder "$target/release/embedder" "${TMPDIR:-/tmp}/embedder-noisy.log" \
+  --model "all-MiniLM-L6-v2=$model_dir" --threads "$threads"
+port="$EMBEDDER_PORT"
 python3 "$root/embedder/benches/noisy_neighbour.py" --port "$port" --requests "$requests" --threads "$threads"

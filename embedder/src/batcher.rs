@@ -17,7 +17,7 @@
 //! their own (shortest work first, one level deep): a small request then waits about one
 //! layer, not one pass, behind a heavy neighbour.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -82,6 +82,7 @@ impl Batcher {
             rx,
             waiting: Waiting::default(),
             max_batch_tokens: max_batch_tokens.max(1),
+            queue_depth: metrics.queue_depth(&name),
             metrics: metrics.clone(),
             passes: 0,
         })
@@ -235,6 +236,8 @@ struct Worker {
     rx: mpsc::UnboundedReceiver<Entry>,
     waiting: Waiting,
     max_batch_tokens: usize,
+    /// The model's `embedder_queue_depth` series, looked up once.
+    queue_depth: prometheus_client::metrics::gauge::Gauge,
     metrics: Metrics,
     passes: u64,
 }
@@ -249,9 +252,7 @@ impl Worker {
 
     /// Drops texts whose requester went away (timeout, disconnect): they cost nothing more.
     fn live(&self, mut batch: Vec<Entry>) -> Vec<Entry> {
-        self.metrics
-            .queue_depth(&self.name)
-            .dec_by(batch.len() as i64);
+        self.queue_depth.dec_by(batch.len() as i64);
         batch.retain(|entry| !entry.reply.is_closed());
         batch
     }
@@ -294,20 +295,13 @@ impl Worker {
             Ok(Err(error)) => return fail_all(entries, &self.name, error.to_string()),
             Err(_) => return fail_all(entries, &self.name, "inference panicked".into()),
         };
-        let running: BTreeSet<u64> = entries.iter().map(|e| e.request).collect();
-        // The tokens of the request with the fewest in this pass: interrupting must pay off
-        // for every request the pass carries.
-        let lightest = running
-            .iter()
-            .map(|request| {
-                entries
-                    .iter()
-                    .filter(|e| e.request == *request)
-                    .map(|e| e.ids.len())
-                    .sum::<usize>()
-            })
-            .min()
-            .unwrap_or(0);
+        // Each request's tokens in this pass; interrupting must pay off for the lightest.
+        let mut shares = BTreeMap::<u64, usize>::new();
+        for entry in &entries {
+            *shares.entry(entry.request).or_default() += entry.ids.len();
+        }
+        let lightest = shares.values().copied().min().unwrap_or(0);
+        let running: BTreeSet<u64> = shares.into_keys().collect();
         loop {
             let step = catch_unwind(AssertUnwindSafe(|| {
                 rayon::scope(|_| model.step(&mut forward))

@@ -25,15 +25,9 @@ if [[ -z "$binary" ]]; then
   (cd "$root" && cargo build -q -p embedder --locked)
   binary="$CARGO_TARGET_DIR/debug/embedder"
 fi
-port="$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-log="$(mktemp)"
-EMBEDDER_LOG=warn "$binary" --listen "127.0.0.1:$port" --threads 2 \
-  --model-cache "$cache/models" --served-model-name text-embedding-3-small >"$log" 2>&1 &
-server=$!
-trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; rm -f "$log"' EXIT
-for _ in $(seq 1 600); do
-  curl -fsS "http://127.0.0.1:$port/health/ready" >/dev/null 2>&1 && break
-  kill -0 "$server" 2>/dev/null || { cat "$log" >&2; echo "clients: the embedder exited" >&2; exit 1; }
-  sleep 0.1
-done
-"$venv/bin/python" "$here/test_clients.py" "http://127.0.0.1:$port"
+# shellcheck source=embedder/scripts/serve-local.sh
+. "$root/embedder/scripts/serve-local.sh"
+export EMBEDDER_LOG=warn
+start_embedder "$binary" "${TMPDIR:-/tmp}/embedder-clients.log" --threads 2 \
+  --model-cache "$cache/models" --served-model-name text-embedding-3-small
+"$venv/bin/python" "$here/test_clients.py" "http://127.0.0.1:$EMBEDDER_PORT"
