@@ -1,13 +1,13 @@
 //! In-process timings of the model's forward pass: batch 1 and batch 32 over texts of mixed
 //! length, and throughput and pass time by token budget (what `--max-batch-tokens` trades:
 //! a small request waits up to one pass behind a heavy one), no HTTP.
-//! `cargo bench -p embedder --bench forward [-- MODEL_DIR]`.
+//! `cargo bench -p embedder --bench forward [-- [--quantize int8] [--int8-kernel NAME] [MODEL_DIR]]`.
 //! For the comparison with sentence-transformers use benches/compare.sh.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use embedder::SentenceModel;
+use embedder::{Quantization, SentenceModel};
 
 fn texts(n: usize) -> Vec<String> {
     const WORDS: &[&str] = &[
@@ -49,15 +49,36 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 fn main() {
-    let dir = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap())
-                .join(".cache/embedroll/models/all-MiniLM-L6-v2")
-        });
-    let model = SentenceModel::load("bench", &dir).expect("load model");
+    let mut args = std::env::args().skip(1);
+    let (mut dir, mut quantization, mut kernel) = (None, Quantization::None, None);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quantize" => {
+                let name = args.next().unwrap_or_default();
+                quantization = Quantization::from_name(&name).expect("--quantize none|int8");
+            }
+            "--int8-kernel" => kernel = args.next(),
+            "--bench" => {}
+            other if !other.starts_with('-') => dir = Some(PathBuf::from(other)),
+            _ => {}
+        }
+    }
+    let dir = dir.unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap())
+            .join(".cache/embedroll/models/all-MiniLM-L6-v2")
+    });
+    let kernel = embedroll_int8::select(kernel.as_deref()).expect("int8 kernel");
+    let model = SentenceModel::load("bench", &dir, quantization).expect("load model");
+    println!(
+        "quantization {}{}, weights {:.1} MB",
+        quantization.name(),
+        if quantization == Quantization::Int8 {
+            format!(" ({} kernel)", kernel.name())
+        } else {
+            String::new()
+        },
+        model.info.weight_bytes as f64 / 1e6
+    );
     let corpus = texts(512);
     let ids: Vec<Vec<u32>> = corpus.iter().map(|t| model.tokenize(t).unwrap()).collect();
     for chunk in ids.chunks(8).take(4) {

@@ -497,17 +497,22 @@ async fn info(State(state): State<AppState>) -> Json<Value> {
     let registry = &state.registry;
     let loaded = registry.loaded();
     let models: Vec<Value> = registry
-        .names()
-        .map(|name| match loaded.iter().find(|m| m.name == name) {
-            Some(info) => json!({
-                "name": name, "loaded": true, "dimensions": info.dimensions,
-                "max_seq_length": info.max_seq_length, "pooling": info.pooling,
-                "normalized": info.normalized,
-                "prompts": info.prompts.keys().collect::<Vec<_>>(),
-                "default_prompt_name": info.default_prompt_name,
-            }),
-            None => json!({"name": name, "loaded": false}),
-        })
+        .sources()
+        .map(
+            |(name, source)| match loaded.iter().find(|m| m.name == name) {
+                Some(info) => json!({
+                    "name": name, "loaded": true, "dimensions": info.dimensions,
+                    "max_seq_length": info.max_seq_length, "pooling": info.pooling,
+                    "normalized": info.normalized,
+                    "prompts": info.prompts.keys().collect::<Vec<_>>(),
+                    "default_prompt_name": info.default_prompt_name,
+                    "quantization": info.quantization,
+                    "int8_kernel": info.int8_kernel,
+                    "weight_bytes": info.weight_bytes,
+                }),
+                None => json!({"name": name, "loaded": false, "quantization": source.quantization}),
+            },
+        )
         .collect();
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),

@@ -14,6 +14,7 @@ use std::ops::Range;
 use candle_core::{D, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct};
+use embedroll_int8::{QuantizedLinear, QuantizedTable};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -26,7 +27,7 @@ pub struct BertEncoder {
     heads: usize,
     vocab: usize,
     max_positions: usize,
-    word_embeddings: Vec<f32>,
+    word_embeddings: EmbeddingTable,
     position_embeddings: Vec<f32>,
     /// Every input is a single segment, so only token type 0 is ever used.
     token_type_embedding: Vec<f32>,
@@ -72,12 +73,52 @@ struct Layer {
     output_norm: LayerNorm,
 }
 
-struct Linear {
+/// How a model's weights are held and multiplied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    /// f32 weights, f32 matmuls: the checkpoint as trained.
+    #[default]
+    None,
+    /// Linear weights int8 per output channel, activations int8 per token at run time, i32
+    /// accumulation; word embeddings int8 per row. Attention, softmax, LayerNorm and the
+    /// activation function stay f32.
+    Int8,
+}
+
+impl Quantization {
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantization::None => "none",
+            Quantization::Int8 => "int8",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "none" | "fp32" | "f32" => Some(Quantization::None),
+            "int8" => Some(Quantization::Int8),
+            _ => None,
+        }
+    }
+}
+
+enum Linear {
+    F32(DenseF32),
+    Int8(QuantizedLinear),
+}
+
+struct DenseF32 {
     /// `(in, out)` row-major: the transpose of the checkpoint's `(out, in)`.
     weight_t: Vec<f32>,
     bias: Vec<f32>,
     n_in: usize,
     n_out: usize,
+}
+
+enum EmbeddingTable {
+    F32(Vec<f32>),
+    Int8(QuantizedTable),
 }
 
 struct LayerNorm {
@@ -91,24 +132,61 @@ fn to_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
 }
 
 impl Linear {
-    fn from_parts(weight: &Tensor, bias: &Tensor) -> candle_core::Result<Self> {
+    fn from_parts(
+        weight: &Tensor,
+        bias: &Tensor,
+        quantization: Quantization,
+    ) -> candle_core::Result<Self> {
         let (n_out, n_in) = weight.dims2()?;
         if bias.elem_count() != n_out {
             candle_core::bail!("bias has {} values for {n_out} outputs", bias.elem_count());
         }
-        Ok(Self {
-            weight_t: to_vec(&weight.t()?.contiguous()?)?,
-            bias: to_vec(bias)?,
-            n_in,
-            n_out,
+        Ok(match quantization {
+            Quantization::None => Linear::F32(DenseF32 {
+                weight_t: to_vec(&weight.t()?.contiguous()?)?,
+                bias: to_vec(bias)?,
+                n_in,
+                n_out,
+            }),
+            Quantization::Int8 => Linear::Int8(QuantizedLinear::new(
+                &to_vec(weight)?,
+                &to_vec(bias)?,
+                n_out,
+                n_in,
+            )),
         })
     }
 
-    fn load(vb: VarBuilder, n_in: usize, n_out: usize) -> candle_core::Result<Self> {
-        Self::from_parts(&vb.get((n_out, n_in), "weight")?, &vb.get(n_out, "bias")?)
+    fn load(
+        vb: VarBuilder,
+        n_in: usize,
+        n_out: usize,
+        quantization: Quantization,
+    ) -> candle_core::Result<Self> {
+        Self::from_parts(
+            &vb.get((n_out, n_in), "weight")?,
+            &vb.get(n_out, "bias")?,
+            quantization,
+        )
     }
 
     /// `out = x · Wᵀ + b` for `rows` rows of `x`.
+    fn forward(&self, x: &[f32], rows: usize, out: &mut Vec<f32>) {
+        match self {
+            Linear::F32(dense) => dense.forward(x, rows, out),
+            Linear::Int8(quantized) => quantized.forward(x, rows, out),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Linear::F32(dense) => 4 * (dense.weight_t.len() + dense.bias.len()),
+            Linear::Int8(quantized) => quantized.bytes(),
+        }
+    }
+}
+
+impl DenseF32 {
     fn forward(&self, x: &[f32], rows: usize, out: &mut Vec<f32>) {
         // The gemm call below relies on these sizes; checking costs nothing next to it.
         assert_eq!(x.len(), rows * self.n_in, "linear input size");
@@ -212,7 +290,11 @@ impl SharedMut {
 }
 
 impl BertEncoder {
-    pub fn load(vb: VarBuilder, config: &Config) -> candle_core::Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        config: &Config,
+        quantization: Quantization,
+    ) -> candle_core::Result<Self> {
         let vb = [None, Some("bert"), config.model_type.as_deref()]
             .into_iter()
             .map(|prefix| match prefix {
@@ -229,6 +311,10 @@ impl BertEncoder {
         }
         let emb = vb.pp("embeddings");
         let word_embeddings = to_vec(&emb.get((config.vocab_size, h), "word_embeddings.weight")?)?;
+        let word_embeddings = match quantization {
+            Quantization::None => EmbeddingTable::F32(word_embeddings),
+            Quantization::Int8 => EmbeddingTable::Int8(QuantizedTable::new(&word_embeddings, h)),
+        };
         let position_embeddings = to_vec(&emb.get(
             (config.max_position_embeddings, h),
             "position_embeddings.weight",
@@ -249,10 +335,11 @@ impl BertEncoder {
                 let qkv = Linear::from_parts(
                     &Tensor::cat(&[&q.0, &k.0, &v.0], 0)?,
                     &Tensor::cat(&[&q.1, &k.1, &v.1], D::Minus1)?,
+                    quantization,
                 )?;
                 Ok(Layer {
                     qkv,
-                    attention_output: Linear::load(attn.pp("output.dense"), h, h)?,
+                    attention_output: Linear::load(attn.pp("output.dense"), h, h, quantization)?,
                     attention_norm: LayerNorm::load(
                         attn.pp("output.LayerNorm"),
                         h,
@@ -262,8 +349,14 @@ impl BertEncoder {
                         vb.pp("intermediate.dense"),
                         h,
                         config.intermediate_size,
+                        quantization,
                     )?,
-                    output: Linear::load(vb.pp("output.dense"), config.intermediate_size, h)?,
+                    output: Linear::load(
+                        vb.pp("output.dense"),
+                        config.intermediate_size,
+                        h,
+                        quantization,
+                    )?,
                     output_norm: LayerNorm::load(
                         vb.pp("output.LayerNorm"),
                         h,
@@ -317,6 +410,30 @@ impl BertEncoder {
         self.layers.len()
     }
 
+    /// Bytes of weights held (tables, matrices, biases, norms).
+    pub fn weight_bytes(&self) -> usize {
+        let norm = |n: &LayerNorm| 4 * (n.gamma.len() + n.beta.len());
+        let table = match &self.word_embeddings {
+            EmbeddingTable::F32(table) => 4 * table.len(),
+            EmbeddingTable::Int8(table) => table.bytes(),
+        };
+        table
+            + 4 * (self.position_embeddings.len() + self.token_type_embedding.len())
+            + norm(&self.embedding_norm)
+            + self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.qkv.bytes()
+                        + l.attention_output.bytes()
+                        + l.intermediate.bytes()
+                        + l.output.bytes()
+                        + norm(&l.attention_norm)
+                        + norm(&l.output_norm)
+                })
+                .sum::<usize>()
+    }
+
     /// Runs the pass's next layer; true once every layer has run.
     pub fn step(&self, pass: &mut Pass) -> bool {
         let Some(layer) = self.layers.get(pass.layer) else {
@@ -361,14 +478,20 @@ impl BertEncoder {
                 if id >= self.vocab {
                     candle_core::bail!("token id {id} outside the vocabulary of {}", self.vocab);
                 }
-                let word = &self.word_embeddings[id * h..(id + 1) * h];
                 let pos = &self.position_embeddings[position * h..(position + 1) * h];
-                x.extend(
-                    word.iter()
-                        .zip(pos)
-                        .zip(&self.token_type_embedding)
-                        .map(|((w, p), t)| w + p + t),
-                );
+                let start = x.len();
+                match &self.word_embeddings {
+                    EmbeddingTable::F32(table) => x.extend_from_slice(&table[id * h..(id + 1) * h]),
+                    EmbeddingTable::Int8(table) => {
+                        x.resize(start + h, 0.0);
+                        table.add_row(id, &mut x[start..]);
+                    }
+                }
+                x[start..]
+                    .iter_mut()
+                    .zip(pos)
+                    .zip(&self.token_type_embedding)
+                    .for_each(|((x, p), t)| *x = *x + p + t);
             }
         }
         let zeros = vec![0f32; x.len()];

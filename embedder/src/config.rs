@@ -6,7 +6,15 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::bert::Quantization;
 use crate::error::{Error, Result};
+
+/// Where a served model's files are and how its weights are held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSource {
+    pub dir: PathBuf,
+    pub quantization: Quantization,
+}
 
 /// Name the bundled default model is served under, and its directory in the model cache.
 pub const BUNDLED_MODEL: &str = "all-MiniLM-L6-v2";
@@ -25,15 +33,29 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// A model to serve, as NAME=DIR where DIR is a Hugging Face / sentence-transformers model
-    /// directory (config.json, tokenizer.json, model.safetensors, 1_Pooling/...). Repeatable.
-    /// Without any, the bundled all-MiniLM-L6-v2 is served from --model-cache.
+    /// directory (config.json, tokenizer.json, model.safetensors, 1_Pooling/...), optionally
+    /// followed by :int8 or :none to set that model's quantization (else --quantize's).
+    /// Repeatable. Without any, the bundled all-MiniLM-L6-v2 is served from --model-cache.
     #[arg(
         long = "model",
         env = "EMBEDDER_MODEL",
-        value_name = "NAME=DIR",
+        value_name = "NAME=DIR[:int8|:none]",
         value_delimiter = ','
     )]
     pub models: Vec<String>,
+
+    /// How models' weights are held unless their --model says otherwise: none (f32, the
+    /// checkpoint as trained) or int8 (linear layers and word embeddings int8, about a
+    /// quarter of the memory, faster; vectors within about 0.99 cosine of f32, see
+    /// docs/embedder.md).
+    #[arg(long, env = "EMBEDDER_QUANTIZE", default_value = "none", value_parser = quantization)]
+    pub quantize: Quantization,
+
+    /// The int8 matrix kernel: auto (the fastest this CPU runs), avx512-vnni, avx-vnni,
+    /// avx512vl-vnni-256, avx2 or portable. For benchmarks and debugging; a kernel this CPU
+    /// lacks is refused at start-up.
+    #[arg(long, env = "EMBEDDER_INT8_KERNEL", default_value = "auto")]
+    pub int8_kernel: String,
 
     /// Model used when a request names none; readiness waits for it. Defaults to the first
     /// --model.
@@ -159,6 +181,10 @@ pub struct Config {
     pub fault_startup_delay_ms: u64,
 }
 
+fn quantization(value: &str) -> Result<Quantization, String> {
+    Quantization::from_name(value).ok_or_else(|| format!("{value:?} is not one of none, int8"))
+}
+
 fn non_negative(value: &str) -> Result<f32, String> {
     match value.parse::<f32>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
@@ -168,7 +194,7 @@ fn non_negative(value: &str) -> Result<f32, String> {
 
 impl Config {
     /// The served models (name → directory) and the default one's name.
-    pub fn model_catalog(&self) -> Result<(BTreeMap<String, PathBuf>, String)> {
+    pub fn model_catalog(&self) -> Result<(BTreeMap<String, ModelSource>, String)> {
         let mut catalog = BTreeMap::new();
         let mut first = None;
         for spec in &self.models {
@@ -181,10 +207,19 @@ impl Config {
                     "--model {spec:?} needs both NAME and DIR"
                 )));
             }
-            if catalog
-                .insert(name.to_string(), PathBuf::from(dir))
-                .is_some()
-            {
+            // A known suffix sets the quantization; any other colon is part of the path.
+            let (dir, quantization) = match dir.rsplit_once(':') {
+                Some((path, suffix)) if !path.is_empty() => match Quantization::from_name(suffix) {
+                    Some(q) => (path, q),
+                    None => (dir, self.quantize),
+                },
+                _ => (dir, self.quantize),
+            };
+            let source = ModelSource {
+                dir: PathBuf::from(dir),
+                quantization,
+            };
+            if catalog.insert(name.to_string(), source).is_some() {
                 return Err(Error::Config(format!("model {name:?} is given twice")));
             }
             first.get_or_insert_with(|| name.to_string());
@@ -198,7 +233,13 @@ impl Config {
                     dir.display()
                 )));
             }
-            catalog.insert(BUNDLED_MODEL.to_string(), dir);
+            catalog.insert(
+                BUNDLED_MODEL.to_string(),
+                ModelSource {
+                    dir,
+                    quantization: self.quantize,
+                },
+            );
             first = Some(BUNDLED_MODEL.to_string());
         }
         let default = match &self.default_model {
@@ -277,6 +318,39 @@ mod tests {
             "b",
         ]);
         assert_eq!(config.model_catalog().unwrap().1, "b");
+    }
+
+    #[test]
+    fn quantization_per_model_and_default() {
+        let config = parse(&[
+            "--model",
+            "a=/m/a:int8",
+            "--model",
+            "b=/m/b",
+            "--model",
+            "c=/m/c:none",
+            "--model",
+            "d=/m/odd:dir",
+        ]);
+        let (catalog, _) = config.model_catalog().unwrap();
+        let q = |name: &str| (catalog[name].dir.clone(), catalog[name].quantization);
+        assert_eq!(q("a"), (PathBuf::from("/m/a"), Quantization::Int8));
+        assert_eq!(q("b"), (PathBuf::from("/m/b"), Quantization::None));
+        assert_eq!(q("c"), (PathBuf::from("/m/c"), Quantization::None));
+        assert_eq!(q("d"), (PathBuf::from("/m/odd:dir"), Quantization::None));
+        let config = parse(&[
+            "--quantize",
+            "int8",
+            "--model",
+            "a=/a",
+            "--model",
+            "b=/b:none",
+        ]);
+        let (catalog, _) = config.model_catalog().unwrap();
+        assert_eq!(catalog["a"].quantization, Quantization::Int8);
+        assert_eq!(catalog["b"].quantization, Quantization::None);
+        let err = Config::try_parse_from(["embedder", "--quantize", "int4"]).unwrap_err();
+        assert!(err.to_string().contains("none, int8"), "{err}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! [`embed`] (the pipeline they share: prompts, tokens, admission by work) → [`registry`]
 //! (which model) →
 //! [`batcher`] (queue and dynamic batching) → [`model`] (tokeniser and BERT forward pass) →
-//! [`pooling`]. [`metrics`] is the contract with Prometheus and the operator.
+//! [`pooling`]; int8 layers come from the `embedroll-int8` crate. [`metrics`] is the contract with Prometheus and the operator.
 
 pub mod api;
 pub mod batcher;
@@ -23,6 +23,7 @@ pub mod registry;
 pub mod server;
 pub mod tei;
 
+pub use bert::Quantization;
 pub use config::Config;
 pub use error::{Error, Result};
 pub use model::SentenceModel;

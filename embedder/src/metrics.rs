@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::model::ModelInfo;
+
 /// Fine around the 20–50 ms SLOs rollouts gate on, so `histogram_quantile` can tell 20 ms
 /// from 35 ms; coarse beyond.
 const LATENCY_BUCKETS: [f64; 21] = [
@@ -37,6 +39,15 @@ struct ModelLabels {
     model: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelInfoLabels {
+    model: String,
+    /// `none` or `int8`.
+    quantization: String,
+    /// The int8 matrix kernel (`avx512-vnni`, `avx2`, ...); empty for unquantized models.
+    kernel: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 struct Inner {
@@ -49,6 +60,8 @@ struct Inner {
     batch_duration: HistogramFamily<ModelLabels>,
     tokens: Family<ModelLabels, Counter>,
     model_loaded: Family<ModelLabels, Gauge>,
+    model_info: Family<ModelInfoLabels, Gauge>,
+    weight_bytes: Family<ModelLabels, Gauge>,
     resident_memory: Gauge,
 }
 
@@ -114,6 +127,19 @@ impl Metrics {
             "1 while the model is loaded and serving",
             model_loaded.clone(),
         );
+        let model_info = Family::<ModelInfoLabels, Gauge>::default();
+        registry.register(
+            "model_info",
+            "1 per loaded model, labelled with how its weights are held",
+            model_info.clone(),
+        );
+        let weight_bytes = Family::<ModelLabels, Gauge>::default();
+        registry.register_with_unit(
+            "model_weights",
+            "Memory held by the loaded model's weights",
+            Unit::Bytes,
+            weight_bytes.clone(),
+        );
         // Memory and restarts without cAdvisor or kube-state-metrics: the alerts on embedder
         // memory and crash loops read these.
         let resident_memory = Gauge::default();
@@ -143,6 +169,8 @@ impl Metrics {
             batch_duration,
             tokens,
             model_loaded,
+            model_info,
+            weight_bytes,
             resident_memory,
         }))
     }
@@ -195,11 +223,27 @@ impl Metrics {
         self.0.tokens.get_or_create(&labels).inc_by(tokens as u64);
     }
 
-    pub fn set_model_loaded(&self, model: &str, loaded: bool) {
+    pub fn set_model_loaded(&self, model: &ModelInfo, loaded: bool) {
+        let name = labels(&model.name);
         self.0
             .model_loaded
-            .get_or_create(&labels(model))
+            .get_or_create(&name)
             .set(i64::from(loaded));
+        let info = ModelInfoLabels {
+            model: model.name.clone(),
+            quantization: model.quantization.name().to_string(),
+            kernel: model.int8_kernel.unwrap_or_default().to_string(),
+        };
+        if loaded {
+            self.0.model_info.get_or_create(&info).set(1);
+            self.0
+                .weight_bytes
+                .get_or_create(&name)
+                .set(model.weight_bytes as i64);
+        } else {
+            self.0.model_info.remove(&info);
+            self.0.weight_bytes.remove(&name);
+        }
     }
 
     /// The OpenMetrics text exposition.
@@ -245,7 +289,8 @@ mod tests {
         let metrics = Metrics::new();
         metrics.observe_request("m", "/api/v1/embed", 200, Duration::from_millis(22));
         metrics.observe_pass("m", 3, 30, Duration::from_millis(5));
-        metrics.set_model_loaded("m", true);
+        let mut info = crate::model::ModelInfo::for_tests("m");
+        metrics.set_model_loaded(&info, true);
         let _guard = metrics.inflight();
         let text = metrics.encode();
         for name in [
@@ -256,6 +301,8 @@ mod tests {
             r#"embedder_batch_size_count{model="m"} 1"#,
             r#"embedder_tokens_total{model="m"} 30"#,
             r#"embedder_model_loaded{model="m"} 1"#,
+            r#"embedder_model_info{model="m",quantization="none",kernel=""} 1"#,
+            r#"embedder_model_weights_bytes{model="m"} 1000"#,
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
@@ -270,5 +317,16 @@ mod tests {
             .find_map(|l| l.strip_prefix("embedder_start_time_seconds "))
             .and_then(|v| v.parse::<f64>().ok());
         assert!(started.is_some_and(|t| t > 1.7e9), "start time in\n{text}");
+
+        // Evicted: loaded drops to 0; the info and weight series go with the weights.
+        metrics.set_model_loaded(&info, false);
+        info.quantization = crate::bert::Quantization::Int8;
+        info.int8_kernel = Some("avx2");
+        metrics.set_model_loaded(&info, true);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"embedder_model_info{model="m",quantization="int8",kernel="avx2"} 1"#)
+        );
+        assert!(!text.contains(r#"quantization="none""#), "{text}");
     }
 }

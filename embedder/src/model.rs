@@ -17,7 +17,7 @@ use tokenizers::{
     utils::padding::PaddingParams,
 };
 
-use crate::bert::{BertEncoder, Pass};
+use crate::bert::{BertEncoder, Pass, Quantization};
 use crate::error::{Error, Result};
 use crate::pooling::{Pooling, PoolingConfig};
 
@@ -34,6 +34,29 @@ pub struct ModelInfo {
     pub prompts: BTreeMap<String, String>,
     /// The prompt used when a request names none.
     pub default_prompt_name: Option<String>,
+    pub quantization: Quantization,
+    /// The int8 matrix kernel multiplying its layers, if quantized.
+    pub int8_kernel: Option<&'static str>,
+    /// Memory held by its weights.
+    pub weight_bytes: usize,
+}
+
+#[cfg(test)]
+impl ModelInfo {
+    pub fn for_tests(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            dimensions: 4,
+            max_seq_length: 8,
+            pooling: Pooling::Mean,
+            normalized: true,
+            prompts: BTreeMap::new(),
+            default_prompt_name: None,
+            quantization: Quantization::None,
+            int8_kernel: None,
+            weight_bytes: 1000,
+        }
+    }
 }
 
 pub struct SentenceModel {
@@ -130,7 +153,7 @@ struct Pipeline {
 }
 
 impl SentenceModel {
-    pub fn load(name: &str, dir: &Path) -> Result<Self> {
+    pub fn load(name: &str, dir: &Path, quantization: Quantization) -> Result<Self> {
         let device = Device::Cpu;
         let err_config = |path: &Path, reason: String| Error::ModelConfig {
             model: name.to_string(),
@@ -234,7 +257,7 @@ impl SentenceModel {
         let keep_end = truncating(TruncationDirection::Left)?;
 
         let vb = load_weights(name, dir, &device)?;
-        let bert = BertEncoder::load(vb, &config).map_err(|e| {
+        let bert = BertEncoder::load(vb, &config, quantization).map_err(|e| {
             unsupported(format!(
                 "weights do not match a BERT model with this config.json: {e}"
             ))
@@ -249,6 +272,10 @@ impl SentenceModel {
                 normalized: pipeline.normalized,
                 prompts: prompts.prompts,
                 default_prompt_name: prompts.default_prompt_name,
+                quantization,
+                int8_kernel: (quantization == Quantization::Int8)
+                    .then(|| embedroll_int8::selected().name()),
+                weight_bytes: bert.weight_bytes(),
             },
             keep_start,
             keep_end,

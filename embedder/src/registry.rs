@@ -3,7 +3,6 @@
 //! never). Loading happens on first use, once, however many requests wait for it.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
 
 use crate::batcher::Batcher;
+use crate::config::ModelSource;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::{ModelInfo, SentenceModel};
@@ -42,7 +42,7 @@ struct Slot {
 }
 
 pub struct Registry {
-    catalog: BTreeMap<String, PathBuf>,
+    catalog: BTreeMap<String, ModelSource>,
     default_model: String,
     max_loaded: usize,
     max_batch_tokens: usize,
@@ -53,7 +53,7 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(
-        catalog: BTreeMap<String, PathBuf>,
+        catalog: BTreeMap<String, ModelSource>,
         default_model: String,
         max_loaded: usize,
         max_batch_tokens: usize,
@@ -87,6 +87,13 @@ impl Registry {
         self.catalog.keys().map(String::as_str)
     }
 
+    /// The served models and where each comes from.
+    pub fn sources(&self) -> impl Iterator<Item = (&str, &ModelSource)> {
+        self.catalog
+            .iter()
+            .map(|(name, source)| (name.as_str(), source))
+    }
+
     pub fn is_served(&self, name: &str) -> bool {
         self.catalog.contains_key(name)
     }
@@ -102,7 +109,7 @@ impl Registry {
 
     /// The model, loading and warming it first if it is not in memory.
     pub async fn get(self: &Arc<Self>, name: &str) -> Result<Arc<LoadedModel>, LookupError> {
-        let Some(dir) = self.catalog.get(name) else {
+        let Some(source) = self.catalog.get(name) else {
             return Err(LookupError::Unknown(name.to_string()));
         };
         let cell = {
@@ -132,9 +139,9 @@ impl Registry {
         // The load runs in its own task: a client that disconnects mid-load cancels only its
         // wait, never the load others are waiting for.
         let registry = self.clone();
-        let (name_owned, dir) = (name.to_string(), dir.clone());
+        let (name_owned, source) = (name.to_string(), source.clone());
         let loading = tokio::spawn(async move {
-            cell.get_or_try_init(|| registry.load(name_owned, dir))
+            cell.get_or_try_init(|| registry.load(name_owned, source))
                 .await
                 .cloned()
         });
@@ -161,11 +168,16 @@ impl Registry {
         }
     }
 
-    async fn load(&self, name: String, dir: PathBuf) -> Result<Arc<LoadedModel>> {
+    async fn load(&self, name: String, source: ModelSource) -> Result<Arc<LoadedModel>> {
         let started = Instant::now();
-        tracing::info!(model = %name, dir = %dir.display(), "loading model");
+        tracing::info!(
+            model = %name,
+            dir = %source.dir.display(),
+            quantization = source.quantization.name(),
+            "loading model"
+        );
         let model = tokio::task::spawn_blocking(move || -> Result<SentenceModel> {
-            let model = SentenceModel::load(&name, &dir)?;
+            let model = SentenceModel::load(&name, &source.dir, source.quantization)?;
             let ids = model.tokenize(WARM_UP_TEXT)?;
             model.embed(&[&ids])?;
             Ok(model)
@@ -179,11 +191,13 @@ impl Registry {
             dimensions = info.dimensions,
             max_seq_length = info.max_seq_length,
             pooling = ?info.pooling,
+            quantization = info.quantization.name(),
+            weight_bytes = info.weight_bytes,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "model loaded and warmed"
         );
         let batcher = Batcher::spawn(model.clone(), self.max_batch_tokens, self.metrics.clone())?;
-        self.metrics.set_model_loaded(&model.info.name, true);
+        self.metrics.set_model_loaded(&model.info, true);
         Ok(Arc::new(LoadedModel { model, batcher }))
     }
 
@@ -205,8 +219,12 @@ impl Registry {
                 .min_by_key(|(_, slot)| slot.last_used)
                 .map(|(name, _)| name.clone());
             let Some(victim) = victim else { break };
-            slots.remove(&victim);
-            self.metrics.set_model_loaded(&victim, false);
+            if let Some(loaded) = slots
+                .remove(&victim)
+                .and_then(|slot| slot.cell.get().cloned())
+            {
+                self.metrics.set_model_loaded(&loaded.model.info, false);
+            }
             tracing::info!(model = %victim, "evicted least recently used model");
         }
     }

@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::api::{self, AppState, Health, Limits};
+use crate::bert::Quantization;
 use crate::config::Config;
 use crate::connections;
 use crate::error::{Error, Result};
@@ -23,6 +24,13 @@ pub async fn serve(
 ) -> Result<()> {
     config.validate()?;
     let (catalog, default_model) = config.model_catalog()?;
+    let kernel = embedroll_int8::select(Some(&config.int8_kernel)).map_err(Error::Config)?;
+    if catalog
+        .values()
+        .any(|m| m.quantization == Quantization::Int8)
+    {
+        tracing::info!(kernel = kernel.name(), "int8 matrix kernel");
+    }
     let metrics = Metrics::new();
     let registry = Arc::new(Registry::new(
         catalog,

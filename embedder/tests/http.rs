@@ -732,3 +732,102 @@ async fn a_broken_model_answers_503_without_leaking_paths_and_spares_the_rest() 
     assert_eq!(status, 200);
     std::fs::remove_dir_all(&broken).unwrap();
 }
+
+/// `NAME=DIR:int8` serves that model quantized beside an f32 one: /info and /metrics say
+/// which is which, and the int8 vectors stay close to the f32 ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn int8_model_served_beside_f32_and_reported() {
+    let quantized = format!("{MODEL}-int8={}:int8", common::model_dir().display());
+    let server =
+        Server::start(&["--model", &quantized, "--preload", &format!("{MODEL}-int8")]).await;
+    let text = "rollback the canary when p95 latency breaches the slo";
+    let embed = |model: String| {
+        let server = &server;
+        async move {
+            let (status, body) = post(
+                server,
+                "/api/v1/embed",
+                json!({"texts": [text], "model": model}),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+            vectors(&body).remove(0)
+        }
+    };
+    let f32_vector = embed(MODEL.to_string()).await;
+    let int8_vector = embed(format!("{MODEL}-int8")).await;
+    let cos = cosine(&f32_vector, &int8_vector);
+    assert!((0.98..0.99999).contains(&cos), "int8 vs f32 cosine {cos}");
+
+    let info: Value = Client::new()
+        .get(server.url("/info"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let model = |name: &str| {
+        info["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    let (plain, int8) = (model(MODEL), model(&format!("{MODEL}-int8")));
+    assert_eq!(plain["quantization"], "none");
+    assert_eq!(int8["quantization"], "int8");
+    let kernel = int8["int8_kernel"].as_str().unwrap().to_string();
+    assert!(
+        embedroll_int8::Isa::from_name(&kernel).is_some(),
+        "{kernel}"
+    );
+    let (f32_bytes, int8_bytes) = (
+        plain["weight_bytes"].as_f64().unwrap(),
+        int8["weight_bytes"].as_f64().unwrap(),
+    );
+    assert!(int8_bytes < 0.4 * f32_bytes, "{int8_bytes} vs {f32_bytes}");
+
+    let metrics = server.metrics().await;
+    let series = |s: String| series_value(&metrics, &s);
+    assert_eq!(
+        series(format!(
+            r#"embedder_model_info{{model="{MODEL}-int8",quantization="int8",kernel="{kernel}"}}"#
+        )),
+        Some(1.0)
+    );
+    assert_eq!(
+        series(format!(
+            r#"embedder_model_info{{model="{MODEL}",quantization="none",kernel=""}}"#
+        )),
+        Some(1.0)
+    );
+    assert_eq!(
+        series(format!(
+            r#"embedder_model_weights_bytes{{model="{MODEL}-int8"}}"#
+        )),
+        Some(int8_bytes)
+    );
+    assert_eq!(
+        series(format!(r#"embedder_model_loaded{{model="{MODEL}-int8"}}"#)),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_quantization_or_kernel_is_refused_at_start() {
+    for args in [&["--quantize", "int4"][..], &["--int8-kernel", "sse9"][..]] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_embedder"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{args:?} was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("int8") || stderr.contains("int4"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

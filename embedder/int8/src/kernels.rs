@@ -1,0 +1,394 @@
+//! The matrix kernels: `out[rows, panels] = (Σ a·w) · a_scale · w_scale + bias`.
+//!
+//! Each kernel walks register tiles of a few rows × one to four 16-column panels; the packed
+//! weight layout (see `QuantizedLinear::packed`) puts the 4 inner values × 16 columns a
+//! `vpdpbusd` needs in one 64-byte vector, and one broadcast of 4 activation bytes feeds a
+//! whole panel.
+
+use std::ops::Range;
+
+use crate::{GROUP, Isa, PANEL};
+
+pub(crate) struct Job<'a> {
+    /// Quantized activations, `a_stride` bytes per row (u8 + 128 for the VNNI kernels, i8
+    /// bits otherwise).
+    pub a: &'a [u8],
+    pub a_stride: usize,
+    pub a_scales: &'a [f32],
+    pub packed: &'a [i8],
+    pub groups: usize,
+    pub scales: &'a [f32],
+    pub bias: &'a [f32],
+    pub column_sums: &'a [i32],
+    pub n_out: usize,
+    /// `a_scales.len() × n_out` row-major.
+    pub out: *mut f32,
+    pub rows: Range<usize>,
+    pub panels: Range<usize>,
+}
+
+impl Job<'_> {
+    fn check(&self) {
+        let panels = self.scales.len() / PANEL;
+        assert!(self.rows.end <= self.a_scales.len() && self.panels.end <= panels);
+        assert!(self.a.len() >= self.a_scales.len() * self.a_stride);
+        assert!(self.a_stride >= self.groups * GROUP);
+        assert_eq!(self.packed.len(), panels * self.groups * PANEL * GROUP);
+        assert!(self.bias.len() == panels * PANEL && self.column_sums.len() == panels * PANEL);
+        assert!(self.n_out <= panels * PANEL && self.n_out > (panels.max(1) - 1) * PANEL);
+    }
+}
+
+/// # Safety
+/// `job.out` must point to `a_scales.len() × n_out` writable floats that no one else touches
+/// in `job.rows` × the columns of `job.panels`; the CPU must support `isa`, and `job.a` must
+/// be quantized for `isa`.
+pub(crate) unsafe fn run(isa: Isa, job: &Job) {
+    job.check();
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller checked the CPU features of `isa`.
+    unsafe {
+        match isa {
+            Isa::Avx512Vnni => return x86::avx512_vnni(job),
+            Isa::AvxVnni => return x86::avx_vnni(job),
+            Isa::Avx512VlVnni256 => return x86::avx512vl_vnni256(job),
+            Isa::Avx2 => return x86::avx2(job),
+            Isa::Portable => {}
+        }
+    }
+    // SAFETY: as for this function.
+    unsafe { portable(job) }
+}
+
+/// Plain loops: the reference every SIMD kernel is tested against.
+unsafe fn portable(job: &Job) {
+    for r in job.rows.clone() {
+        let a = &job.a[r * job.a_stride..][..job.groups * GROUP];
+        for p in job.panels.clone() {
+            let mut sums = [0i32; PANEL];
+            let panel = &job.packed[p * job.groups * PANEL * GROUP..][..job.groups * PANEL * GROUP];
+            for (g, block) in panel.chunks_exact(PANEL * GROUP).enumerate() {
+                let a = &a[g * GROUP..][..GROUP];
+                for (sum, w) in sums.iter_mut().zip(block.chunks_exact(GROUP)) {
+                    *sum += a
+                        .iter()
+                        .zip(w)
+                        .map(|(&a, &w)| a as i8 as i32 * w as i32)
+                        .sum::<i32>();
+                }
+            }
+            let n0 = p * PANEL;
+            for (c, &sum) in sums.iter().enumerate().take(job.n_out.saturating_sub(n0)) {
+                // Fused, like the SIMD kernels, so every kernel gives the same floats.
+                let scale = job.scales[n0 + c] * job.a_scales[r];
+                let y = (sum as f32).mul_add(scale, job.bias[n0 + c]);
+                // SAFETY: (r, n0 + c) is inside the output, in this job's tile.
+                unsafe { *job.out.add(r * job.n_out + n0 + c) = y };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::quantize_avx2;
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Job;
+    use crate::{GROUP, PANEL};
+
+    /// Calls `$tile::<MR, NP>` with the tile's size as constants, so its accumulators are
+    /// arrays the compiler keeps in registers.
+    macro_rules! sized_tile {
+        ($tile:ident, $mr:expr, $np:expr, $($arg:expr),*) => {
+            match ($mr, $np) {
+                (1, 1) => $tile::<1, 1>($($arg),*),
+                (2, 1) => $tile::<2, 1>($($arg),*),
+                (3, 1) => $tile::<3, 1>($($arg),*),
+                (4, 1) => $tile::<4, 1>($($arg),*),
+                (5, 1) => $tile::<5, 1>($($arg),*),
+                (6, 1) => $tile::<6, 1>($($arg),*),
+                (1, 2) => $tile::<1, 2>($($arg),*),
+                (2, 2) => $tile::<2, 2>($($arg),*),
+                (3, 2) => $tile::<3, 2>($($arg),*),
+                (4, 2) => $tile::<4, 2>($($arg),*),
+                (5, 2) => $tile::<5, 2>($($arg),*),
+                (6, 2) => $tile::<6, 2>($($arg),*),
+                (1, 3) => $tile::<1, 3>($($arg),*),
+                (2, 3) => $tile::<2, 3>($($arg),*),
+                (3, 3) => $tile::<3, 3>($($arg),*),
+                (4, 3) => $tile::<4, 3>($($arg),*),
+                (5, 3) => $tile::<5, 3>($($arg),*),
+                (6, 3) => $tile::<6, 3>($($arg),*),
+                (1, _) => $tile::<1, 4>($($arg),*),
+                (2, _) => $tile::<2, 4>($($arg),*),
+                (3, _) => $tile::<3, 4>($($arg),*),
+                (4, _) => $tile::<4, 4>($($arg),*),
+                (5, _) => $tile::<5, 4>($($arg),*),
+                _ => $tile::<6, 4>($($arg),*),
+            }
+        };
+    }
+
+    /// Walks a job in tiles of up to `MR` rows × `NP` panels.
+    macro_rules! walk_tiles {
+        ($job:expr, $mr:expr, $np:expr, $tile:ident) => {{
+            let job = $job;
+            let mut p = job.panels.start;
+            while p < job.panels.end {
+                let np = (job.panels.end - p).min($np);
+                let mut r = job.rows.start;
+                while r < job.rows.end {
+                    let mr = (job.rows.end - r).min($mr);
+                    sized_tile!($tile, mr, np, job, r, p);
+                    r += mr;
+                }
+                p += np;
+            }
+        }};
+    }
+
+    /// Reads the 4 activation bytes of group `g` of row `r` as one i32, for a broadcast.
+    #[inline(always)]
+    unsafe fn group_of(job: &Job, r: usize, g: usize) -> i32 {
+        // SAFETY: r < rows and g < groups, both checked against `a` in Job::check.
+        unsafe {
+            job.a
+                .as_ptr()
+                .add(r * job.a_stride + g * GROUP)
+                .cast::<i32>()
+                .read_unaligned()
+        }
+    }
+
+    // ---------------------------------------------------------------- quantizing rows
+
+    /// `quantize_symmetric` with AVX2: `vcvtps2dq` rounds half to even like the portable
+    /// path, and the packs saturate, so both give the same bytes.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn quantize_avx2(x: &[f32], q: &mut [i8]) -> f32 {
+        let amax = crate::abs_max(x);
+        let Some(inv) = crate::inverse_scale(amax) else {
+            q.fill(0);
+            return crate::scale_for(amax);
+        };
+        let mut chunks = x.chunks_exact(32);
+        let mut out = q.chunks_exact_mut(32);
+        // SAFETY: each chunk is 32 floats read and 32 bytes written.
+        unsafe {
+            let scale = _mm256_set1_ps(inv);
+            let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            for (x, q) in (&mut chunks).zip(&mut out) {
+                let p = x.as_ptr();
+                macro_rules! v {
+                    ($i:expr) => {
+                        _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p.add(8 * $i)), scale))
+                    };
+                }
+                let words = _mm256_packs_epi32(v!(0), v!(1));
+                let bytes = _mm256_packs_epi16(words, _mm256_packs_epi32(v!(2), v!(3)));
+                let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+                _mm256_storeu_si256(q.as_mut_ptr().cast(), bytes);
+            }
+        }
+        for (q, v) in out.into_remainder().iter_mut().zip(chunks.remainder()) {
+            *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+        }
+        crate::scale_for(amax)
+    }
+
+    // ---------------------------------------------------------------- AVX-512 VNNI
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    pub(super) unsafe fn avx512_vnni(job: &Job) {
+        // SAFETY: this function's features are the tile's.
+        unsafe { walk_tiles!(job, 6, 4, tile512) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    unsafe fn tile512<const MR: usize, const NP: usize>(job: &Job, r0: usize, p0: usize) {
+        let panel_bytes = job.groups * PANEL * GROUP;
+        // SAFETY: every pointer below stays inside the slices Job::check sized; the output
+        // tile belongs to this job.
+        unsafe {
+            let b = job.packed.as_ptr().add(p0 * panel_bytes);
+            let mut acc = [[_mm512_setzero_si512(); NP]; MR];
+            for g in 0..job.groups {
+                let mut w = [_mm512_setzero_si512(); NP];
+                for (p, w) in w.iter_mut().enumerate() {
+                    *w = _mm512_loadu_si512(b.add(p * panel_bytes + g * 64).cast());
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let a = _mm512_set1_epi32(group_of(job, r0 + r, g));
+                    for (acc, &w) in acc.iter_mut().zip(&w) {
+                        *acc = _mm512_dpbusd_epi32(*acc, a, w);
+                    }
+                }
+            }
+            for p in 0..NP {
+                let n0 = (p0 + p) * PANEL;
+                let offset = _mm512_slli_epi32::<7>(_mm512_loadu_si512(
+                    job.column_sums.as_ptr().add(n0).cast(),
+                ));
+                let scales = _mm512_loadu_ps(job.scales.as_ptr().add(n0));
+                let bias = _mm512_loadu_ps(job.bias.as_ptr().add(n0));
+                let valid = (job.n_out - n0).min(PANEL);
+                let mask = ((1u32 << valid) - 1) as __mmask16;
+                for (r, acc) in acc.iter().enumerate() {
+                    let row = r0 + r;
+                    let sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[p], offset));
+                    let scale = _mm512_mul_ps(scales, _mm512_set1_ps(job.a_scales[row]));
+                    let y = _mm512_fmadd_ps(sums, scale, bias);
+                    _mm512_mask_storeu_ps(job.out.add(row * job.n_out + n0), mask, y);
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- 256-bit kernels
+
+    /// Stores one row's 16 columns (two vectors), fewer at the matrix's last panel.
+    #[inline(always)]
+    unsafe fn store16(out: *mut f32, lo: __m256, hi: __m256, valid: usize) {
+        // SAFETY: `out` has `valid` writable floats (the caller's tile).
+        unsafe {
+            if valid == PANEL {
+                _mm256_storeu_ps(out, lo);
+                _mm256_storeu_ps(out.add(8), hi);
+            } else {
+                let mut tmp = [0f32; PANEL];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), lo);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), hi);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), out, valid);
+            }
+        }
+    }
+
+    /// The 256-bit VNNI kernel, once per encoding of `vpdpbusd`: `$dpbusd` and the target
+    /// features are all that differ.
+    macro_rules! vnni256 {
+        ($walk:ident, $tile:ident, $features:literal, $dpbusd:ident) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $walk(job: &Job) {
+                // SAFETY: this function's features are the tile's.
+                unsafe { walk_tiles!(job, 4, 1, $tile) }
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn $tile<const MR: usize, const NP: usize>(job: &Job, r0: usize, p0: usize) {
+                let panel_bytes = job.groups * PANEL * GROUP;
+                // SAFETY: as in tile512.
+                unsafe {
+                    let b = job.packed.as_ptr().add(p0 * panel_bytes);
+                    let mut acc = [[_mm256_setzero_si256(); 2]; MR];
+                    for g in 0..job.groups {
+                        let lo = _mm256_loadu_si256(b.add(g * 64).cast());
+                        let hi = _mm256_loadu_si256(b.add(g * 64 + 32).cast());
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let a = _mm256_set1_epi32(group_of(job, r0 + r, g));
+                            acc[0] = $dpbusd(acc[0], a, lo);
+                            acc[1] = $dpbusd(acc[1], a, hi);
+                        }
+                    }
+                    let n0 = p0 * PANEL;
+                    let valid = (job.n_out - n0).min(PANEL);
+                    let sums = job.column_sums.as_ptr().add(n0);
+                    let offset = [
+                        _mm256_slli_epi32::<7>(_mm256_loadu_si256(sums.cast())),
+                        _mm256_slli_epi32::<7>(_mm256_loadu_si256(sums.add(8).cast())),
+                    ];
+                    for (r, acc) in acc.iter().enumerate() {
+                        let row = r0 + r;
+                        let y = epilogue256(
+                            job,
+                            row,
+                            n0,
+                            [
+                                _mm256_sub_epi32(acc[0], offset[0]),
+                                _mm256_sub_epi32(acc[1], offset[1]),
+                            ],
+                        );
+                        store16(job.out.add(row * job.n_out + n0), y[0], y[1], valid);
+                    }
+                }
+            }
+        };
+    }
+
+    /// `sums · a_scale · w_scale + bias` for one row's 16 columns.
+    #[inline(always)]
+    unsafe fn epilogue256(job: &Job, row: usize, n0: usize, sums: [__m256i; 2]) -> [__m256; 2] {
+        // SAFETY: n0 + 16 is within the padded scales and bias.
+        unsafe {
+            let a_scale = _mm256_set1_ps(job.a_scales[row]);
+            let (scales, bias) = (job.scales.as_ptr().add(n0), job.bias.as_ptr().add(n0));
+            [
+                _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(sums[0]),
+                    _mm256_mul_ps(_mm256_loadu_ps(scales), a_scale),
+                    _mm256_loadu_ps(bias),
+                ),
+                _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(sums[1]),
+                    _mm256_mul_ps(_mm256_loadu_ps(scales.add(8)), a_scale),
+                    _mm256_loadu_ps(bias.add(8)),
+                ),
+            ]
+        }
+    }
+
+    vnni256!(
+        avx_vnni,
+        tile_avx_vnni,
+        "avx2,fma,avxvnni",
+        _mm256_dpbusd_avx_epi32
+    );
+    vnni256!(
+        avx512vl_vnni256,
+        tile_avx512vl_vnni256,
+        "avx2,fma,avx512f,avx512vl,avx512vnni",
+        _mm256_dpbusd_epi32
+    );
+
+    // ---------------------------------------------------------------- AVX2
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2(job: &Job) {
+        // SAFETY: this function's features are the tile's.
+        unsafe { walk_tiles!(job, 4, 1, tile_avx2) }
+    }
+
+    /// `a · w` as `|a| · (w with a's sign)`: with both in [-127, 127] the pairwise i16 sums
+    /// of `vpmaddubsw` (at most 2 · 127 · 127) cannot saturate, so the result is exact.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_avx2<const MR: usize, const NP: usize>(job: &Job, r0: usize, p0: usize) {
+        let panel_bytes = job.groups * PANEL * GROUP;
+        // SAFETY: as in tile512.
+        unsafe {
+            let b = job.packed.as_ptr().add(p0 * panel_bytes);
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [[_mm256_setzero_si256(); 2]; MR];
+            for g in 0..job.groups {
+                let lo = _mm256_loadu_si256(b.add(g * 64).cast());
+                let hi = _mm256_loadu_si256(b.add(g * 64 + 32).cast());
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let a = _mm256_set1_epi32(group_of(job, r0 + r, g));
+                    let magnitude = _mm256_abs_epi8(a);
+                    let lo = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(lo, a));
+                    let hi = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(hi, a));
+                    acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(lo, ones));
+                    acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(hi, ones));
+                }
+            }
+            let n0 = p0 * PANEL;
+            let valid = (job.n_out - n0).min(PANEL);
+            for (r, acc) in acc.iter().enumerate() {
+                let row = r0 + r;
+                let y = epilogue256(job, row, n0, *acc);
+                store16(job.out.add(row * job.n_out + n0), y[0], y[1], valid);
+            }
+        }
+    }
+}

@@ -1,0 +1,576 @@
+//! INT8 linear layers for CPU inference.
+//!
+//! Weights are quantized once, per output channel (symmetric, `[-127, 127]`); activations are
+//! quantized per row at run time (symmetric, `[-127, 127]`); products accumulate exactly in
+//! i32 and are scaled back to f32 with the bias added in the same pass. The matrix kernel is
+//! picked at run time from what the CPU has ([`Isa`]): AVX-512 VNNI (`vpdpbusd` on 512-bit
+//! registers), AVX-VNNI (the same instruction on 256-bit registers), AVX2
+//! (`vpmaddubsw`/`vpmaddwd`) or portable Rust. Every path computes the same integer sums, so
+//! they agree up to the rounding of the f32 epilogue.
+//!
+//! Why a kernel of our own: the dot-product instructions need both operands as bytes in a
+//! layout made for them, and neither `gemm` nor candle multiplies int8 matrices on CPU.
+
+mod kernels;
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+/// Columns per packed panel: one 512-bit register of i32 sums, two 256-bit ones.
+const PANEL: usize = 16;
+/// Inner-dimension values per packed group: one `vpdpbusd` lane sums four products.
+const GROUP: usize = 4;
+/// Work below this many multiply-adds runs on the calling thread.
+const PAR_MIN_MACS: usize = 1 << 18;
+/// Rows and panels per parallel task.
+const TASK_ROWS: usize = 48;
+const TASK_PANELS: usize = 4;
+
+/// The matrix kernel in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// `vpdpbusd` on zmm registers (Intel Ice Lake and later, AMD Zen 4 and later).
+    Avx512Vnni,
+    /// `vpdpbusd` on ymm registers, VEX-encoded (Intel Alder Lake and later, AMD Zen 5).
+    AvxVnni,
+    /// The AVX-VNNI kernel compiled for the EVEX encoding of the same instruction
+    /// (AVX512-VL + VNNI): lets machines with AVX-512 run and test the 256-bit VNNI code.
+    Avx512VlVnni256,
+    /// `vpmaddubsw` + `vpmaddwd`, exact for operands in `[-127, 127]` (Haswell and later).
+    Avx2,
+    /// Plain Rust, any CPU.
+    Portable,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 5] = [
+        Isa::Avx512Vnni,
+        Isa::AvxVnni,
+        Isa::Avx512VlVnni256,
+        Isa::Avx2,
+        Isa::Portable,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512Vnni => "avx512-vnni",
+            Isa::AvxVnni => "avx-vnni",
+            Isa::Avx512VlVnni256 => "avx512vl-vnni-256",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Isa> {
+        Isa::ALL.into_iter().find(|isa| isa.name() == name)
+    }
+
+    /// Whether this CPU can run the kernel.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Isa::Avx512Vnni => {
+                    has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("avx2")
+                }
+                Isa::AvxVnni => has!("avx2") && has!("avxvnni"),
+                Isa::Avx512VlVnni256 => {
+                    has!("avx2") && has!("avx512f") && has!("avx512vl") && has!("avx512vnni")
+                }
+                Isa::Avx2 => has!("avx2"),
+                Isa::Portable => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Portable
+        }
+    }
+
+    /// Every kernel this CPU can run, fastest first.
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|isa| isa.supported()).collect()
+    }
+
+    /// The fastest kernel this CPU runs.
+    pub fn detect() -> Isa {
+        [Isa::Avx512Vnni, Isa::AvxVnni, Isa::Avx2]
+            .into_iter()
+            .find(|isa| isa.supported())
+            .unwrap_or(Isa::Portable)
+    }
+
+    /// The VNNI kernels multiply unsigned by signed bytes, so their activations are stored
+    /// offset by 128 and the weights' column sums take the offset back out.
+    fn unsigned_activations(self) -> bool {
+        matches!(self, Isa::Avx512Vnni | Isa::AvxVnni | Isa::Avx512VlVnni256)
+    }
+}
+
+static SELECTED: OnceLock<Isa> = OnceLock::new();
+
+/// Picks the kernel for this process, once: `name` (e.g. from a command-line flag) if given
+/// and the CPU runs it, else the fastest the CPU has. Later calls return the first choice.
+pub fn select(name: Option<&str>) -> Result<Isa, String> {
+    let wanted = match name {
+        None | Some("auto") => Isa::detect(),
+        Some(name) => {
+            let isa = Isa::from_name(name).ok_or_else(|| {
+                let names: Vec<_> = Isa::ALL.iter().map(|i| i.name()).collect();
+                format!(
+                    "unknown int8 kernel {name:?}; one of auto, {}",
+                    names.join(", ")
+                )
+            })?;
+            if !isa.supported() {
+                return Err(format!("this CPU cannot run the {name} int8 kernel"));
+            }
+            isa
+        }
+    };
+    Ok(*SELECTED.get_or_init(|| wanted))
+}
+
+/// The kernel in use ([`select`]ed, or detected on first use), unless [`with_kernel`]
+/// overrides it on this thread.
+pub fn selected() -> Isa {
+    OVERRIDE
+        .get()
+        .unwrap_or_else(|| *SELECTED.get_or_init(Isa::detect))
+}
+
+thread_local! {
+    static OVERRIDE: std::cell::Cell<Option<Isa>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with `isa` as the kernel of the layers it runs on this thread (tests and
+/// benchmarks comparing kernels in one process).
+pub fn with_kernel<T>(isa: Isa, f: impl FnOnce() -> T) -> T {
+    assert!(isa.supported(), "{} is not supported here", isa.name());
+    let previous = OVERRIDE.replace(Some(isa));
+    let result = f();
+    OVERRIDE.set(previous);
+    result
+}
+
+/// A linear layer `y = x · Wᵀ + b` with int8 weights.
+pub struct QuantizedLinear {
+    /// `[panel][group][column in panel][value in group]`: each (panel, group) block is one
+    /// 64-byte vector of 16 columns × 4 inner values.
+    packed: Vec<i8>,
+    /// Per output column, padded to whole panels with zeros.
+    scales: Vec<f32>,
+    bias: Vec<f32>,
+    /// Σₖ W[n][k] per column, to undo the unsigned-activation offset.
+    column_sums: Vec<i32>,
+    n_in: usize,
+    n_out: usize,
+    groups: usize,
+}
+
+/// Activations quantized per row, in the form one kernel reads.
+pub struct QuantizedRows {
+    values: Vec<u8>,
+    scales: Vec<f32>,
+    stride: usize,
+    isa: Isa,
+}
+
+impl QuantizedLinear {
+    /// Quantizes `weight`, `(n_out, n_in)` row-major (the checkpoint's layout), per output
+    /// channel.
+    pub fn new(weight: &[f32], bias: &[f32], n_out: usize, n_in: usize) -> Self {
+        assert_eq!(weight.len(), n_out * n_in, "weight size");
+        assert_eq!(bias.len(), n_out, "bias size");
+        let groups = n_in.div_ceil(GROUP);
+        let panels = n_out.div_ceil(PANEL);
+        let padded = panels * PANEL;
+        let mut packed = vec![0i8; panels * groups * PANEL * GROUP];
+        let mut scales = vec![0f32; padded];
+        let mut column_sums = vec![0i32; padded];
+        let mut row = vec![0i8; n_in];
+        for n in 0..n_out {
+            let w = &weight[n * n_in..(n + 1) * n_in];
+            scales[n] = quantize_symmetric(w, &mut row);
+            column_sums[n] = row.iter().map(|&v| v as i32).sum();
+            let (panel, column) = (n / PANEL, n % PANEL);
+            for (k, &v) in row.iter().enumerate() {
+                let (group, lane) = (k / GROUP, k % GROUP);
+                packed[((panel * groups + group) * PANEL + column) * GROUP + lane] = v;
+            }
+        }
+        let mut padded_bias = vec![0f32; padded];
+        padded_bias[..n_out].copy_from_slice(bias);
+        Self {
+            packed,
+            scales,
+            bias: padded_bias,
+            column_sums,
+            n_in,
+            n_out,
+            groups,
+        }
+    }
+
+    pub fn n_in(&self) -> usize {
+        self.n_in
+    }
+
+    pub fn n_out(&self) -> usize {
+        self.n_out
+    }
+
+    /// Bytes held for the weights, scales, bias and column sums.
+    pub fn bytes(&self) -> usize {
+        self.packed.len() + 4 * (self.scales.len() + self.bias.len() + self.column_sums.len())
+    }
+
+    /// `out = x · Wᵀ + b` for `rows` rows of `x`, with the [`selected`] kernel.
+    pub fn forward(&self, x: &[f32], rows: usize, out: &mut Vec<f32>) {
+        self.forward_with(selected(), x, rows, out);
+    }
+
+    /// [`forward`](Self::forward) with a given kernel (benchmarks and tests).
+    pub fn forward_with(&self, isa: Isa, x: &[f32], rows: usize, out: &mut Vec<f32>) {
+        assert!(isa.supported(), "{} is not supported here", isa.name());
+        let quantized = QuantizedRows::new(isa, x, rows, self.n_in);
+        out.clear();
+        out.resize(rows * self.n_out, 0.0);
+        self.multiply(&quantized, out);
+    }
+
+    fn multiply(&self, a: &QuantizedRows, out: &mut [f32]) {
+        let rows = a.scales.len();
+        let panels = self.n_out.div_ceil(PANEL);
+        let parallel =
+            rayon::current_num_threads() > 1 && rows * self.n_out * self.n_in >= PAR_MIN_MACS;
+        if !parallel {
+            self.tile_range(a, 0..rows, 0..panels, OutPtr(out.as_mut_ptr()));
+            return;
+        }
+        let tasks: Vec<_> = (0..rows)
+            .step_by(TASK_ROWS)
+            .flat_map(|r| {
+                (0..panels).step_by(TASK_PANELS).map(move |p| {
+                    (
+                        r..(r + TASK_ROWS).min(rows),
+                        p..(p + TASK_PANELS).min(panels),
+                    )
+                })
+            })
+            .collect();
+        let ptr = OutPtr(out.as_mut_ptr());
+        tasks
+            .into_par_iter()
+            .for_each(|(rows, panels)| self.tile_range(a, rows, panels, ptr));
+    }
+
+    /// Writes `out[rows, columns of panels]`.
+    fn tile_range(
+        &self,
+        a: &QuantizedRows,
+        rows: std::ops::Range<usize>,
+        panels: std::ops::Range<usize>,
+        out: OutPtr,
+    ) {
+        let job = kernels::Job {
+            a: &a.values,
+            a_stride: a.stride,
+            a_scales: &a.scales,
+            packed: &self.packed,
+            groups: self.groups,
+            scales: &self.scales,
+            bias: &self.bias,
+            column_sums: &self.column_sums,
+            n_out: self.n_out,
+            out: out.0,
+            rows,
+            panels,
+        };
+        // SAFETY: `out` points to `a.rows × n_out` floats (sized in forward_with); every
+        // task writes only its own rows × panel columns, and the kernel's CPU features were
+        // checked when the rows were quantized for it.
+        unsafe { kernels::run(a.isa, &job) }
+    }
+}
+
+/// The output matrix, shared by tasks that write disjoint tiles of it.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint tiles, see `multiply`.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl QuantizedRows {
+    /// Quantizes `rows` rows of `n_in` values for `isa`'s kernel.
+    pub fn new(isa: Isa, x: &[f32], rows: usize, n_in: usize) -> Self {
+        assert_eq!(x.len(), rows * n_in, "activation size");
+        let stride = n_in.div_ceil(GROUP) * GROUP;
+        let offset = if isa.unsigned_activations() { 128u8 } else { 0 };
+        let mut values = vec![offset; rows * stride];
+        let mut scales = vec![0f32; rows];
+        let quantize = |(row, (values, scale)): (&[f32], (&mut [u8], &mut f32))| {
+            let values = &mut values[..n_in];
+            // SAFETY: i8 and u8 have the same size and alignment.
+            let signed: &mut [i8] = unsafe { &mut *(values as *mut [u8] as *mut [i8]) };
+            *scale = quantize_symmetric(row, signed);
+            if offset != 0 {
+                values.iter_mut().for_each(|v| *v ^= 0x80);
+            }
+        };
+        if rows * n_in >= PAR_MIN_MACS / 8 && rayon::current_num_threads() > 1 {
+            x.par_chunks(n_in)
+                .zip(values.par_chunks_mut(stride).zip(scales.par_iter_mut()))
+                .for_each(quantize);
+        } else {
+            x.chunks(n_in)
+                .zip(values.chunks_mut(stride).zip(scales.iter_mut()))
+                .for_each(quantize);
+        }
+        Self {
+            values,
+            scales,
+            stride,
+            isa,
+        }
+    }
+}
+
+/// `q = round(x / s)` in `[-127, 127]` with `s = max|x| / 127`; returns `s` (0 for all-zero
+/// input, NaN if any value is not finite).
+pub fn quantize_symmetric(x: &[f32], q: &mut [i8]) -> f32 {
+    assert_eq!(x.len(), q.len());
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx2.supported() {
+        // SAFETY: AVX2 is present.
+        return unsafe { kernels::quantize_avx2(x, q) };
+    }
+    quantize_portable(x, q)
+}
+
+fn quantize_portable(x: &[f32], q: &mut [i8]) -> f32 {
+    let Some(inv) = inverse_scale(abs_max(x)) else {
+        q.fill(0);
+        return scale_for(abs_max(x));
+    };
+    for (q, v) in q.iter_mut().zip(x) {
+        *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    scale_for(abs_max(x))
+}
+
+/// max |x|, lane-wise so the loop vectorises (a single running max would not).
+#[inline(always)]
+fn abs_max(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (m, v) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(v.abs());
+        }
+    }
+    let nan = x.iter().any(|v| !v.is_finite());
+    let amax = chunks
+        .remainder()
+        .iter()
+        .fold(lanes.iter().fold(0f32, |a, &b| a.max(b)), |a, v| {
+            a.max(v.abs())
+        });
+    if nan { f32::NAN } else { amax }
+}
+
+/// `127 / max|x|`, or None when nothing can be scaled (all zeros, or not finite).
+#[inline(always)]
+fn inverse_scale(amax: f32) -> Option<f32> {
+    (amax > 0.0 && amax.is_finite()).then(|| 127.0 / amax)
+}
+
+#[inline(always)]
+fn scale_for(amax: f32) -> f32 {
+    if amax.is_finite() {
+        amax / 127.0
+    } else {
+        f32::NAN
+    }
+}
+
+/// Int8 rows with one scale each (`value ≈ q · scale`): an embedding table stored in a
+/// quarter of the memory, dequantized one row at a time.
+pub struct QuantizedTable {
+    values: Vec<i8>,
+    scales: Vec<f32>,
+    width: usize,
+}
+
+impl QuantizedTable {
+    pub fn new(table: &[f32], width: usize) -> Self {
+        assert!(width > 0 && table.len().is_multiple_of(width), "table size");
+        let mut values = vec![0i8; table.len()];
+        let scales = table
+            .chunks_exact(width)
+            .zip(values.chunks_exact_mut(width))
+            .map(|(row, q)| quantize_symmetric(row, q))
+            .collect();
+        Self {
+            values,
+            scales,
+            width,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.scales.len()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.values.len() + 4 * self.scales.len()
+    }
+
+    /// Row `i`, dequantized, added into `out`.
+    pub fn add_row(&self, i: usize, out: &mut [f32]) {
+        let scale = self.scales[i];
+        let row = &self.values[i * self.width..(i + 1) * self.width];
+        for (o, &q) in out.iter_mut().zip(row) {
+            *o += q as f32 * scale;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    fn random(rng: &mut StdRng, n: usize, spread: f32) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-spread..spread)).collect()
+    }
+
+    fn reference(x: &[f32], w: &[f32], b: &[f32], rows: usize, n_out: usize) -> Vec<f32> {
+        let n_in = w.len() / n_out;
+        let mut out = vec![0f32; rows * n_out];
+        for r in 0..rows {
+            for n in 0..n_out {
+                let dot: f32 = (0..n_in).map(|k| x[r * n_in + k] * w[n * n_in + k]).sum();
+                out[r * n_out + n] = dot + b[n];
+            }
+        }
+        out
+    }
+
+    /// Every kernel this machine runs gives the portable kernel's answer, over shapes that
+    /// exercise partial panels, partial groups, partial row tiles and the parallel split.
+    #[test]
+    fn every_kernel_here_matches_portable() {
+        let available = Isa::available();
+        eprintln!("int8 kernels on this machine: {available:?}");
+        let mut rng = StdRng::seed_from_u64(7);
+        for &(rows, n_in, n_out) in &[
+            (1, 4, 16),
+            (1, 384, 384),
+            (3, 5, 17),
+            (7, 383, 33),
+            (13, 64, 1152),
+            (200, 384, 1536),
+            (65, 1536, 384),
+        ] {
+            let x = random(&mut rng, rows * n_in, 3.0);
+            let w = random(&mut rng, n_out * n_in, 0.2);
+            let b = random(&mut rng, n_out, 1.0);
+            let layer = QuantizedLinear::new(&w, &b, n_out, n_in);
+            let mut expected = Vec::new();
+            layer.forward_with(Isa::Portable, &x, rows, &mut expected);
+            for &isa in &available {
+                let mut got = Vec::new();
+                layer.forward_with(isa, &x, rows, &mut got);
+                assert_eq!(got.len(), rows * n_out);
+                for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                    assert!(
+                        g == e,
+                        "{} vs portable at {i} of {rows}x{n_in}x{n_out}: {g} vs {e}",
+                        isa.name()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Quantized output stays within the error int8 allows of the f32 product.
+    #[test]
+    fn close_to_f32() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let (rows, n_in, n_out) = (9, 384, 96);
+        let x = random(&mut rng, rows * n_in, 2.0);
+        let w = random(&mut rng, n_out * n_in, 0.1);
+        let b = random(&mut rng, n_out, 0.5);
+        let exact = reference(&x, &w, &b, rows, n_out);
+        let layer = QuantizedLinear::new(&w, &b, n_out, n_in);
+        let mut got = Vec::new();
+        layer.forward(&x, rows, &mut got);
+        let err: f32 = got.iter().zip(&exact).map(|(g, e)| (g - e).powi(2)).sum();
+        let norm: f32 = exact.iter().map(|e| e.powi(2)).sum();
+        assert!(
+            (err / norm).sqrt() < 0.01,
+            "relative error {}",
+            (err / norm).sqrt()
+        );
+    }
+
+    #[test]
+    fn zero_rows_and_extremes_are_safe() {
+        let w = vec![0.5f32; 8 * 4];
+        let layer = QuantizedLinear::new(&w, &[1.0; 8], 8, 4);
+        let mut out = Vec::new();
+        layer.forward(&[0.0; 8], 2, &mut out);
+        assert_eq!(out, vec![1.0; 16]);
+        layer.forward(&[], 0, &mut out);
+        assert!(out.is_empty());
+        let mut q = [0i8; 3];
+        assert_eq!(quantize_symmetric(&[-4.0, 2.0, 4.0], &mut q), 4.0 / 127.0);
+        assert_eq!(q, [-127, 64, 127]);
+    }
+
+    /// The SIMD row quantizer gives the portable one's bytes, ties and remainders included.
+    #[test]
+    fn simd_quantizer_matches_portable() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for n in [1, 31, 32, 33, 384, 1537] {
+            let mut x = random(&mut rng, n, 5.0);
+            // Values landing exactly on .5 steps: 127 · k / (2 · 127) for a max of 1.
+            x[0] = 1.0;
+            for (i, v) in x.iter_mut().enumerate().skip(1).step_by(3) {
+                *v = (i % 255) as f32 / 254.0 - 0.5;
+            }
+            let (mut a, mut b) = (vec![0i8; n], vec![0i8; n]);
+            let sa = quantize_symmetric(&x, &mut a);
+            let sb = quantize_portable(&x, &mut b);
+            assert_eq!((sa, &a), (sb, &b), "n = {n}");
+        }
+        let mut q = [1i8; 3];
+        assert!(quantize_symmetric(&[1.0, f32::NAN, 2.0], &mut q).is_nan());
+        assert_eq!(quantize_symmetric(&[0.0; 3], &mut q), 0.0);
+        assert_eq!(q, [0; 3]);
+    }
+
+    #[test]
+    fn selection_by_name() {
+        assert_eq!(Isa::from_name("avx2"), Some(Isa::Avx2));
+        assert!(select(Some("sse9")).unwrap_err().contains("unknown"));
+        assert!(Isa::Portable.supported());
+    }
+
+    #[test]
+    fn table_rows_round_trip() {
+        let table: Vec<f32> = (0..40).map(|i| (i as f32 - 20.0) / 7.0).collect();
+        let t = QuantizedTable::new(&table, 8);
+        assert_eq!(t.rows(), 5);
+        for r in 0..5 {
+            let mut out = vec![0f32; 8];
+            t.add_row(r, &mut out);
+            for (o, v) in out.iter().zip(&table[r * 8..(r + 1) * 8]) {
+                assert!((o - v).abs() <= 0.5 * v.abs().max(1.0) / 127.0 * 3.0);
+            }
+        }
+    }
+}
