@@ -6,8 +6,8 @@
 //! sentence-transformers. Like TEI's own BERT, this one packs all tokens of a batch into one
 //! `(tokens, hidden)` matrix, so linear layers do no work on padding and attention runs per
 //! sequence and head; weights still load through candle's `VarBuilder`, matmuls run on
-//! `gemm` (candle's CPU matmul backend), and elementwise kernels are compiled for the CPU's
-//! widest SIMD at run time through `pulp`.
+//! `gemm` (candle's CPU matmul backend) or, quantized, on `embedroll-int8`, and elementwise
+//! kernels are compiled for the CPU's widest SIMD, picked at run time ([`simd`]).
 
 use std::ops::Range;
 
@@ -237,11 +237,7 @@ impl LayerNorm {
     fn add_and_normalize(&self, x: &mut [f32], residual: &[f32]) {
         let width = self.gamma.len();
         let rows = |x: &mut [f32], residual: &[f32]| {
-            pulp::Arch::new().dispatch(|| {
-                for (row, res) in x.chunks_exact_mut(width).zip(residual.chunks_exact(width)) {
-                    kernels::add_layer_norm(row, res, &self.gamma, &self.beta, self.eps);
-                }
-            })
+            simd::layer_norm_rows(x, residual, &self.gamma, &self.beta, self.eps)
         };
         if x.len() < PAR_MIN_ELEMENTS {
             rows(x, residual);
@@ -548,11 +544,7 @@ impl BertEncoder {
                     false,
                     Parallelism::None,
                 );
-                pulp::Arch::new().dispatch(|| {
-                    for row in scores.chunks_exact_mut(len) {
-                        kernels::softmax(row);
-                    }
-                });
+                simd::softmax_rows(scores, len);
                 gemm::gemm(
                     len,
                     d,
@@ -586,15 +578,7 @@ impl BertEncoder {
 
     fn activate(&self, x: &mut [f32]) {
         let activation = self.activation;
-        let apply = |x: &mut [f32]| {
-            pulp::Arch::new().dispatch(|| match activation {
-                HiddenAct::Gelu => x.iter_mut().for_each(|v| *v = kernels::gelu_erf(*v)),
-                HiddenAct::GeluApproximate => {
-                    x.iter_mut().for_each(|v| *v = kernels::gelu_tanh(*v))
-                }
-                HiddenAct::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
-            })
-        };
+        let apply = |x: &mut [f32]| simd::activate(x, activation);
         if x.len() < PAR_MIN_ELEMENTS {
             apply(x);
         } else {
@@ -603,8 +587,113 @@ impl BertEncoder {
     }
 }
 
-/// Branch-free scalar kernels written so the compiler vectorises them inside
-/// `pulp::Arch::dispatch` (hence `inline(always)`).
+/// The elementwise kernels compiled for the widest SIMD this CPU has, picked at run time.
+///
+/// Each entry point is one `#[target_feature]` copy per instruction set of the same
+/// `inline(always)` loop, so the loop is vectorised with that set's registers. (Through
+/// `pulp::Arch::dispatch` closures, iterator adaptors were left out of line, in SSE2.)
+mod simd {
+    use candle_transformers::models::bert::HiddenAct;
+
+    use super::kernels;
+
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Level {
+        #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+        Avx512,
+        #[cfg(target_arch = "x86_64")]
+        Avx2,
+        Baseline,
+    }
+
+    fn level() -> Level {
+        static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::is_x86_feature_detected as has;
+                #[cfg(feature = "avx512")]
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
+                    return Level::Avx512;
+                }
+                if has!("avx2") && has!("fma") {
+                    return Level::Avx2;
+                }
+            }
+            Level::Baseline
+        })
+    }
+
+    /// `$name(args)` runs `$body` compiled for the CPU's level.
+    macro_rules! dispatched {
+        ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+            $(#[$doc])*
+            pub fn $name($($arg: $ty),*) {
+                #[inline(always)]
+                fn body($($arg: $ty),*) $body
+                #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) { body($($arg),*) }
+                #[cfg(target_arch = "x86_64")]
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
+                match level() {
+                    // SAFETY: level() found these features on this CPU.
+                    #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+                    Level::Avx512 => unsafe { avx512($($arg),*) },
+                    #[cfg(target_arch = "x86_64")]
+                    Level::Avx2 => unsafe { avx2($($arg),*) },
+                    Level::Baseline => body($($arg),*),
+                }
+            }
+        };
+    }
+
+    dispatched! {
+        /// `x = LayerNorm(x + residual)` for each row of `gamma.len()` values.
+        pub fn layer_norm_rows(x: &mut [f32], residual: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
+            let width = gamma.len();
+            for (row, res) in x.chunks_exact_mut(width).zip(residual.chunks_exact(width)) {
+                kernels::add_layer_norm(row, res, gamma, beta, eps);
+            }
+        }
+    }
+
+    dispatched! {
+        /// Softmax of each row of `len` values.
+        pub fn softmax_rows(scores: &mut [f32], len: usize) {
+            for row in scores.chunks_exact_mut(len) {
+                kernels::softmax(row);
+            }
+        }
+    }
+
+    dispatched! {
+        /// The feed-forward activation, in place.
+        pub fn activate(x: &mut [f32], activation: HiddenAct) {
+            match activation {
+                HiddenAct::Gelu => {
+                    for v in x.iter_mut() {
+                        *v = kernels::gelu_erf(*v);
+                    }
+                }
+                HiddenAct::GeluApproximate => {
+                    for v in x.iter_mut() {
+                        *v = kernels::gelu_tanh(*v);
+                    }
+                }
+                HiddenAct::Relu => {
+                    for v in x.iter_mut() {
+                        *v = v.max(0.0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Branch-free scalar kernels written so the compiler vectorises them inside the
+/// `target_feature` copies in [`simd`] (hence `inline(always)`).
 mod kernels {
     const LANES: usize = 16;
 
