@@ -314,6 +314,16 @@ impl Planner<'_, '_> {
                 return;
             }
             self.st.failed_revision = None;
+            // A retry checks the vectors again, under the limits the spec has now (a team
+            // accepting int8's accuracy lowers minCosine, then retries).
+            if self
+                .st
+                .compatibility
+                .as_ref()
+                .is_some_and(|c| c.revision == desired)
+            {
+                self.st.compatibility = None;
+            }
             self.event("Retried", format!("retrying revision {desired}"));
         }
 

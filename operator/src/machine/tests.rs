@@ -973,6 +973,37 @@ fn differing_vectors_are_rolled_back_at_weight_0_and_say_where() {
     assert!(w.events.contains(&"VectorMismatch") && w.events.contains(&"RolledBack"));
 }
 
+/// A revision rolled back for its vectors (int8 at 0.985 against the default 0.999), then
+/// accepted with a lower `minCosine` and retried: the retry checks it again under the new
+/// limit instead of rolling it back on the verdict recorded under the old one.
+#[test]
+fn a_retry_after_lowering_min_cosine_checks_again_and_passes() {
+    let mut w = World::installed();
+    w.vectors = compared(0.985, 0.96);
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    assert_eq!(w.reconcile("r2", None).rollback, Some("VectorMismatch"));
+    assert_eq!(w.checks.len(), 1);
+    w.spec.compatibility.min_cosine = 0.98;
+    w.tick(5);
+    let plan = w.reconcile("r2", None);
+    assert_eq!(
+        plan.status.phase,
+        Some(Phase::Failed),
+        "not without a retry"
+    );
+    w.commands.retry = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.rollback, None, "{:?}", plan.status.message);
+    assert_eq!(w.checks.len(), 2, "checked again on retry");
+    assert_eq!(plan.status.canary_weight, 1, "{:?}", plan.status.message);
+    assert_eq!(
+        plan.status.compatibility.as_ref().map(|c| c.result),
+        Some(CompatibilityResult::Compatible)
+    );
+    assert!(w.events.contains(&"Retried"));
+}
+
 #[test]
 fn top_k_agreement_below_the_limit_is_a_mismatch_too() {
     let mut w = World::installed();
