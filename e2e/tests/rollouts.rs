@@ -2921,6 +2921,117 @@ async fn q_a_model_change_is_a_reindex_cut_over() {
     cleanup(&client, ns).await;
 }
 
+/// The `/info` of a pod of `color`, asked straight at the pod.
+async fn pod_info(client: &Client, ns: &str, color: &str) -> Value {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let selector = format!("{LABEL_ROLLOUT}={ns},{LABEL_COLOR}={color}");
+    let ip = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find_map(|p| p.status.and_then(|s| s.pod_ip))
+        .expect("a pod of the color");
+    reqwest::get(format!("http://{ip}:8080/info"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// r) The same model moved from f32 to `--quantize int8` (a quarter of the weight memory,
+///    about twice the speed): its vectors are within about 0.99 cosine of f32's, not 0.999,
+///    so with the default `minCosine` the vector gate rolls it back at weight 0
+///    (`VectorMismatch`). The team accepts int8's accuracy with `minCosine: 0.98`, retries,
+///    and the same revision passes the gate and walks every step to 100%.
+#[tokio::test]
+async fn r_int8_is_gated_by_min_cosine() {
+    let client = client().await;
+    let ns = "r-int8";
+    let spec = json!({"strategy": {"abortScaleDownDelaySeconds": 30}});
+    install(&client, ns, &rollout_manifest(ns, &[], spec.clone())).await;
+    let traffic = Traffic::start(host(ns), 2);
+    let int8 = ["--quantize", "int8"];
+    apply(&client, ns, &rollout_manifest(ns, &int8, spec.clone())).await;
+    let mut weights = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let st = loop {
+        let st = status(&client, ns, ns).await;
+        assert!(Instant::now() < deadline, "no rollback: {st:?}");
+        weights.insert(st.canary_weight);
+        if st.phase == Some(Phase::Failed) {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (_, reason, message) = condition(&st, conditions::ROLLED_BACK);
+    say(
+        ns,
+        format!("default minCosine 0.999: RolledBack {reason}: {message}"),
+    );
+    assert_eq!(reason, "VectorMismatch");
+    assert_eq!(weights, BTreeSet::from([0]), "int8 took no traffic");
+    let check = st.compatibility.clone().unwrap();
+    assert_eq!(check.result, CompatibilityResult::Incompatible);
+    let min: f64 = check.min_cosine.as_deref().unwrap().parse().unwrap();
+    assert!((0.98..0.999).contains(&min), "int8 vs f32 min cosine {min}");
+    // The canary that was refused really is the int8 build (its pod is kept for 30 s).
+    let info = pod_info(&client, ns, "green").await;
+    assert_eq!(info["models"][0]["quantization"], "int8", "{info}");
+
+    // Accept int8's accuracy and retry the same revision.
+    let relaxed = json!({"strategy": {"abortScaleDownDelaySeconds": 30},
+                         "compatibility": {"minCosine": 0.98}});
+    apply(&client, ns, &rollout_manifest(ns, &int8, relaxed)).await;
+    cli(&["retry", ns, "-n", ns]);
+    wait_status(
+        &client,
+        ns,
+        ns,
+        "the retry taken",
+        Duration::from_secs(30),
+        |s| s.failed_revision.is_none(),
+    )
+    .await;
+    await_event(&client, ns, "Retried").await;
+    let mut weights = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let st = loop {
+        let st = status(&client, ns, ns).await;
+        assert!(Instant::now() < deadline, "int8 not promoted: {st:?}");
+        weights.insert(st.canary_weight);
+        if st.phase == Some(Phase::Healthy)
+            && st.stable_color.map(|c| c.to_string()).as_deref() == Some("green")
+        {
+            break st;
+        }
+        assert_ne!(st.phase, Some(Phase::Failed), "rolled back again: {st:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let check = st.compatibility.clone().expect("a vector check");
+    say(
+        ns,
+        format!(
+            "minCosine 0.98: {:?} {:?}: {}; weights seen {weights:?}",
+            check.stage, check.result, check.message
+        ),
+    );
+    assert_eq!(check.result, CompatibilityResult::Compatible);
+    for weight in [1, 10, 50, 100] {
+        assert!(
+            weights.contains(&weight),
+            "{weight}% not walked: {weights:?}"
+        );
+    }
+    let info = pod_info(&client, ns, "green").await;
+    assert_eq!(info["models"][0]["quantization"], "int8", "{info}");
+    let answers = traffic.finish().await;
+    assert!(answers.all_ok(), "no failed request: {answers:?}");
+    cleanup(&client, ns).await;
+}
+
 // ------------------------------------------------------------------ API load
 
 /// The apiserver's own count of requests (`apiserver_request_total`) to the kinds only the

@@ -11,6 +11,7 @@ Modes:
 import argparse
 import http.client
 import json
+import os
 import statistics
 import sys
 import threading
@@ -35,6 +36,36 @@ def make_texts(n: int) -> list[str]:
         words = [WORDS[(state >> (k % 16) ^ k * 7) % len(WORDS)] for k in range(length)]
         texts.append(f"{i}: " + " ".join(words))
     return texts
+
+
+SHORT_WORDS = (
+    "reset password account billing invoice login error timeout cluster node pod deploy rollback "
+    "canary latency search query vector index model embedding user order payment shipping refund "
+    "delay network disk memory cpu alert page dashboard metric log trace"
+).split()
+
+
+def make_short_texts(n: int) -> list[str]:
+    """Deterministic texts of 6 to 20 words: queries, titles, support tickets."""
+    texts, state = [], 777
+    for i in range(n):
+        state = (state * 1103515245 + 12345) % (2**31)
+        length = 6 + state % 15
+        words = [SHORT_WORDS[(state >> (k % 13) ^ k * 5) % len(SHORT_WORDS)] for k in range(length)]
+        texts.append(" ".join(words) + f" #{i}")
+    return texts
+
+
+def cpu_line() -> str:
+    model, flags = "unknown", set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and model == "unknown":
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8"]
+    return f"{model}, {os.cpu_count()} CPUs visible; flags: {' '.join(f for f in wanted if f in flags)}"
 
 
 def pct(values: list[float], q: float) -> float:
@@ -83,8 +114,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--single", type=int, default=300, help="texts in the batch-1 runs")
     parser.add_argument("--batched", type=int, default=1024, help="texts in the batch-32 runs")
+    parser.add_argument("--texts", choices=["mixed", "short"], default="mixed",
+                        help="mixed: 4 to 60 words; short: 6 to 20 words (queries, titles)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    make = make_texts if args.texts == "mixed" else make_short_texts
 
     import torch
     from sentence_transformers import SentenceTransformer
@@ -94,8 +128,8 @@ def main() -> None:
     embedder = Embedder(args.url)
     conn = embedder.connection()
 
-    single = make_texts(args.single)
-    batched = make_texts(args.batched)
+    single = make(args.single)
+    batched = make(args.batched)
     warm = make_texts(64)
     results = {}
 
@@ -161,7 +195,11 @@ def main() -> None:
     b32, b32p = results[("batch-32", "embedder")], results[("batch-32", "sentence-transformers")]
     serve = results[("serve-32c", "embedder")]
     print()
-    print(f"embedder vs sentence-transformers, all-MiniLM-L6-v2, CPU, {args.threads} threads")
+    print(f"embedder vs sentence-transformers, all-MiniLM-L6-v2, {args.texts} texts, {args.threads} threads")
+    print(f"CPU: {cpu_line()}")
+    limits = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+    if limits:
+        print(f"peer limited to: {limits}; embedder built without its avx512 feature")
     print(f"| mode | embedder texts/s | ST texts/s | throughput ratio | embedder P50/P95 ms | ST P50/P95 ms |")
     print(f"|---|---|---|---|---|---|")
     for mode, ours_r, peer_r in [("batch 1", b1, b1p), ("batch 32", b32, b32p), ("32 clients x 1 text", serve, b32p)]:

@@ -1,12 +1,25 @@
 #!/usr/bin/env bash
 # Benchmarks the embedder (release build, over HTTP) against sentence-transformers (in process)
 # on all-MiniLM-L6-v2, same texts and thread count, in one run. Prints a markdown table with
-# ratios. Not part of the tests: timings are reported, never asserted.
-# Usage: embedder/benches/compare.sh [--threads N] [compare.py flags...]
+# ratios and the CPU flags it ran with. Not part of the tests: timings are reported, never
+# asserted.
+#   --avx2-only   both sides as on a CPU without AVX-512: the embedder built without its
+#                 avx512 feature, torch/MKL/oneDNN capped at AVX2 by their own variables
+#   --texts short 6-20-word texts instead of the default mixed 4-60 words
+# Usage: embedder/benches/compare.sh [--threads N] [--avx2-only] [compare.py flags...]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-threads=2
-if [[ "${1:-}" == "--threads" ]]; then threads="$2"; shift 2; fi
+threads=2 features=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --threads) threads="$2"; shift 2 ;;
+    --avx2-only)
+      features=(--no-default-features)
+      export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+      shift ;;
+    *) break ;;
+  esac
+done
 
 "$root/embedder/scripts/python-env.sh"
 py="$("$root/embedder/scripts/python-env.sh" --print-python)"
@@ -14,11 +27,15 @@ py="$("$root/embedder/scripts/python-env.sh" --print-python)"
 cache="${EMBEDROLL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/embedroll}"
 model_dir="$cache/models/all-MiniLM-L6-v2"
 
-echo "bench: building the embedder (release)" >&2
-cargo build --release --quiet -p embedder --manifest-path "$root/Cargo.toml"
+echo "bench: building the embedder (release${features[*]:+, ${features[*]}})" >&2
+target="${CARGO_TARGET_DIR:-$root/target}"
+cargo build --release --quiet -p embedder --bin embedder --manifest-path "$root/Cargo.toml" "${features[@]}"
+# A copy per feature set, so the two builds do not overwrite each other's binary mid-run.
+binary="$target/release/embedder${features[*]:+-avx2-only}"
+[[ ${#features[@]} -eq 0 ]] || cp "$target/release/embedder" "$binary"
 # shellcheck source=embedder/scripts/serve-local.sh
 . "$root/embedder/scripts/serve-local.sh"
-start_embedder "${CARGO_TARGET_DIR:-$root/target}/release/embedder" "${TMPDIR:-/tmp}/embedder-bench.log" \
+start_embedder "$binary" "${TMPDIR:-/tmp}/embedder-bench.log" \
   --model "all-MiniLM-L6-v2=$model_dir" --threads "$threads"
 port="$EMBEDDER_PORT"
 

@@ -1,6 +1,7 @@
-//! `--quantize int8` keeps the vectors: against the f32 model on the parity fixtures and a
-//! 310-text corpus in 12 topics (tests/fixtures/accuracy-corpus.txt), per-text cosine mean
-//! ≥ 0.995 and min ≥ 0.98, and top-10 nearest neighbours within the corpus agree ≥ 0.9.
+//! `--quantize int8` keeps the vectors: against the f32 model on the parity fixtures, the
+//! operator's built-in golden set and a 310-text corpus in 12 topics
+//! (tests/fixtures/accuracy-corpus.txt), per-text cosine mean ≥ 0.995 and min ≥ 0.98, and
+//! top-10 nearest neighbours within the corpus agree ≥ 0.9.
 //! Runs the int8 kernel this machine picks (AVX-512 VNNI, AVX-VNNI, AVX2 or portable), plus
 //! every other kernel it can run on the parity texts.
 
@@ -23,7 +24,11 @@ fn parity_texts(model: &str) -> Vec<String> {
 
 fn corpus() -> Vec<String> {
     let text = std::fs::read_to_string(fixture("accuracy-corpus.txt")).unwrap();
-    text.lines().map(|l| l.replace("\\n", "\n")).collect()
+    let golden = include_str!("../../operator/src/golden-set.txt");
+    text.lines()
+        .map(|l| l.replace("\\n", "\n"))
+        .chain(golden.lines().map(str::to_string))
+        .collect()
 }
 
 fn embed_all(model: &SentenceModel, texts: &[String]) -> Vec<Vec<f32>> {
