@@ -2614,17 +2614,21 @@ async fn n_canary_header_reaches_a_0_percent_canary_on_both_providers() {
 
 /// The P95 latency and the error count of `n` one-text requests sent straight to a pod of
 /// `color` (what the latency and error gates would measure of it).
-async fn direct_p95(client: &Client, ns: &str, color: &str, n: usize) -> (f64, usize) {
+/// The address of a pod of `color`.
+async fn pod_ip(client: &Client, ns: &str, color: &str) -> String {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let selector = format!("{LABEL_ROLLOUT}={ns},{LABEL_COLOR}={color}");
-    let pod = pods
-        .list(&ListParams::default().labels(&selector))
+    pods.list(&ListParams::default().labels(&selector))
         .await
         .unwrap()
         .items
         .into_iter()
         .find_map(|p| p.status.and_then(|s| s.pod_ip))
-        .expect("a pod of the color");
+        .expect("a pod of the color")
+}
+
+async fn direct_p95(client: &Client, ns: &str, color: &str, n: usize) -> (f64, usize) {
+    let pod = pod_ip(client, ns, color).await;
     let http = reqwest::Client::new();
     let mut latencies = Vec::new();
     let mut errors = 0;
@@ -2923,16 +2927,7 @@ async fn q_a_model_change_is_a_reindex_cut_over() {
 
 /// The `/info` of a pod of `color`, asked straight at the pod.
 async fn pod_info(client: &Client, ns: &str, color: &str) -> Value {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let selector = format!("{LABEL_ROLLOUT}={ns},{LABEL_COLOR}={color}");
-    let ip = pods
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .find_map(|p| p.status.and_then(|s| s.pod_ip))
-        .expect("a pod of the color");
+    let ip = pod_ip(client, ns, color).await;
     reqwest::get(format!("http://{ip}:8080/info"))
         .await
         .unwrap()

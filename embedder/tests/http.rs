@@ -212,14 +212,7 @@ async fn vector_noise_fault_gives_fast_200s_with_wrong_vectors() {
             "text {i}: cosine {cosine}: noise, not another model"
         );
     }
-    let info: Value = Client::new()
-        .get(noisy.url("/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = noisy.info().await;
     let noise = info["fault_injection"]["vector_noise"].as_f64().unwrap();
     assert!((noise - 0.05).abs() < 1e-6, "/info says {noise}");
 }
@@ -759,14 +752,7 @@ async fn int8_model_served_beside_f32_and_reported() {
     let cos = cosine(&f32_vector, &int8_vector);
     assert!((0.98..0.99999).contains(&cos), "int8 vs f32 cosine {cos}");
 
-    let info: Value = Client::new()
-        .get(server.url("/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = server.info().await;
     let model = |name: &str| {
         info["models"]
             .as_array()

@@ -166,6 +166,15 @@ impl Server {
             .await
             .unwrap()
     }
+
+    pub async fn info(&self) -> serde_json::Value {
+        reqwest::get(self.url("/info"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
 }
 
 impl Drop for Server {
