@@ -5,8 +5,9 @@
 //! elementwise pool competing with the matmul pool). On CPU that made it slower than
 //! sentence-transformers. Like TEI's own BERT, this one packs all tokens of a batch into one
 //! `(tokens, hidden)` matrix, so linear layers do no work on padding and attention runs per
-//! sequence and head; weights still load through candle's `VarBuilder`, matmuls run on
-//! `gemm` (candle's CPU matmul backend) or, quantized, on `embedroll-int8`, and elementwise
+//! sequence and head; weights still load through candle's `VarBuilder`, linear layers run on
+//! `embedroll-int8`'s kernels (f32 with weights packed at load, or int8), attention on `gemm`
+//! (candle's CPU matmul backend), and elementwise
 //! kernels are compiled for the CPU's widest SIMD, picked at run time ([`simd`]).
 
 use std::ops::Range;
@@ -14,6 +15,7 @@ use std::ops::Range;
 use candle_core::{D, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct};
+use embedroll_int8::dense::PackedLinear;
 use embedroll_int8::{QuantizedLinear, QuantizedTable};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -104,16 +106,8 @@ impl Quantization {
 }
 
 enum Linear {
-    F32(DenseF32),
+    F32(PackedLinear),
     Int8(QuantizedLinear),
-}
-
-struct DenseF32 {
-    /// `(in, out)` row-major: the transpose of the checkpoint's `(out, in)`.
-    weight_t: Vec<f32>,
-    bias: Vec<f32>,
-    n_in: usize,
-    n_out: usize,
 }
 
 enum EmbeddingTable {
@@ -142,12 +136,12 @@ impl Linear {
             candle_core::bail!("bias has {} values for {n_out} outputs", bias.elem_count());
         }
         Ok(match quantization {
-            Quantization::None => Linear::F32(DenseF32 {
-                weight_t: to_vec(&weight.t()?.contiguous()?)?,
-                bias: to_vec(bias)?,
-                n_in,
+            Quantization::None => Linear::F32(PackedLinear::new(
+                &to_vec(weight)?,
+                &to_vec(bias)?,
                 n_out,
-            }),
+                n_in,
+            )),
             Quantization::Int8 => Linear::Int8(QuantizedLinear::new(
                 &to_vec(weight)?,
                 &to_vec(bias)?,
@@ -180,46 +174,8 @@ impl Linear {
 
     fn bytes(&self) -> usize {
         match self {
-            Linear::F32(dense) => 4 * (dense.weight_t.len() + dense.bias.len()),
+            Linear::F32(dense) => dense.bytes(),
             Linear::Int8(quantized) => quantized.bytes(),
-        }
-    }
-}
-
-impl DenseF32 {
-    fn forward(&self, x: &[f32], rows: usize, out: &mut Vec<f32>) {
-        // The gemm call below relies on these sizes; checking costs nothing next to it.
-        assert_eq!(x.len(), rows * self.n_in, "linear input size");
-        assert_eq!(self.bias.len(), self.n_out, "linear bias size");
-        out.clear();
-        out.reserve(rows * self.n_out);
-        for _ in 0..rows {
-            out.extend_from_slice(&self.bias);
-        }
-        // SAFETY: x is rows × n_in, weight_t is n_in × n_out, out is rows × n_out, all
-        // row-major and initialised; the strides below describe exactly those layouts.
-        unsafe {
-            gemm::gemm(
-                rows,
-                self.n_out,
-                self.n_in,
-                out.as_mut_ptr(),
-                1,
-                self.n_out as isize,
-                true,
-                x.as_ptr(),
-                1,
-                self.n_in as isize,
-                self.weight_t.as_ptr(),
-                1,
-                self.n_out as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                matmul_parallelism(rows),
-            );
         }
     }
 }
@@ -260,15 +216,6 @@ fn spans(seqs: &[&[u32]]) -> Vec<Range<usize>> {
             span
         })
         .collect()
-}
-
-fn matmul_parallelism(rows: usize) -> Parallelism {
-    let threads = rayon::current_num_threads();
-    if threads > 1 && rows >= 8 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    }
 }
 
 /// A raw pointer that rayon tasks may share because each writes a disjoint region.

@@ -11,6 +11,7 @@
 //! Why a kernel of our own: the dot-product instructions need both operands as bytes in a
 //! layout made for them, and neither `gemm` nor candle multiplies int8 matrices on CPU.
 
+pub mod dense;
 mod kernels;
 
 use std::sync::OnceLock;
@@ -302,6 +303,13 @@ struct OutPtr(*mut f32);
 // SAFETY: tasks write disjoint tiles, see `multiply`.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Through a method so closures capture the whole (Sync) wrapper, not the raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 impl QuantizedRows {
     /// Quantizes `rows` rows of `n_in` values for `isa`'s kernel.
