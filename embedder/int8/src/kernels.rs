@@ -99,57 +99,6 @@ mod x86 {
     use super::Job;
     use crate::{GROUP, PANEL};
 
-    /// Calls `$tile::<MR, NP>` with the tile's size as constants, so its accumulators are
-    /// arrays the compiler keeps in registers.
-    macro_rules! sized_tile {
-        ($tile:ident, $mr:expr, $np:expr, $($arg:expr),*) => {
-            match ($mr, $np) {
-                (1, 1) => $tile::<1, 1>($($arg),*),
-                (2, 1) => $tile::<2, 1>($($arg),*),
-                (3, 1) => $tile::<3, 1>($($arg),*),
-                (4, 1) => $tile::<4, 1>($($arg),*),
-                (5, 1) => $tile::<5, 1>($($arg),*),
-                (6, 1) => $tile::<6, 1>($($arg),*),
-                (1, 2) => $tile::<1, 2>($($arg),*),
-                (2, 2) => $tile::<2, 2>($($arg),*),
-                (3, 2) => $tile::<3, 2>($($arg),*),
-                (4, 2) => $tile::<4, 2>($($arg),*),
-                (5, 2) => $tile::<5, 2>($($arg),*),
-                (6, 2) => $tile::<6, 2>($($arg),*),
-                (1, 3) => $tile::<1, 3>($($arg),*),
-                (2, 3) => $tile::<2, 3>($($arg),*),
-                (3, 3) => $tile::<3, 3>($($arg),*),
-                (4, 3) => $tile::<4, 3>($($arg),*),
-                (5, 3) => $tile::<5, 3>($($arg),*),
-                (6, 3) => $tile::<6, 3>($($arg),*),
-                (1, _) => $tile::<1, 4>($($arg),*),
-                (2, _) => $tile::<2, 4>($($arg),*),
-                (3, _) => $tile::<3, 4>($($arg),*),
-                (4, _) => $tile::<4, 4>($($arg),*),
-                (5, _) => $tile::<5, 4>($($arg),*),
-                _ => $tile::<6, 4>($($arg),*),
-            }
-        };
-    }
-
-    /// Walks a job in tiles of up to `MR` rows × `NP` panels.
-    macro_rules! walk_tiles {
-        ($job:expr, $mr:expr, $np:expr, $tile:ident) => {{
-            let job = $job;
-            let mut p = job.panels.start;
-            while p < job.panels.end {
-                let np = (job.panels.end - p).min($np);
-                let mut r = job.rows.start;
-                while r < job.rows.end {
-                    let mr = (job.rows.end - r).min($mr);
-                    sized_tile!($tile, mr, np, job, r, p);
-                    r += mr;
-                }
-                p += np;
-            }
-        }};
-    }
-
     /// Reads the 4 activation bytes of group `g` of row `r` as one i32, for a broadcast.
     #[inline(always)]
     unsafe fn group_of(job: &Job, r: usize, g: usize) -> i32 {

@@ -11,6 +11,57 @@
 //! Why a kernel of our own: the dot-product instructions need both operands as bytes in a
 //! layout made for them, and neither `gemm` nor candle multiplies int8 matrices on CPU.
 
+/// Calls `$tile::<MR, NP>` with the tile's size as constants, so its accumulators are
+/// arrays the compiler keeps in registers.
+macro_rules! sized_tile {
+    ($tile:ident, $mr:expr, $np:expr, $($arg:expr),*) => {
+        match ($mr, $np) {
+            (1, 1) => $tile::<1, 1>($($arg),*),
+            (2, 1) => $tile::<2, 1>($($arg),*),
+            (3, 1) => $tile::<3, 1>($($arg),*),
+            (4, 1) => $tile::<4, 1>($($arg),*),
+            (5, 1) => $tile::<5, 1>($($arg),*),
+            (6, 1) => $tile::<6, 1>($($arg),*),
+            (1, 2) => $tile::<1, 2>($($arg),*),
+            (2, 2) => $tile::<2, 2>($($arg),*),
+            (3, 2) => $tile::<3, 2>($($arg),*),
+            (4, 2) => $tile::<4, 2>($($arg),*),
+            (5, 2) => $tile::<5, 2>($($arg),*),
+            (6, 2) => $tile::<6, 2>($($arg),*),
+            (1, 3) => $tile::<1, 3>($($arg),*),
+            (2, 3) => $tile::<2, 3>($($arg),*),
+            (3, 3) => $tile::<3, 3>($($arg),*),
+            (4, 3) => $tile::<4, 3>($($arg),*),
+            (5, 3) => $tile::<5, 3>($($arg),*),
+            (6, 3) => $tile::<6, 3>($($arg),*),
+            (1, _) => $tile::<1, 4>($($arg),*),
+            (2, _) => $tile::<2, 4>($($arg),*),
+            (3, _) => $tile::<3, 4>($($arg),*),
+            (4, _) => $tile::<4, 4>($($arg),*),
+            (5, _) => $tile::<5, 4>($($arg),*),
+            _ => $tile::<6, 4>($($arg),*),
+        }
+    };
+}
+
+/// Walks a job in tiles of up to `MR` rows × `NP` panels.
+macro_rules! walk_tiles {
+    ($job:expr, $mr:expr, $np:expr, $tile:ident) => {{
+        let job = $job;
+        let mut p = job.panels.start;
+        while p < job.panels.end {
+            let np = (job.panels.end - p).min($np);
+            let mut r = job.rows.start;
+            while r < job.rows.end {
+                let mr = (job.rows.end - r).min($mr);
+                sized_tile!($tile, mr, np, job, r, p);
+                r += mr;
+            }
+            p += np;
+        }
+    }};
+}
+
 pub mod dense;
 mod kernels;
 
@@ -245,27 +296,13 @@ impl QuantizedLinear {
     fn multiply(&self, a: &QuantizedRows, out: &mut [f32]) {
         let rows = a.scales.len();
         let panels = self.n_out.div_ceil(PANEL);
-        let parallel =
-            rayon::current_num_threads() > 1 && rows * self.n_out * self.n_in >= PAR_MIN_MACS;
-        if !parallel {
-            self.tile_range(a, 0..rows, 0..panels, OutPtr(out.as_mut_ptr()));
-            return;
-        }
-        let tasks: Vec<_> = (0..rows)
-            .step_by(TASK_ROWS)
-            .flat_map(|r| {
-                (0..panels).step_by(TASK_PANELS).map(move |p| {
-                    (
-                        r..(r + TASK_ROWS).min(rows),
-                        p..(p + TASK_PANELS).min(panels),
-                    )
-                })
-            })
-            .collect();
         let ptr = OutPtr(out.as_mut_ptr());
-        tasks
-            .into_par_iter()
-            .for_each(|(rows, panels)| self.tile_range(a, rows, panels, ptr));
+        for_each_tile(
+            rows,
+            panels,
+            rows * self.n_out * self.n_in,
+            |rows, panels| self.tile_range(a, rows, panels, ptr),
+        );
     }
 
     /// Writes `out[rows, columns of panels]`.
@@ -295,6 +332,31 @@ impl QuantizedLinear {
         // checked when the rows were quantized for it.
         unsafe { kernels::run(a.isa, &job) }
     }
+}
+
+/// Runs `f` over `rows × panels` in tasks of `TASK_ROWS × TASK_PANELS` on the rayon pool, or
+/// in one call when the product (`macs` multiply-adds) is too small to share.
+fn for_each_tile(
+    rows: usize,
+    panels: usize,
+    macs: usize,
+    f: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync,
+) {
+    if rayon::current_num_threads() < 2 || macs < PAR_MIN_MACS {
+        return f(0..rows, 0..panels);
+    }
+    let tasks: Vec<_> = (0..rows)
+        .step_by(TASK_ROWS)
+        .flat_map(|r| {
+            (0..panels).step_by(TASK_PANELS).map(move |p| {
+                (
+                    r..(r + TASK_ROWS).min(rows),
+                    p..(p + TASK_PANELS).min(panels),
+                )
+            })
+        })
+        .collect();
+    tasks.into_par_iter().for_each(|(r, p)| f(r, p));
 }
 
 /// The output matrix, shared by tasks that write disjoint tiles of it.
