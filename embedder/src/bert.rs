@@ -23,9 +23,14 @@ use rayon::prelude::*;
 /// Elementwise work below this many floats runs on the calling thread.
 const PAR_MIN_ELEMENTS: usize = 1 << 15;
 const PAR_CHUNK: usize = 1 << 13;
+/// How far above an even share a thread's group of sequences may be: a larger share leaves
+/// the other threads idle for longer than splitting every product costs (about 10% of a pass
+/// in synchronisation and cross-core traffic on 2 cores).
+const SPLIT_SLACK: f64 = 0.15;
 
 pub struct BertEncoder {
     hidden: usize,
+    intermediate: usize,
     heads: usize,
     vocab: usize,
     max_positions: usize,
@@ -44,11 +49,48 @@ pub struct Pass {
     tokens: usize,
     layer: usize,
     layers: usize,
+    groups: Vec<Group>,
+}
+
+/// Some sequences of a pass, run through each layer together: one thread per group when the
+/// pass splits evenly ([`split_sequences`]), else a single group whose products are split
+/// across the threads.
+struct Group {
+    /// The pass's sequence indices in this group, in the order of its rows.
+    seqs: Vec<usize>,
+    /// Rows of each of those sequences within the group's own matrices.
+    spans: Vec<Range<usize>>,
+    tokens: usize,
     x: Vec<f32>,
     qkv: Vec<f32>,
     context: Vec<f32>,
     attended: Vec<f32>,
     intermediate: Vec<f32>,
+}
+
+impl Group {
+    /// `x` holds the rows of `seqs` (indices into the pass's `spans`), in that order.
+    fn new(seqs: Vec<usize>, spans: &[Range<usize>], x: Vec<f32>, hidden: usize) -> Self {
+        let mut start = 0;
+        let spans: Vec<Range<usize>> = seqs
+            .iter()
+            .map(|&i| {
+                let span = start..start + spans[i].len();
+                start = span.end;
+                span
+            })
+            .collect();
+        Self {
+            seqs,
+            spans,
+            tokens: start,
+            context: vec![0f32; start * hidden],
+            x,
+            qkv: Vec::new(),
+            attended: Vec::new(),
+            intermediate: Vec::new(),
+        }
+    }
 }
 
 impl Pass {
@@ -60,10 +102,71 @@ impl Pass {
         self.layers - self.layer
     }
 
-    /// Final hidden states and each sequence's rows (once every layer has run).
-    pub fn into_hidden(self) -> (Vec<f32>, Vec<Range<usize>>) {
-        (self.x, self.spans)
+    /// How many groups of sequences run side by side, one per thread (1: the products are
+    /// split instead).
+    pub fn groups(&self) -> usize {
+        self.groups.len()
     }
+
+    /// Final hidden states and each sequence's rows (once every layer has run).
+    pub fn into_hidden(mut self) -> (Vec<f32>, Vec<Range<usize>>) {
+        if self.groups.len() == 1 {
+            let x = self.groups.pop().map(|g| g.x).unwrap_or_default();
+            return (x, self.spans);
+        }
+        let width = self
+            .groups
+            .first()
+            .map_or(0, |g| g.x.len() / g.tokens.max(1));
+        let mut x = vec![0f32; self.tokens * width];
+        for g in &self.groups {
+            for (&seq, rows) in g.seqs.iter().zip(&g.spans) {
+                let to = &self.spans[seq];
+                x[to.start * width..to.end * width]
+                    .copy_from_slice(&g.x[rows.start * width..rows.end * width]);
+            }
+        }
+        (x, self.spans)
+    }
+}
+
+/// Shares sequences of these lengths out to `parts` groups of near-equal cost (longest first,
+/// each to the group with the least so far), as lists of sequence indices; `None` when the
+/// dearest group would be more than `SPLIT_SLACK` above an even share (one long sequence among
+/// short ones), or there are fewer sequences than parts.
+///
+/// A sequence of `len` tokens costs about `len · (per_token + len)`: the linear layers, plus
+/// attention's `len²` term (`per_token` is `2·hidden + intermediate` for a BERT layer).
+fn split_sequences(lens: &[usize], parts: usize, per_token: usize) -> Option<Vec<Vec<usize>>> {
+    if parts < 2 || lens.len() < parts {
+        return None;
+    }
+    let cost = |len: usize| len * (per_token + len);
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
+    let mut groups = vec![(0usize, Vec::new()); parts];
+    for i in order {
+        let lightest = groups
+            .iter_mut()
+            .min_by_key(|(c, _)| *c)
+            .expect("parts ≥ 2");
+        lightest.0 += cost(lens[i]);
+        lightest.1.push(i);
+    }
+    let total: usize = groups.iter().map(|(c, _)| c).sum();
+    let dearest = groups.iter().map(|(c, _)| *c).max().unwrap_or(0);
+    if dearest as f64 > total as f64 / parts as f64 * (1.0 + SPLIT_SLACK) {
+        return None;
+    }
+    Some(
+        groups
+            .into_iter()
+            .map(|(_, mut seqs)| {
+                seqs.sort_unstable();
+                seqs
+            })
+            .collect(),
+    )
 }
 
 struct Layer {
@@ -195,7 +298,7 @@ impl LayerNorm {
         let rows = |x: &mut [f32], residual: &[f32]| {
             simd::layer_norm_rows(x, residual, &self.gamma, &self.beta, self.eps)
         };
-        if x.len() < PAR_MIN_ELEMENTS {
+        if x.len() < PAR_MIN_ELEMENTS || !embedroll_int8::may_split() {
             rows(x, residual);
         } else {
             let chunk = width * (PAR_CHUNK / width).max(1);
@@ -311,6 +414,7 @@ impl BertEncoder {
 
         Ok(Self {
             hidden: h,
+            intermediate: config.intermediate_size,
             heads: config.num_attention_heads,
             vocab: config.vocab_size,
             max_positions: config.max_position_embeddings,
@@ -336,16 +440,32 @@ impl BertEncoder {
     pub fn begin(&self, seqs: &[&[u32]]) -> candle_core::Result<Pass> {
         let spans = spans(seqs);
         let tokens = spans.last().map_or(0, |s| s.end);
+        let x = self.embed(seqs, tokens)?;
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let per_token = 2 * self.hidden + self.intermediate;
+        let split = if embedroll_int8::may_split() {
+            split_sequences(&lens, rayon::current_num_threads(), per_token)
+        } else {
+            None
+        };
+        let h = self.hidden;
+        let groups = match split {
+            None => vec![Group::new((0..seqs.len()).collect(), &spans, x, h)],
+            Some(groups) => groups
+                .into_iter()
+                .map(|seqs| {
+                    let rows = seqs.iter().flat_map(|&i| spans[i].clone());
+                    let x = rows.flat_map(|r| &x[r * h..(r + 1) * h]).copied().collect();
+                    Group::new(seqs, &spans, x, h)
+                })
+                .collect(),
+        };
         Ok(Pass {
-            x: self.embed(seqs, tokens)?,
-            context: vec![0f32; tokens * self.hidden],
+            groups,
             spans,
             tokens,
             layer: 0,
             layers: self.layers.len(),
-            qkv: Vec::new(),
-            attended: Vec::new(),
-            intermediate: Vec::new(),
         })
     }
 
@@ -382,27 +502,33 @@ impl BertEncoder {
         let Some(layer) = self.layers.get(pass.layer) else {
             return true;
         };
-        let tokens = pass.tokens;
-        layer.qkv.forward(&pass.x, tokens, &mut pass.qkv);
-        self.attention(&pass.qkv, &pass.spans, &mut pass.context);
-        layer
-            .attention_output
-            .forward(&pass.context, tokens, &mut pass.attended);
-        layer
-            .attention_norm
-            .add_and_normalize(&mut pass.attended, &pass.x);
-        layer
-            .intermediate
-            .forward(&pass.attended, tokens, &mut pass.intermediate);
-        self.activate(&mut pass.intermediate);
-        layer
-            .output
-            .forward(&pass.intermediate, tokens, &mut pass.x);
-        layer
-            .output_norm
-            .add_and_normalize(&mut pass.x, &pass.attended);
+        if let [group] = pass.groups.as_mut_slice() {
+            self.run_layer(layer, group);
+        } else {
+            pass.groups
+                .par_iter_mut()
+                .for_each(|group| embedroll_int8::on_one_thread(|| self.run_layer(layer, group)));
+        }
         pass.layer += 1;
         pass.layer == self.layers.len()
+    }
+
+    fn run_layer(&self, layer: &Layer, g: &mut Group) {
+        let tokens = g.tokens;
+        layer.qkv.forward(&g.x, tokens, &mut g.qkv);
+        self.attention(&g.qkv, &g.spans, &mut g.context);
+        layer
+            .attention_output
+            .forward(&g.context, tokens, &mut g.attended);
+        layer
+            .attention_norm
+            .add_and_normalize(&mut g.attended, &g.x);
+        layer
+            .intermediate
+            .forward(&g.attended, tokens, &mut g.intermediate);
+        self.activate(&mut g.intermediate);
+        layer.output.forward(&g.intermediate, tokens, &mut g.x);
+        layer.output_norm.add_and_normalize(&mut g.x, &g.attended);
     }
 
     fn embed(&self, seqs: &[&[u32]], tokens: usize) -> candle_core::Result<Vec<f32>> {
@@ -515,7 +641,7 @@ impl BertEncoder {
                 );
             }
         };
-        if tasks.len() == 1 || rayon::current_num_threads() == 1 {
+        if tasks.len() == 1 || !embedroll_int8::may_split() {
             let mut scores = Vec::new();
             tasks.iter().for_each(|task| run(&mut scores, task));
         } else {
@@ -526,7 +652,7 @@ impl BertEncoder {
     fn activate(&self, x: &mut [f32]) {
         let activation = self.activation;
         let apply = |x: &mut [f32]| simd::activate(x, activation);
-        if x.len() < PAR_MIN_ELEMENTS {
+        if x.len() < PAR_MIN_ELEMENTS || !embedroll_int8::may_split() {
             apply(x);
         } else {
             x.par_chunks_mut(PAR_CHUNK).for_each(apply);
@@ -735,7 +861,10 @@ mod kernels {
         p = p * r + 1.666_666_5e-1;
         p = p * r + 0.5;
         let y = p * r * r + r + 1.0;
-        y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+        // SAFETY: n is a whole number in [-126, 127] (x is clamped above), so it fits an i32.
+        // (`as i32` would saturate, which LLVM does lane by lane in scalar code.)
+        let n = unsafe { n.to_int_unchecked::<i32>() };
+        y * f32::from_bits(((n + 127) << 23) as u32)
     }
 
     /// erf(x), absolute error below 2e-7 (Abramowitz & Stegun 7.1.26).
@@ -829,5 +958,48 @@ mod kernels {
                 "{mean} {var}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PER_TOKEN: usize = 2 * 384 + 1536;
+
+    fn cost(lens: &[usize], group: &[usize]) -> usize {
+        group.iter().map(|&i| lens[i] * (PER_TOKEN + lens[i])).sum()
+    }
+
+    #[test]
+    fn sequences_split_into_even_groups_covering_each_once() {
+        let lens = [12, 30, 7, 22, 19, 25, 9, 16, 28, 11, 14, 20];
+        for parts in [2, 3, 4] {
+            let groups = split_sequences(&lens, parts, PER_TOKEN).expect("an even split");
+            assert_eq!(groups.len(), parts);
+            let mut seen: Vec<usize> = groups.iter().flatten().copied().collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..lens.len()).collect::<Vec<_>>());
+            let all: Vec<usize> = (0..lens.len()).collect();
+            let share = cost(&lens, &all) as f64 / parts as f64;
+            for g in &groups {
+                assert!(g.windows(2).all(|w| w[0] < w[1]), "rows keep input order");
+                assert!(cost(&lens, g) as f64 <= share * (1.0 + SPLIT_SLACK));
+            }
+        }
+    }
+
+    #[test]
+    fn uneven_or_too_few_sequences_stay_in_one_group() {
+        // One long text among short ones: a thread would hold nearly all the work.
+        assert_eq!(split_sequences(&[256, 8, 9, 10], 2, PER_TOKEN), None);
+        assert_eq!(split_sequences(&[40], 2, PER_TOKEN), None);
+        assert_eq!(split_sequences(&[40, 40], 3, PER_TOKEN), None);
+        assert_eq!(split_sequences(&[40, 40], 1, PER_TOKEN), None);
+        // Longest first, each to the lightest group.
+        assert_eq!(
+            split_sequences(&[40, 41], 2, PER_TOKEN),
+            Some(vec![vec![1], vec![0]])
+        );
     }
 }

@@ -65,6 +65,7 @@ macro_rules! walk_tiles {
 pub mod dense;
 mod kernels;
 
+use std::cell::Cell;
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
@@ -78,6 +79,30 @@ const PAR_MIN_MACS: usize = 1 << 18;
 /// Rows and panels per parallel task.
 const TASK_ROWS: usize = 48;
 const TASK_PANELS: usize = 4;
+
+thread_local! {
+    static ON_ONE_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every product and elementwise pass it makes on the calling thread: for a
+/// caller that already shares the work out at a coarser grain (one group of sequences per
+/// thread), where splitting each product again would only add synchronisation.
+pub fn on_one_thread<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ON_ONE_THREAD.with(|flag| flag.set(self.0));
+        }
+    }
+    let _restore = Restore(ON_ONE_THREAD.with(|flag| flag.replace(true)));
+    f()
+}
+
+/// Whether work may be split across the rayon pool here (more than one thread, and not
+/// inside [`on_one_thread`]).
+pub fn may_split() -> bool {
+    rayon::current_num_threads() > 1 && !ON_ONE_THREAD.with(Cell::get)
+}
 
 /// The matrix kernel in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -342,7 +367,7 @@ fn for_each_tile(
     macs: usize,
     f: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync,
 ) {
-    if rayon::current_num_threads() < 2 || macs < PAR_MIN_MACS {
+    if !may_split() || macs < PAR_MIN_MACS {
         return f(0..rows, 0..panels);
     }
     let tasks: Vec<_> = (0..rows)
@@ -390,7 +415,7 @@ impl QuantizedRows {
                 values.iter_mut().for_each(|v| *v ^= 0x80);
             }
         };
-        if rows * n_in >= PAR_MIN_MACS / 8 && rayon::current_num_threads() > 1 {
+        if rows * n_in >= PAR_MIN_MACS / 8 && may_split() {
             x.par_chunks(n_in)
                 .zip(values.par_chunks_mut(stride).zip(scales.par_iter_mut()))
                 .for_each(quantize);
