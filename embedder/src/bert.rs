@@ -23,14 +23,12 @@ use rayon::prelude::*;
 /// Elementwise work below this many floats runs on the calling thread.
 const PAR_MIN_ELEMENTS: usize = 1 << 15;
 const PAR_CHUNK: usize = 1 << 13;
-/// How far above an even share a thread's group of sequences may be: a larger share leaves
-/// the other threads idle for longer than splitting every product costs (about 10% of a pass
-/// in synchronisation and cross-core traffic on 2 cores).
-const SPLIT_SLACK: f64 = 0.15;
+/// Fewest rows per thread for a pass to be shared out by rows: below it each thread would
+/// stream every weight for too few rows, and splitting the products' columns is cheaper.
+const LANE_MIN_ROWS: usize = 32;
 
 pub struct BertEncoder {
     hidden: usize,
-    intermediate: usize,
     heads: usize,
     vocab: usize,
     max_positions: usize,
@@ -49,48 +47,20 @@ pub struct Pass {
     tokens: usize,
     layer: usize,
     layers: usize,
-    groups: Vec<Group>,
-}
-
-/// Some sequences of a pass, run through each layer together: one thread per group when the
-/// pass splits evenly ([`split_sequences`]), else a single group whose products are split
-/// across the threads.
-struct Group {
-    /// The pass's sequence indices in this group, in the order of its rows.
-    seqs: Vec<usize>,
-    /// Rows of each of those sequences within the group's own matrices.
-    spans: Vec<Range<usize>>,
-    tokens: usize,
     x: Vec<f32>,
     qkv: Vec<f32>,
     context: Vec<f32>,
-    attended: Vec<f32>,
-    intermediate: Vec<f32>,
+    /// One per thread, each over its own rows ([`lane_rows`]); or one over all rows, whose
+    /// products are then split across the threads.
+    lanes: Vec<Lane>,
 }
 
-impl Group {
-    /// `x` holds the rows of `seqs` (indices into the pass's `spans`), in that order.
-    fn new(seqs: Vec<usize>, spans: &[Range<usize>], x: Vec<f32>, hidden: usize) -> Self {
-        let mut start = 0;
-        let spans: Vec<Range<usize>> = seqs
-            .iter()
-            .map(|&i| {
-                let span = start..start + spans[i].len();
-                start = span.end;
-                span
-            })
-            .collect();
-        Self {
-            seqs,
-            spans,
-            tokens: start,
-            context: vec![0f32; start * hidden],
-            x,
-            qkv: Vec::new(),
-            attended: Vec::new(),
-            intermediate: Vec::new(),
-        }
-    }
+/// Rows of a pass that one thread takes through every row-local step of a layer (the linear
+/// layers, LayerNorm, the activation), with its own scratch buffers.
+struct Lane {
+    rows: Range<usize>,
+    attended: Vec<f32>,
+    intermediate: Vec<f32>,
 }
 
 impl Pass {
@@ -102,71 +72,67 @@ impl Pass {
         self.layers - self.layer
     }
 
-    /// How many groups of sequences run side by side, one per thread (1: the products are
-    /// split instead).
-    pub fn groups(&self) -> usize {
-        self.groups.len()
+    /// How many threads take a share of the rows (1: the products are split instead).
+    pub fn lanes(&self) -> usize {
+        self.lanes.len()
     }
 
     /// Final hidden states and each sequence's rows (once every layer has run).
-    pub fn into_hidden(mut self) -> (Vec<f32>, Vec<Range<usize>>) {
-        if self.groups.len() == 1 {
-            let x = self.groups.pop().map(|g| g.x).unwrap_or_default();
-            return (x, self.spans);
-        }
-        let width = self
-            .groups
-            .first()
-            .map_or(0, |g| g.x.len() / g.tokens.max(1));
-        let mut x = vec![0f32; self.tokens * width];
-        for g in &self.groups {
-            for (&seq, rows) in g.seqs.iter().zip(&g.spans) {
-                let to = &self.spans[seq];
-                x[to.start * width..to.end * width]
-                    .copy_from_slice(&g.x[rows.start * width..rows.end * width]);
-            }
-        }
-        (x, self.spans)
+    pub fn into_hidden(self) -> (Vec<f32>, Vec<Range<usize>>) {
+        (self.x, self.spans)
     }
 }
 
-/// Shares sequences of these lengths out to `parts` groups of near-equal cost (longest first,
-/// each to the group with the least so far), as lists of sequence indices; `None` when the
-/// dearest group would be more than `SPLIT_SLACK` above an even share (one long sequence among
-/// short ones), or there are fewer sequences than parts.
+/// Splits `tokens` rows into `threads` near-equal runs, cut at multiples of the kernels' row
+/// tile; a single run when there are too few rows for each thread to reuse a weight panel
+/// over `LANE_MIN_ROWS` rows.
 ///
-/// A sequence of `len` tokens costs about `len · (per_token + len)`: the linear layers, plus
-/// attention's `len²` term (`per_token` is `2·hidden + intermediate` for a BERT layer).
-fn split_sequences(lens: &[usize], parts: usize, per_token: usize) -> Option<Vec<Vec<usize>>> {
-    if parts < 2 || lens.len() < parts {
-        return None;
+/// Why rows and not whole sequences: everything in a layer but attention works row by row,
+/// so an even split of rows is an even split of nearly all the work however the lengths fall,
+/// with one long text as well as many short ones; attention, per sequence and head, runs as
+/// tasks shared by all threads between the two row-local halves of the layer.
+fn lane_rows(tokens: usize, threads: usize) -> Vec<Range<usize>> {
+    const TILE: usize = 6;
+    if threads < 2 || tokens < threads * LANE_MIN_ROWS {
+        return std::iter::once(0..tokens).collect();
     }
-    let cost = |len: usize| len * (per_token + len);
-    let mut order: Vec<usize> = (0..lens.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
-    let mut groups = vec![(0usize, Vec::new()); parts];
-    for i in order {
-        let lightest = groups
-            .iter_mut()
-            .min_by_key(|(c, _)| *c)
-            .expect("parts ≥ 2");
-        lightest.0 += cost(lens[i]);
-        lightest.1.push(i);
+    let mut start = 0;
+    (1..=threads)
+        .map(|t| {
+            let end = if t == threads {
+                tokens
+            } else {
+                (tokens * t / threads).div_ceil(TILE) * TILE
+            };
+            let rows = start..end.max(start);
+            start = rows.end;
+            rows
+        })
+        .collect()
+}
+
+/// `buf` (rows of `width` floats) cut into consecutive runs of `lens` rows, one per lane.
+fn rows_mut<'a>(buf: &'a mut [f32], width: usize, lens: &[usize]) -> Vec<&'a mut [f32]> {
+    let mut rest = buf;
+    lens.iter()
+        .map(|&rows| {
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(rows * width);
+            rest = tail;
+            mine
+        })
+        .collect()
+}
+
+/// Runs `f` on each lane's share: with several lanes, each on a thread of its own with every
+/// product and elementwise pass inside kept on that thread; with one, here (its steps split
+/// their own work).
+fn for_lanes<T: Send>(work: Vec<T>, f: impl Fn(T) + Sync) {
+    if work.len() == 1 {
+        work.into_iter().for_each(f);
+    } else {
+        work.into_par_iter()
+            .for_each(|share| embedroll_int8::on_one_thread(|| f(share)));
     }
-    let total: usize = groups.iter().map(|(c, _)| c).sum();
-    let dearest = groups.iter().map(|(c, _)| *c).max().unwrap_or(0);
-    if dearest as f64 > total as f64 / parts as f64 * (1.0 + SPLIT_SLACK) {
-        return None;
-    }
-    Some(
-        groups
-            .into_iter()
-            .map(|(_, mut seqs)| {
-                seqs.sort_unstable();
-                seqs
-            })
-            .collect(),
-    )
 }
 
 struct Layer {
@@ -272,6 +238,14 @@ impl Linear {
         match self {
             Linear::F32(dense) => dense.forward(x, rows, out),
             Linear::Int8(quantized) => quantized.forward(x, rows, out),
+        }
+    }
+
+    /// [`forward`](Self::forward) into exactly `rows` rows of output.
+    fn forward_into(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        match self {
+            Linear::F32(dense) => dense.forward_into(x, rows, out),
+            Linear::Int8(quantized) => quantized.forward_into(x, rows, out),
         }
     }
 
@@ -414,7 +388,6 @@ impl BertEncoder {
 
         Ok(Self {
             hidden: h,
-            intermediate: config.intermediate_size,
             heads: config.num_attention_heads,
             vocab: config.vocab_size,
             max_positions: config.max_position_embeddings,
@@ -440,32 +413,28 @@ impl BertEncoder {
     pub fn begin(&self, seqs: &[&[u32]]) -> candle_core::Result<Pass> {
         let spans = spans(seqs);
         let tokens = spans.last().map_or(0, |s| s.end);
-        let x = self.embed(seqs, tokens)?;
-        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
-        let per_token = 2 * self.hidden + self.intermediate;
-        let split = if embedroll_int8::may_split() {
-            split_sequences(&lens, rayon::current_num_threads(), per_token)
+        let threads = if embedroll_int8::may_split() {
+            rayon::current_num_threads()
         } else {
-            None
+            1
         };
-        let h = self.hidden;
-        let groups = match split {
-            None => vec![Group::new((0..seqs.len()).collect(), &spans, x, h)],
-            Some(groups) => groups
-                .into_iter()
-                .map(|seqs| {
-                    let rows = seqs.iter().flat_map(|&i| spans[i].clone());
-                    let x = rows.flat_map(|r| &x[r * h..(r + 1) * h]).copied().collect();
-                    Group::new(seqs, &spans, x, h)
-                })
-                .collect(),
-        };
+        let lanes = lane_rows(tokens, threads)
+            .into_iter()
+            .map(|rows| Lane {
+                rows,
+                attended: Vec::new(),
+                intermediate: Vec::new(),
+            })
+            .collect();
         Ok(Pass {
-            groups,
+            x: self.embed(seqs, tokens)?,
+            qkv: vec![0f32; tokens * 3 * self.hidden],
+            context: vec![0f32; tokens * self.hidden],
             spans,
             tokens,
             layer: 0,
             layers: self.layers.len(),
+            lanes,
         })
     }
 
@@ -498,37 +467,52 @@ impl BertEncoder {
     }
 
     /// Runs the pass's next layer; true once every layer has run.
+    ///
+    /// With a lane per thread the layer is three parallel steps: each thread's rows through
+    /// the QKV projection; attention, tasks shared by all threads; each thread's rows through
+    /// the rest. With one lane, each step splits its own work across the threads.
     pub fn step(&self, pass: &mut Pass) -> bool {
         let Some(layer) = self.layers.get(pass.layer) else {
             return true;
         };
-        if let [group] = pass.groups.as_mut_slice() {
-            self.run_layer(layer, group);
-        } else {
-            pass.groups
-                .par_iter_mut()
-                .for_each(|group| embedroll_int8::on_one_thread(|| self.run_layer(layer, group)));
-        }
+        let h = self.hidden;
+        let Pass {
+            x,
+            qkv,
+            context,
+            lanes,
+            spans,
+            ..
+        } = pass;
+        let lens: Vec<usize> = lanes.iter().map(|l| l.rows.len()).collect();
+        let x_in = &*x;
+        let work: Vec<_> = lanes.iter().zip(rows_mut(qkv, 3 * h, &lens)).collect();
+        for_lanes(work, |(lane, qkv)| {
+            let rows = &lane.rows;
+            let x = &x_in[rows.start * h..rows.end * h];
+            layer.qkv.forward_into(x, rows.len(), qkv);
+        });
+        self.attention(qkv, spans, context);
+        let context = &*context;
+        let work: Vec<_> = lanes.iter_mut().zip(rows_mut(x, h, &lens)).collect();
+        for_lanes(work, |(lane, x)| {
+            let rows = lane.rows.len();
+            let context = &context[lane.rows.start * h..lane.rows.end * h];
+            layer
+                .attention_output
+                .forward(context, rows, &mut lane.attended);
+            layer
+                .attention_norm
+                .add_and_normalize(&mut lane.attended, x);
+            layer
+                .intermediate
+                .forward(&lane.attended, rows, &mut lane.intermediate);
+            self.activate(&mut lane.intermediate);
+            layer.output.forward_into(&lane.intermediate, rows, x);
+            layer.output_norm.add_and_normalize(x, &lane.attended);
+        });
         pass.layer += 1;
         pass.layer == self.layers.len()
-    }
-
-    fn run_layer(&self, layer: &Layer, g: &mut Group) {
-        let tokens = g.tokens;
-        layer.qkv.forward(&g.x, tokens, &mut g.qkv);
-        self.attention(&g.qkv, &g.spans, &mut g.context);
-        layer
-            .attention_output
-            .forward(&g.context, tokens, &mut g.attended);
-        layer
-            .attention_norm
-            .add_and_normalize(&mut g.attended, &g.x);
-        layer
-            .intermediate
-            .forward(&g.attended, tokens, &mut g.intermediate);
-        self.activate(&mut g.intermediate);
-        layer.output.forward(&g.intermediate, tokens, &mut g.x);
-        layer.output_norm.add_and_normalize(&mut g.x, &g.attended);
     }
 
     fn embed(&self, seqs: &[&[u32]], tokens: usize) -> candle_core::Result<Vec<f32>> {
@@ -965,41 +949,34 @@ mod kernels {
 mod tests {
     use super::*;
 
-    const PER_TOKEN: usize = 2 * 384 + 1536;
-
-    fn cost(lens: &[usize], group: &[usize]) -> usize {
-        group.iter().map(|&i| lens[i] * (PER_TOKEN + lens[i])).sum()
-    }
-
     #[test]
-    fn sequences_split_into_even_groups_covering_each_once() {
-        let lens = [12, 30, 7, 22, 19, 25, 9, 16, 28, 11, 14, 20];
-        for parts in [2, 3, 4] {
-            let groups = split_sequences(&lens, parts, PER_TOKEN).expect("an even split");
-            assert_eq!(groups.len(), parts);
-            let mut seen: Vec<usize> = groups.iter().flatten().copied().collect();
-            seen.sort_unstable();
-            assert_eq!(seen, (0..lens.len()).collect::<Vec<_>>());
-            let all: Vec<usize> = (0..lens.len()).collect();
-            let share = cost(&lens, &all) as f64 / parts as f64;
-            for g in &groups {
-                assert!(g.windows(2).all(|w| w[0] < w[1]), "rows keep input order");
-                assert!(cost(&lens, g) as f64 <= share * (1.0 + SPLIT_SLACK));
+    fn lanes_cover_every_row_once_in_near_equal_runs_cut_at_tiles() {
+        for (tokens, threads) in [(64, 2), (227, 2), (682, 2), (1000, 3), (257, 4)] {
+            let lanes = lane_rows(tokens, threads);
+            assert_eq!(lanes.len(), threads, "{tokens} rows, {threads} threads");
+            assert_eq!(lanes.first().unwrap().start, 0);
+            assert_eq!(lanes.last().unwrap().end, tokens);
+            for pair in lanes.windows(2) {
+                assert_eq!(pair[0].end, pair[1].start);
+                assert_eq!(pair[0].end % 6, 0, "cut inside a row tile: {lanes:?}");
+            }
+            for lane in &lanes {
+                let share = tokens as f64 / threads as f64;
+                assert!((lane.len() as f64 - share).abs() <= 6.0, "{lanes:?}");
             }
         }
     }
 
     #[test]
-    fn uneven_or_too_few_sequences_stay_in_one_group() {
-        // One long text among short ones: a thread would hold nearly all the work.
-        assert_eq!(split_sequences(&[256, 8, 9, 10], 2, PER_TOKEN), None);
-        assert_eq!(split_sequences(&[40], 2, PER_TOKEN), None);
-        assert_eq!(split_sequences(&[40, 40], 3, PER_TOKEN), None);
-        assert_eq!(split_sequences(&[40, 40], 1, PER_TOKEN), None);
-        // Longest first, each to the lightest group.
-        assert_eq!(
-            split_sequences(&[40, 41], 2, PER_TOKEN),
-            Some(vec![vec![1], vec![0]])
-        );
+    fn few_rows_or_one_thread_make_one_lane() {
+        let one_lane = |tokens: usize, threads: usize| {
+            let lanes = lane_rows(tokens, threads);
+            lanes.len() == 1 && lanes[0] == (0..tokens)
+        };
+        assert!(one_lane(20, 2));
+        assert!(one_lane(2 * LANE_MIN_ROWS - 1, 2));
+        assert!(!one_lane(2 * LANE_MIN_ROWS, 2));
+        assert!(one_lane(500, 1));
+        assert!(one_lane(0, 2));
     }
 }

@@ -112,11 +112,11 @@ async fn acceptance_curl_example_gives_unit_vectors_equal_to_reference() {
     }
 }
 
-/// A pass whose sequences are shared out to the threads (one group each) gives the same
-/// vectors, bit for bit, as the same pass with every product split across the threads, and
-/// as each text on its own; in f32 and int8.
+/// A pass whose rows are shared out to the threads (a lane each, cut through the middle of a
+/// text) gives the same vectors, bit for bit, as the same pass with every product split across
+/// the threads, and as each text on its own; in f32 and int8.
 #[test]
-fn sequences_shared_out_to_threads_give_the_same_vectors() {
+fn rows_shared_out_to_threads_give_the_same_vectors() {
     use embedder::{Quantization, SentenceModel};
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
@@ -124,28 +124,27 @@ fn sequences_shared_out_to_threads_give_the_same_vectors() {
         .unwrap();
     for quantization in [Quantization::None, Quantization::Int8] {
         let model = SentenceModel::load(MODEL, &common::model_dir(), quantization).unwrap();
-        // Similar lengths, so the split is even enough to be taken.
+        // Enough rows for a lane per thread.
         let texts: Vec<String> = (0..12)
             .map(|i| format!("ticket {i}: the canary's p95 latency rose after rollout {i}"))
             .collect();
         let ids: Vec<Vec<u32>> = texts.iter().map(|t| model.tokenize(t).unwrap()).collect();
         let batch: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let (split, groups) = pool.install(|| {
-            let pass = model.begin(&batch).unwrap();
-            let groups = pass.groups();
-            (model.embed(&batch).unwrap(), groups)
+        let (split, lanes) = pool.install(|| {
+            let lanes = model.begin(&batch).unwrap().lanes();
+            (model.embed(&batch).unwrap(), lanes)
         });
         assert_eq!(
-            groups, 2,
-            "{quantization:?}: the pass was not split by sequence"
+            lanes, 2,
+            "{quantization:?}: the pass was not shared out by rows"
         );
-        let (whole, groups) = pool.install(|| {
+        let (whole, lanes) = pool.install(|| {
             embedroll_int8::on_one_thread(|| {
-                let groups = model.begin(&batch).unwrap().groups();
-                (model.embed(&batch).unwrap(), groups)
+                let lanes = model.begin(&batch).unwrap().lanes();
+                (model.embed(&batch).unwrap(), lanes)
             })
         });
-        assert_eq!(groups, 1);
+        assert_eq!(lanes, 1);
         assert_eq!(split, whole, "{quantization:?}: split pass differs");
         for (i, seq) in batch.iter().enumerate() {
             let alone = pool.install(|| model.embed(&[seq]).unwrap());

@@ -48,12 +48,23 @@ impl PackedLinear {
         self.forward_with(Level::detect(), x, rows, out);
     }
 
+    /// [`forward`](Self::forward) into a slice of exactly `rows × n_out` floats (rows of a
+    /// larger matrix).
+    pub fn forward_into(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        self.forward_into_with(Level::detect(), x, rows, out);
+    }
+
     /// [`forward`](Self::forward) with a given kernel (tests).
     pub fn forward_with(&self, level: Level, x: &[f32], rows: usize, out: &mut Vec<f32>) {
+        // Every output is written, so stale values need no zeroing.
+        out.resize(rows * self.n_out, 0.0);
+        self.forward_into_with(level, x, rows, out);
+    }
+
+    fn forward_into_with(&self, level: Level, x: &[f32], rows: usize, out: &mut [f32]) {
         assert!(level.supported(), "{level:?} is not supported here");
         assert_eq!(x.len(), rows * self.n_in, "activation size");
-        out.clear();
-        out.resize(rows * self.n_out, 0.0);
+        assert_eq!(out.len(), rows * self.n_out, "output size");
         let panels = self.n_out.div_ceil(PANEL);
         let ptr = OutPtr(out.as_mut_ptr());
         for_each_tile(
@@ -360,7 +371,8 @@ mod tests {
             let b: Vec<f32> = (0..n_out).map(|_| rng.random_range(-1.0..1.0)).collect();
             let layer = PackedLinear::new(&w, &b, n_out, n_in);
             for &level in &levels {
-                let mut out = Vec::new();
+                // Stale values in a reused buffer: every output must be written.
+                let mut out = vec![f32::NAN; rows * n_out];
                 layer.forward_with(level, &x, rows, &mut out);
                 for r in 0..rows {
                     for n in 0..n_out {

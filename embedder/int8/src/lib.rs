@@ -309,12 +309,23 @@ impl QuantizedLinear {
         self.forward_with(selected(), x, rows, out);
     }
 
+    /// [`forward`](Self::forward) into a slice of exactly `rows × n_out` floats (rows of a
+    /// larger matrix).
+    pub fn forward_into(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        self.forward_into_with(selected(), x, rows, out);
+    }
+
     /// [`forward`](Self::forward) with a given kernel (benchmarks and tests).
     pub fn forward_with(&self, isa: Isa, x: &[f32], rows: usize, out: &mut Vec<f32>) {
-        assert!(isa.supported(), "{} is not supported here", isa.name());
-        let quantized = QuantizedRows::new(isa, x, rows, self.n_in);
-        out.clear();
+        // Every output is written, so stale values need no zeroing.
         out.resize(rows * self.n_out, 0.0);
+        self.forward_into_with(isa, x, rows, out);
+    }
+
+    fn forward_into_with(&self, isa: Isa, x: &[f32], rows: usize, out: &mut [f32]) {
+        assert!(isa.supported(), "{} is not supported here", isa.name());
+        assert_eq!(out.len(), rows * self.n_out, "output size");
+        let quantized = QuantizedRows::new(isa, x, rows, self.n_in);
         self.multiply(&quantized, out);
     }
 
@@ -577,7 +588,8 @@ mod tests {
             let mut expected = Vec::new();
             layer.forward_with(Isa::Portable, &x, rows, &mut expected);
             for &isa in &available {
-                let mut got = Vec::new();
+                // Stale values in a reused buffer: every output must be written.
+                let mut got = vec![f32::NAN; rows * n_out];
                 layer.forward_with(isa, &x, rows, &mut got);
                 assert_eq!(got.len(), rows * n_out);
                 for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
