@@ -6,6 +6,11 @@ Modes:
   batch-32  32 texts per call, sequential: texts/s and per-call latency
   serve-32c 32 concurrent clients sending one text each (embedder only: what dynamic
             batching buys a server; compared with the peer's batch-32 throughput)
+  serve-4x32 4 concurrent clients sending 32 texts each (embedder only, likewise)
+
+batch-1 and batch-32 run --rounds times per side, the sides alternating which goes first;
+the table gives the median round's rate and latency percentiles over all calls, then each
+round's ratio.
 """
 
 import argparse
@@ -116,6 +121,8 @@ def main() -> None:
     parser.add_argument("--batched", type=int, default=1024, help="texts in the batch-32 runs")
     parser.add_argument("--texts", choices=["mixed", "short"], default="mixed",
                         help="mixed: 4 to 60 words; short: 6 to 20 words (queries, titles)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="batch-1 and batch-32 phases per side, alternating; the median round counts")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     make = make_texts if args.texts == "mixed" else make_short_texts
@@ -157,43 +164,70 @@ def main() -> None:
             file=sys.stderr,
         )
 
-    print("measuring (sequential phases; each side idle while the other runs)", file=sys.stderr)
-    el, lat = timed_calls(lambda b: embedder.embed(conn, b), [[t] for t in single])
-    record("batch-1", "embedder", el, lat, len(single))
-    el, lat = timed_calls(lambda b: peer.encode(b, batch_size=1), [[t] for t in single])
-    record("batch-1", "sentence-transformers", el, lat, len(single))
-    el, lat = timed_calls(lambda b: embedder.embed(conn, b), chunks(batched, 32))
-    record("batch-32", "embedder", el, lat, len(batched))
-    el, lat = timed_calls(lambda b: peer.encode(b, batch_size=32), chunks(batched, 32))
-    record("batch-32", "sentence-transformers", el, lat, len(batched))
+    print(
+        f"measuring {args.rounds} rounds, the two sides alternating (each idle while the other runs)",
+        file=sys.stderr,
+    )
+    sides = {
+        "embedder": lambda b: embedder.embed(conn, b),
+        "sentence-transformers": lambda b: peer.encode(b, batch_size=len(b)),
+    }
+    runs = {}
+    for round_ in range(args.rounds):
+        # Alternate who goes first: this VM's speed drifts by 15-30% over minutes, and a
+        # fixed order would hand the drift to one side.
+        order = list(sides) if round_ % 2 == 0 else list(sides)[::-1]
+        for mode, batches, n in [("batch-1", [[t] for t in single], len(single)),
+                                 ("batch-32", chunks(batched, 32), len(batched))]:
+            for who in order:
+                el, lat = timed_calls(sides[who], batches)
+                runs.setdefault((mode, who), []).append((n / el, lat))
+                print(f"  round {round_ + 1} {mode:9s} {who:21s} {n / el:8.1f} texts/s", file=sys.stderr)
+    for (mode, who), rs in runs.items():
+        # The median round's rate; latency percentiles over every call of every round.
+        rate = statistics.median(r for r, _ in rs)
+        lat = [x for _, l in rs for x in l]
+        results[(mode, who)] = {
+            "texts_per_s": rate,
+            "p50_ms": pct(lat, 0.50) * 1000,
+            "p95_ms": pct(lat, 0.95) * 1000,
+            "rounds": [r for r, _ in rs],
+        }
 
-    # 32 concurrent clients, one text per request: dynamic batching at work.
-    latencies, lock = [], threading.Lock()
-    queue = list(batched)
+    def concurrent(mode: str, clients: int, per_request: int) -> None:
+        """`clients` connections posting `per_request` texts at a time until all are sent."""
+        latencies, lock = [], threading.Lock()
+        queue = chunks(list(batched), per_request)
 
-    def client():
-        c = embedder.connection()
-        while True:
-            with lock:
-                if not queue:
-                    return
-                text = queue.pop()
-            t0 = time.perf_counter()
-            embedder.embed(c, [text])
-            with lock:
-                latencies.append(time.perf_counter() - t0)
+        def client():
+            c = embedder.connection()
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    texts = queue.pop()
+                t0 = time.perf_counter()
+                embedder.embed(c, texts)
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
 
-    start = time.perf_counter()
-    workers = [threading.Thread(target=client) for _ in range(32)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    record("serve-32c", "embedder", time.perf_counter() - start, latencies, len(batched))
+        start = time.perf_counter()
+        workers = [threading.Thread(target=client) for _ in range(clients)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        record(mode, "embedder", time.perf_counter() - start, latencies, len(batched))
+
+    # Dynamic batching at work: 32 clients with one text each, and the check the
+    # AVX2-only issue was filed from (4 clients posting 32 texts each).
+    concurrent("serve-32c", 32, 1)
+    concurrent("serve-4x32", 4, 32)
 
     b1, b1p = results[("batch-1", "embedder")], results[("batch-1", "sentence-transformers")]
     b32, b32p = results[("batch-32", "embedder")], results[("batch-32", "sentence-transformers")]
     serve = results[("serve-32c", "embedder")]
+    serve4 = results[("serve-4x32", "embedder")]
     print()
     print(f"embedder vs sentence-transformers, all-MiniLM-L6-v2, {args.texts} texts, {args.threads} threads")
     print(f"CPU: {cpu_line()}")
@@ -202,13 +236,19 @@ def main() -> None:
         print(f"peer limited to: {limits}; embedder built without its avx512 feature")
     print(f"| mode | embedder texts/s | ST texts/s | throughput ratio | embedder P50/P95 ms | ST P50/P95 ms |")
     print(f"|---|---|---|---|---|---|")
-    for mode, ours_r, peer_r in [("batch 1", b1, b1p), ("batch 32", b32, b32p), ("32 clients x 1 text", serve, b32p)]:
+    for mode, ours_r, peer_r in [("batch 1", b1, b1p), ("batch 32", b32, b32p), ("32 clients x 1 text", serve, b32p),
+                                 ("4 clients x 32 texts", serve4, b32p)]:
         print(
             f"| {mode} | {ours_r['texts_per_s']:.1f} | {peer_r['texts_per_s']:.1f} | "
             f"{ours_r['texts_per_s'] / peer_r['texts_per_s']:.2f}x | "
             f"{ours_r['p50_ms']:.2f} / {ours_r['p95_ms']:.2f} | {peer_r['p50_ms']:.2f} / {peer_r['p95_ms']:.2f} |"
         )
-    print(f"(32 clients x 1 text is compared with the peer's batch-32 throughput; its latency includes queueing)")
+    print("(the concurrent rows are compared with the peer's batch-32 throughput; their latency includes queueing)")
+    for mode in ("batch-1", "batch-32"):
+        ours_r = results[(mode, "embedder")]["rounds"]
+        peer_r = results[(mode, "sentence-transformers")]["rounds"]
+        ratios = ", ".join(f"{o / p:.2f}x" for o, p in zip(ours_r, peer_r))
+        print(f"{mode} ratio per round: {ratios} (median rounds above)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({f"{m}/{w}": v for (m, w), v in results.items()}, f, indent=2)
