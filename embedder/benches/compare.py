@@ -152,12 +152,14 @@ def main() -> None:
         embedder.embed(conn, batch)
         peer.encode(batch, batch_size=8)
 
-    def record(mode, who, elapsed, latencies, n_texts):
+    def record(mode, who, rate, latencies, rounds=None):
         results[(mode, who)] = {
-            "texts_per_s": n_texts / elapsed,
+            "texts_per_s": rate,
             "p50_ms": pct(latencies, 0.50) * 1000 if latencies else float("nan"),
             "p95_ms": pct(latencies, 0.95) * 1000 if latencies else float("nan"),
         }
+        if rounds:
+            results[(mode, who)]["rounds"] = rounds
         r = results[(mode, who)]
         print(
             f"  {mode:9s} {who:21s} {r['texts_per_s']:8.1f} texts/s  p50 {r['p50_ms']:7.2f} ms  p95 {r['p95_ms']:7.2f} ms",
@@ -185,14 +187,8 @@ def main() -> None:
                 print(f"  round {round_ + 1} {mode:9s} {who:21s} {n / el:8.1f} texts/s", file=sys.stderr)
     for (mode, who), rs in runs.items():
         # The median round's rate; latency percentiles over every call of every round.
-        rate = statistics.median(r for r, _ in rs)
-        lat = [x for _, l in rs for x in l]
-        results[(mode, who)] = {
-            "texts_per_s": rate,
-            "p50_ms": pct(lat, 0.50) * 1000,
-            "p95_ms": pct(lat, 0.95) * 1000,
-            "rounds": [r for r, _ in rs],
-        }
+        rates = [r for r, _ in rs]
+        record(mode, who, statistics.median(rates), [x for _, l in rs for x in l], rates)
 
     def concurrent(mode: str, clients: int, per_request: int) -> None:
         """`clients` connections posting `per_request` texts at a time until all are sent."""
@@ -217,7 +213,7 @@ def main() -> None:
             w.start()
         for w in workers:
             w.join()
-        record(mode, "embedder", time.perf_counter() - start, latencies, len(batched))
+        record(mode, "embedder", len(batched) / (time.perf_counter() - start), latencies)
 
     # Dynamic batching at work: 32 clients with one text each, and the check the
     # AVX2-only issue was filed from (4 clients posting 32 texts each).

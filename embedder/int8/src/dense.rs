@@ -198,36 +198,6 @@ mod x86 {
         per_step: usize,
     }
 
-    /// Walks a job `$np` panels at a time over all its rows in tiles of up to `$mr` rows,
-    /// prefetching the next panels' weights ([`Prefetch`]).
-    macro_rules! walk_prefetching {
-        ($job:expr, $mr:expr, $np:expr, $tile:ident) => {{
-            let job = $job;
-            let k = job.n_in;
-            let steps = job.rows.len().div_ceil($mr) * k.div_ceil(PREFETCH_EVERY);
-            let mut p = job.panels.start;
-            while p < job.panels.end {
-                let np = (job.panels.end - p).min($np);
-                // The next group's panels are contiguous: k lines of 16 floats each.
-                let next = (p + np)..(p + np + $np).min(job.panels.end);
-                let lines = next.len() * k;
-                let mut prefetch = Prefetch {
-                    from: job.packed[next.start.min(job.panels.end - 1) * k * PANEL..].as_ptr(),
-                    line: 0,
-                    lines,
-                    per_step: lines.div_ceil(steps.max(1)),
-                };
-                let mut r = job.rows.start;
-                while r < job.rows.end {
-                    let mr = (job.rows.end - r).min($mr);
-                    sized_tile!($tile, mr, np, job, r, p, &mut prefetch);
-                    r += mr;
-                }
-                p += np;
-            }
-        }};
-    }
-
     impl Prefetch {
         #[inline(always)]
         fn step(&mut self) {
@@ -288,8 +258,26 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn avx2(job: &Job) {
-        // SAFETY: this function's features are the tile's.
-        unsafe { walk_prefetching!(job, 6, 1, tile_avx2) }
+        const MR: usize = 6;
+        let k = job.n_in;
+        let steps = job.rows.len().div_ceil(MR) * k.div_ceil(PREFETCH_EVERY);
+        for p in job.panels.clone() {
+            // The next panel, if this job has one: k lines of 16 floats.
+            let lines = if p + 1 < job.panels.end { k } else { 0 };
+            let mut prefetch = Prefetch {
+                from: job.packed[(p + 1).min(job.panels.end - 1) * k * PANEL..].as_ptr(),
+                line: 0,
+                lines,
+                per_step: lines.div_ceil(steps.max(1)),
+            };
+            let mut r = job.rows.start;
+            while r < job.rows.end {
+                let mr = (job.rows.end - r).min(MR);
+                // SAFETY: this function's features are the tile's.
+                unsafe { sized_tile!(tile_avx2, mr, 1, job, r, p, &mut prefetch) };
+                r += mr;
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
