@@ -162,7 +162,9 @@ unsafe fn portable(job: &Job) {
             let panel = &job.packed[p * job.n_in * PANEL..][..job.n_in * PANEL];
             for (w, &a) in panel.chunks_exact(PANEL).zip(x) {
                 for (acc, &w) in acc.iter_mut().zip(w) {
-                    *acc = a.mul_add(w, *acc);
+                    // Not `mul_add`: without FMA in the target (an x86 CPU before AVX2 is
+                    // the one that lands here) it is a libm call per product, ~100x slower.
+                    *acc += a * w;
                 }
             }
             let n0 = p * PANEL;

@@ -1,0 +1,120 @@
+//! Per-core rate of every matrix kernel this CPU runs, f32 and int8, on the linear layers of
+//! one all-MiniLM-L6-v2 layer (384→1152, 384→384, 384→1536, 1536→384) at the row counts the
+//! server sees: one short text (21 rows), one thread's lane of 32 short texts (331), and a
+//! whole 32-text pass (662). No model needed: weights and activations are random, which
+//! costs the kernels the same as real ones.
+//! `cargo bench -p embedroll-int8 --bench kernels`.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use embedroll_int8::dense::{Level, PackedLinear};
+use embedroll_int8::{Isa, QuantizedLinear, on_one_thread};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const SHAPES: [(usize, usize); 4] = [(384, 1152), (384, 384), (384, 1536), (1536, 384)];
+const ROWS: [usize; 3] = [21, 331, 662];
+
+fn random(rng: &mut StdRng, n: usize, spread: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-spread..spread)).collect()
+}
+
+/// Best of five timings of `pass`, each repeated for at least 50 ms; returns GFLOP/s.
+fn rate(flops: f64, mut pass: impl FnMut()) -> f64 {
+    let mut best = Duration::MAX;
+    for _ in 0..5 {
+        let (start, mut n) = (Instant::now(), 0u32);
+        while n == 0 || start.elapsed() < Duration::from_millis(50) {
+            pass();
+            n += 1;
+        }
+        best = best.min(start.elapsed() / n);
+    }
+    flops / best.as_secs_f64() / 1e9
+}
+
+fn main() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let flags = [
+            ("avx2", has!("avx2")),
+            ("fma", has!("fma")),
+            ("avx512f", has!("avx512f")),
+            ("avx512bw", has!("avx512bw")),
+            ("avx512vl", has!("avx512vl")),
+            ("avx512vnni", has!("avx512vnni")),
+            ("avxvnni", has!("avxvnni")),
+        ];
+        let on: Vec<_> = flags.iter().filter(|f| f.1).map(|f| f.0).collect();
+        println!("cpu flags: {}", on.join(" "));
+    }
+    let mut rng = StdRng::seed_from_u64(7);
+    let layers: Vec<_> = SHAPES
+        .iter()
+        .map(|&(n_in, n_out)| {
+            let w = random(&mut rng, n_in * n_out, 0.08);
+            let b = random(&mut rng, n_out, 0.1);
+            (
+                n_in,
+                PackedLinear::new(&w, &b, n_out, n_in),
+                QuantizedLinear::new(&w, &b, n_out, n_in),
+            )
+        })
+        .collect();
+    let inputs: Vec<Vec<Vec<f32>>> = ROWS
+        .iter()
+        .map(|&rows| {
+            SHAPES
+                .iter()
+                .map(|&(n_in, _)| random(&mut rng, rows * n_in, 2.0))
+                .collect()
+        })
+        .collect();
+    let flops = |rows: usize| -> f64 {
+        SHAPES
+            .iter()
+            .map(|&(n_in, n_out)| 2.0 * (rows * n_in * n_out) as f64)
+            .sum()
+    };
+
+    println!("GFLOP/s (int8: GOP/s) on one thread, one layer's linears, by rows:");
+    print!("{:<22}", "kernel");
+    for rows in ROWS {
+        print!("{:>10}", format!("{rows} rows"));
+    }
+    println!();
+    let mut out = Vec::new();
+    for level in [Level::Avx512, Level::Avx2, Level::Portable] {
+        if !level.supported() {
+            continue;
+        }
+        print!("{:<22}", format!("f32 {level:?}"));
+        for (i, &rows) in ROWS.iter().enumerate() {
+            let r = on_one_thread(|| {
+                rate(flops(rows), || {
+                    for (l, (_, f32_layer, _)) in layers.iter().enumerate() {
+                        f32_layer.forward_with(level, black_box(&inputs[i][l]), rows, &mut out);
+                    }
+                })
+            });
+            print!("{r:>10.1}");
+        }
+        println!();
+    }
+    for isa in Isa::available() {
+        print!("{:<22}", format!("int8 {}", isa.name()));
+        for (i, &rows) in ROWS.iter().enumerate() {
+            let r = on_one_thread(|| {
+                rate(flops(rows), || {
+                    for (l, (_, _, int8_layer)) in layers.iter().enumerate() {
+                        int8_layer.forward_with(isa, black_box(&inputs[i][l]), rows, &mut out);
+                    }
+                })
+            });
+            print!("{r:>10.1}");
+        }
+        println!();
+    }
+}
