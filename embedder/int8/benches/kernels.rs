@@ -2,10 +2,14 @@
 //! one all-MiniLM-L6-v2 layer (384→1152, 384→384, 384→1536, 1536→384) at the row counts the
 //! server sees: one short text (21 rows), one thread's lane of 32 short texts (331), and a
 //! whole 32-text pass (662). No model needed: weights and activations are random, which
-//! costs the kernels the same as real ones.
+//! costs the kernels the same as real ones. Then the fastest f32 and int8 kernels over six
+//! layers of distinct weights (the model's size, past L2 and close to L3), one thread alone and
+//! two at once on their own rows, as the server's lanes run: how much a core loses to its
+//! neighbour (shared caches and memory, clock, or a shared physical core under SMT).
 //! `cargo bench -p embedroll-int8 --bench kernels`.
 
 use std::hint::black_box;
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use embedroll_int8::dense::{Level, PackedLinear};
@@ -15,6 +19,10 @@ use rand::{Rng, SeedableRng};
 
 const SHAPES: [(usize, usize); 4] = [(384, 1152), (384, 384), (384, 1536), (1536, 384)];
 const ROWS: [usize; 3] = [21, 331, 662];
+const LAYERS: usize = 6;
+/// Rows per thread in the two-thread table: a 256-token pass (the default budget) and 32
+/// short texts in one pass, each cut in two lanes.
+const LANE_ROWS: [usize; 2] = [128, 331];
 
 fn random(rng: &mut StdRng, n: usize, spread: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-spread..spread)).collect()
@@ -114,6 +122,82 @@ fn main() {
                 })
             });
             print!("{r:>10.1}");
+        }
+        println!();
+    }
+
+    let model: Vec<_> = (0..LAYERS * SHAPES.len())
+        .map(|i| {
+            let (n_in, n_out) = SHAPES[i % SHAPES.len()];
+            let w = random(&mut rng, n_in * n_out, 0.08);
+            let b = random(&mut rng, n_out, 0.1);
+            (
+                PackedLinear::new(&w, &b, n_out, n_in),
+                QuantizedLinear::new(&w, &b, n_out, n_in),
+            )
+        })
+        .collect();
+    let (level, isa) = (Level::detect(), Isa::detect());
+    println!(
+        "\n{LAYERS} layers of distinct weights ({:.1} MB f32, {:.1} MB int8), per core, one thread alone / two at once:",
+        model.iter().map(|l| l.0.bytes()).sum::<usize>() as f64 / 1e6,
+        model.iter().map(|l| l.1.bytes()).sum::<usize>() as f64 / 1e6,
+    );
+    print!("{:<22}", "kernel");
+    for rows in LANE_ROWS {
+        print!("{:>18}", format!("{rows} rows each"));
+    }
+    println!();
+    for int8 in [false, true] {
+        let name = if int8 {
+            format!("int8 {}", isa.name())
+        } else {
+            format!("f32 {level:?}")
+        };
+        print!("{name:<22}");
+        for rows in LANE_ROWS {
+            let pass = |x: &[Vec<f32>], out: &mut Vec<f32>| {
+                for (l, (f32_layer, int8_layer)) in model.iter().enumerate() {
+                    let x = black_box(&x[l % SHAPES.len()]);
+                    if int8 {
+                        int8_layer.forward_with(isa, x, rows, out);
+                    } else {
+                        f32_layer.forward_with(level, x, rows, out);
+                    }
+                }
+            };
+            let flops = LAYERS as f64 * flops(rows);
+            let xs: Vec<Vec<Vec<f32>>> = (0..2)
+                .map(|_| {
+                    SHAPES
+                        .iter()
+                        .map(|&(n_in, _)| random(&mut rng, rows * n_in, 2.0))
+                        .collect()
+                })
+                .collect();
+            let alone = on_one_thread(|| {
+                let mut out = Vec::new();
+                rate(flops, || pass(&xs[0], &mut out))
+            });
+            let start = Barrier::new(2);
+            let together: Vec<f64> = std::thread::scope(|scope| {
+                let workers: Vec<_> = xs
+                    .iter()
+                    .map(|x| {
+                        let start = &start;
+                        scope.spawn(move || {
+                            on_one_thread(|| {
+                                let mut out = Vec::new();
+                                start.wait();
+                                rate(flops, || pass(x, &mut out))
+                            })
+                        })
+                    })
+                    .collect();
+                workers.into_iter().map(|w| w.join().unwrap()).collect()
+            });
+            let both = together.iter().sum::<f64>() / 2.0;
+            print!("{:>18}", format!("{alone:.1} / {both:.1}"));
         }
         println!();
     }
