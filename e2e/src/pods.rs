@@ -407,6 +407,12 @@ impl Kubelet {
         let path = http.path.clone().unwrap_or_else(|| "/".into());
         let period = Duration::from_secs(probe.period_seconds.unwrap_or(10).max(1) as u64);
         let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
+        let thresholds = (
+            probe.failure_threshold.unwrap_or(3).max(1) as u32,
+            probe.success_threshold.unwrap_or(1).max(1) as u32,
+        );
+        let mut readiness = Readiness::new(thresholds);
+        let mut process = None;
         tokio::time::sleep(Duration::from_secs(
             probe.initial_delay_seconds.unwrap_or(0).max(0) as u64,
         ))
@@ -425,7 +431,12 @@ impl Kubelet {
             let changed = {
                 let mut states = lock(&running.containers);
                 let state = states.entry(container.name.clone()).or_default();
-                let ready = ok && state.pid.is_some();
+                // A restarted process starts unready, whatever the last one's probes said.
+                if state.pid != process {
+                    process = state.pid;
+                    readiness = Readiness::new(thresholds);
+                }
+                let ready = state.pid.is_some() && readiness.observe(ok);
                 let changed = state.ready != ready;
                 state.ready = ready;
                 changed
@@ -568,6 +579,50 @@ impl Kubelet {
     }
 }
 
+/// A container's readiness from its probe results, as a kubelet keeps it: a ready container
+/// turns unready only after `failureThreshold` failures in a row (Kubernetes' default 3), an
+/// unready one ready after `successThreshold` successes in a row (default 1). Flipping on one
+/// failure, as this kubelet first did, drops a pod from its Service on a single slow answer
+/// under load, which no real cluster does with these settings.
+#[derive(Debug)]
+struct Readiness {
+    failure_threshold: u32,
+    success_threshold: u32,
+    ready: bool,
+    /// Results in a row that disagree with `ready`.
+    against: u32,
+}
+
+impl Readiness {
+    fn new((failure_threshold, success_threshold): (u32, u32)) -> Self {
+        Self {
+            failure_threshold,
+            success_threshold,
+            ready: false,
+            against: 0,
+        }
+    }
+
+    /// Records one probe result; whether the container is ready now.
+    fn observe(&mut self, ok: bool) -> bool {
+        if ok == self.ready {
+            self.against = 0;
+            return self.ready;
+        }
+        self.against += 1;
+        let needed = if ok {
+            self.success_threshold
+        } else {
+            self.failure_threshold
+        };
+        if self.against >= needed {
+            self.ready = ok;
+            self.against = 0;
+        }
+        self.ready
+    }
+}
+
 /// A plain HTTP/1.0 GET; 2xx and 3xx count as success, as for a kubelet's httpGet probe.
 async fn http_ok(ip: Ipv4Addr, port: u16, path: &str) -> bool {
     let Ok(mut stream) = tokio::net::TcpStream::connect((ip, port)).await else {
@@ -578,11 +633,16 @@ async fn http_ok(ip: Ipv4Addr, port: u16, path: &str) -> bool {
     if stream.write_all(request.as_bytes()).await.is_err() {
         return false;
     }
-    let mut head = [0u8; 16];
-    let Ok(n) = stream.read(&mut head).await else {
-        return false;
-    };
-    let line = String::from_utf8_lossy(&head[..n]);
+    // The status line, however the bytes arrive: one read may return only part of it.
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 256];
+    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 1024 {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
     line.split_whitespace()
         .nth(1)
         .and_then(|code| code.parse::<u16>().ok())
@@ -598,4 +658,32 @@ fn signal(pid: u32, name: &str) {
 
 fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Readiness;
+
+    #[test]
+    fn readiness_follows_the_probe_thresholds() {
+        // Kubernetes' defaults: failureThreshold 3, successThreshold 1.
+        let mut r = Readiness::new((3, 1));
+        assert!(!r.observe(false), "starts unready");
+        assert!(r.observe(true), "one success makes it ready");
+        assert!(r.observe(false), "one slow answer does not drop it");
+        assert!(r.observe(false));
+        assert!(r.observe(true), "a success in between resets the count");
+        assert!(r.observe(false) && r.observe(false));
+        assert!(!r.observe(false), "the third failure in a row does");
+        assert!(!r.observe(false));
+        assert!(r.observe(true));
+
+        let mut strict = Readiness::new((1, 2));
+        assert!(!strict.observe(true), "needs two successes");
+        assert!(strict.observe(true));
+        assert!(
+            !strict.observe(false),
+            "one failure is enough at threshold 1"
+        );
+    }
 }
