@@ -161,7 +161,9 @@ pub fn interval(spec: &EmbeddingRolloutSpec) -> Duration {
 
 /// The range analysis queries look back over: everything since the current step began (so a
 /// quiet service accumulates evidence instead of judging each interval alone), at least one
-/// interval, in whole seconds.
+/// interval, in whole seconds rounded down. Rounding up reached back before the step: into
+/// the vector check's batches to the canary, just before its first weight, which at 1% could
+/// be most of the canary's requests in the window and failed it on their latency.
 pub fn evidence_window(
     status: &EmbeddingRolloutStatus,
     interval: Duration,
@@ -170,11 +172,8 @@ pub fn evidence_window(
     let since_step = at(&status.step_started_at)
         .and_then(|started| Duration::try_from(now.duration_since(started)).ok())
         .unwrap_or(Duration::ZERO);
-    if since_step <= interval {
-        return interval;
-    }
     // Whole seconds: a range of `37.25s` is valid PromQL but reads badly in status.
-    Duration::from_secs(since_step.as_secs() + u64::from(since_step.subsec_nanos() > 0))
+    Duration::from_secs(since_step.as_secs()).max(interval)
 }
 
 pub(crate) fn plus(t: Timestamp, d: Duration) -> Timestamp {

@@ -807,11 +807,15 @@ fn evidence_accumulates_over_the_step() {
         evidence_window(&st, interval, t(95)),
         Duration::from_secs(95)
     );
+    // Never back past the step's start: the vector check's requests to the canary come just
+    // before its first weight, and are not the canary's traffic.
     let half = t(95).checked_add(SignedDuration::from_millis(500)).unwrap();
     assert_eq!(
         evidence_window(&st, interval, half),
-        Duration::from_secs(96)
+        Duration::from_secs(95)
     );
+    let just_after = t(3).checked_add(SignedDuration::from_millis(120)).unwrap();
+    assert_eq!(evidence_window(&st, interval, just_after), interval);
 }
 
 #[test]
