@@ -24,6 +24,36 @@ const LAYERS: usize = 6;
 /// short texts in one pass, each cut in two lanes.
 const LANE_ROWS: [usize; 2] = [128, 331];
 
+#[derive(Clone, Copy)]
+enum Kernel {
+    F32(Level),
+    Int8(Isa),
+}
+
+impl Kernel {
+    fn name(self) -> String {
+        match self {
+            Kernel::F32(level) => format!("f32 {level:?}"),
+            Kernel::Int8(isa) => format!("int8 {}", isa.name()),
+        }
+    }
+
+    /// One layer through this kernel: the f32 or the int8 form of the same weights.
+    fn forward(
+        self,
+        f32_layer: &PackedLinear,
+        int8_layer: &QuantizedLinear,
+        x: &[f32],
+        rows: usize,
+        out: &mut Vec<f32>,
+    ) {
+        match self {
+            Kernel::F32(level) => f32_layer.forward_with(level, x, rows, out),
+            Kernel::Int8(isa) => int8_layer.forward_with(isa, x, rows, out),
+        }
+    }
+}
+
 fn random(rng: &mut StdRng, n: usize, spread: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-spread..spread)).collect()
 }
@@ -94,30 +124,19 @@ fn main() {
     }
     println!();
     let mut out = Vec::new();
-    for level in [Level::Avx512, Level::Avx2, Level::Portable] {
-        if !level.supported() {
-            continue;
-        }
-        print!("{:<22}", format!("f32 {level:?}"));
+    let every = [Level::Avx512, Level::Avx2, Level::Portable]
+        .into_iter()
+        .filter(|level| level.supported())
+        .map(Kernel::F32)
+        .chain(Isa::available().into_iter().map(Kernel::Int8));
+    for kernel in every {
+        print!("{:<22}", kernel.name());
         for (i, &rows) in ROWS.iter().enumerate() {
             let r = on_one_thread(|| {
                 rate(flops(rows), || {
-                    for (l, (_, f32_layer, _)) in layers.iter().enumerate() {
-                        f32_layer.forward_with(level, black_box(&inputs[i][l]), rows, &mut out);
-                    }
-                })
-            });
-            print!("{r:>10.1}");
-        }
-        println!();
-    }
-    for isa in Isa::available() {
-        print!("{:<22}", format!("int8 {}", isa.name()));
-        for (i, &rows) in ROWS.iter().enumerate() {
-            let r = on_one_thread(|| {
-                rate(flops(rows), || {
-                    for (l, (_, _, int8_layer)) in layers.iter().enumerate() {
-                        int8_layer.forward_with(isa, black_box(&inputs[i][l]), rows, &mut out);
+                    for (l, (_, f32_layer, int8_layer)) in layers.iter().enumerate() {
+                        let x = black_box(&inputs[i][l]);
+                        kernel.forward(f32_layer, int8_layer, x, rows, &mut out);
                     }
                 })
             });
@@ -148,22 +167,13 @@ fn main() {
         print!("{:>18}", format!("{rows} rows each"));
     }
     println!();
-    for int8 in [false, true] {
-        let name = if int8 {
-            format!("int8 {}", isa.name())
-        } else {
-            format!("f32 {level:?}")
-        };
-        print!("{name:<22}");
+    for kernel in [Kernel::F32(level), Kernel::Int8(isa)] {
+        print!("{:<22}", kernel.name());
         for rows in LANE_ROWS {
             let pass = |x: &[Vec<f32>], out: &mut Vec<f32>| {
                 for (l, (f32_layer, int8_layer)) in model.iter().enumerate() {
                     let x = black_box(&x[l % SHAPES.len()]);
-                    if int8 {
-                        int8_layer.forward_with(isa, x, rows, out);
-                    } else {
-                        f32_layer.forward_with(level, x, rows, out);
-                    }
+                    kernel.forward(f32_layer, int8_layer, x, rows, out);
                 }
             };
             let flops = LAYERS as f64 * flops(rows);
