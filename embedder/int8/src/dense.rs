@@ -163,7 +163,8 @@ unsafe fn portable(job: &Job) {
             for (w, &a) in panel.chunks_exact(PANEL).zip(x) {
                 for (acc, &w) in acc.iter_mut().zip(w) {
                     // Not `mul_add`: without FMA in the target (an x86 CPU before AVX2 is
-                    // the one that lands here) it is a libm call per product, ~100x slower.
+                    // the one that lands here) it is a libm call per product (kernels
+                    // bench: 0.6 against 34.5 GFLOP/s).
                     *acc += a * w;
                 }
             }
