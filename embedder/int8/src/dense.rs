@@ -182,49 +182,34 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::Job;
-    use crate::PANEL;
+    use crate::{CacheLevel, PANEL, PREFETCH_EVERY, Prefetch};
 
-    /// Inner-dimension steps between two prefetches in a tile.
-    const PREFETCH_EVERY: usize = 16;
-
-    /// The next panel's weights, prefetched into L1 a few lines per `PREFETCH_EVERY` steps
-    /// while the current panel's row tiles run (AVX2 tile). A model's weights outgrow L3, so
-    /// each panel comes from memory, and the hardware prefetcher, on one 64-byte line per 12
-    /// FMAs, falls behind on a panel's first tiles. One thread over a 6-layer encoder's distinct
-    /// weights, GFLOP/s: 98-99 → 109-111 at 120 rows, 66 → 85-91 at 20 rows (with the weights
-    /// in cache: ~110 and ~99). The AVX-512 tile reads four panels at once and gains nothing
-    /// measurable from it (its next four panels do not fit L1 beside the current ones).
-    pub(super) struct Prefetch {
-        from: *const f32,
-        line: usize,
-        lines: usize,
-        per_step: usize,
-    }
-
-    impl Prefetch {
-        #[inline(always)]
-        fn step(&mut self) {
-            for _ in 0..self.per_step {
-                if self.line < self.lines {
-                    // SAFETY: a prefetch never faults, and the address is inside the packed
-                    // weights (line < the panel's k lines).
-                    unsafe {
-                        _mm_prefetch::<_MM_HINT_T0>(self.from.add(self.line * PANEL).cast());
-                    }
-                    self.line += 1;
-                }
-            }
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn avx512(job: &Job) {
+        let packed = job.packed.as_ptr().cast::<u8>();
+        let panel_bytes = job.n_in * PANEL * 4;
+        // SAFETY: this function's features are the tile's.
+        unsafe {
+            walk_tiles!(
+                job,
+                6,
+                4,
+                tile512,
+                packed,
+                panel_bytes,
+                job.n_in,
+                CacheLevel::L2
+            )
         }
     }
 
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn avx512(job: &Job) {
-        // SAFETY: this function's features are the tile's.
-        unsafe { walk_tiles!(job, 6, 4, tile512) }
-    }
-
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn tile512<const MR: usize, const NP: usize>(job: &Job, r0: usize, p0: usize) {
+    unsafe fn tile512<const MR: usize, const NP: usize>(
+        job: &Job,
+        r0: usize,
+        p0: usize,
+        prefetch: &mut Prefetch,
+    ) {
         let k = job.n_in;
         // SAFETY: all reads are inside x, packed and bias (checked in run); the tile is ours.
         unsafe {
@@ -236,17 +221,23 @@ mod x86 {
                     *acc = _mm512_loadu_ps(job.bias.as_ptr().add((p0 + p) * PANEL));
                 }
             }
-            for kk in 0..k {
-                let mut w = [_mm512_setzero_ps(); NP];
-                for (p, w) in w.iter_mut().enumerate() {
-                    *w = _mm512_loadu_ps(b.add((p * k + kk) * PANEL));
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let a = _mm512_set1_ps(*x.add(r * k + kk));
-                    for (acc, &w) in acc.iter_mut().zip(&w) {
-                        *acc = _mm512_fmadd_ps(a, w, *acc);
+            let mut kk = 0;
+            while kk < k {
+                let end = (kk + PREFETCH_EVERY).min(k);
+                prefetch.step();
+                for kk in kk..end {
+                    let mut w = [_mm512_setzero_ps(); NP];
+                    for (p, w) in w.iter_mut().enumerate() {
+                        *w = _mm512_loadu_ps(b.add((p * k + kk) * PANEL));
+                    }
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let a = _mm512_set1_ps(*x.add(r * k + kk));
+                        for (acc, &w) in acc.iter_mut().zip(&w) {
+                            *acc = _mm512_fmadd_ps(a, w, *acc);
+                        }
                     }
                 }
+                kk = end;
             }
             for p in 0..NP {
                 let n0 = (p0 + p) * PANEL;
@@ -261,25 +252,20 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn avx2(job: &Job) {
-        const MR: usize = 6;
-        let k = job.n_in;
-        let steps = job.rows.len().div_ceil(MR) * k.div_ceil(PREFETCH_EVERY);
-        for p in job.panels.clone() {
-            // The next panel, if this job has one: k lines of 16 floats.
-            let lines = if p + 1 < job.panels.end { k } else { 0 };
-            let mut prefetch = Prefetch {
-                from: job.packed[(p + 1).min(job.panels.end - 1) * k * PANEL..].as_ptr(),
-                line: 0,
-                lines,
-                per_step: lines.div_ceil(steps.max(1)),
-            };
-            let mut r = job.rows.start;
-            while r < job.rows.end {
-                let mr = (job.rows.end - r).min(MR);
-                // SAFETY: this function's features are the tile's.
-                unsafe { sized_tile!(tile_avx2, mr, 1, job, r, p, &mut prefetch) };
-                r += mr;
-            }
+        let packed = job.packed.as_ptr().cast::<u8>();
+        let panel_bytes = job.n_in * PANEL * 4;
+        // SAFETY: this function's features are the tile's.
+        unsafe {
+            walk_tiles!(
+                job,
+                6,
+                1,
+                tile_avx2,
+                packed,
+                panel_bytes,
+                job.n_in,
+                CacheLevel::L1
+            )
         }
     }
 

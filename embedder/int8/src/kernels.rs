@@ -97,7 +97,12 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::Job;
-    use crate::{GROUP, PANEL};
+    use crate::{CacheLevel, GROUP, PANEL, PREFETCH_EVERY, Prefetch};
+
+    /// The weights' bytes per panel, for [`Prefetch`].
+    fn panel_bytes(job: &Job) -> usize {
+        job.groups * PANEL * GROUP
+    }
 
     /// Reads the 4 activation bytes of group `g` of row `r` as one i32, for a broadcast.
     #[inline(always)]
@@ -153,18 +158,38 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
     pub(super) unsafe fn avx512_vnni(job: &Job) {
         // SAFETY: this function's features are the tile's.
-        unsafe { walk_tiles!(job, 6, 4, tile512) }
+        unsafe {
+            let packed = job.packed.as_ptr().cast::<u8>();
+            walk_tiles!(
+                job,
+                6,
+                4,
+                tile512,
+                packed,
+                panel_bytes(job),
+                job.groups,
+                CacheLevel::L2
+            )
+        }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-    unsafe fn tile512<const MR: usize, const NP: usize>(job: &Job, r0: usize, p0: usize) {
-        let panel_bytes = job.groups * PANEL * GROUP;
+    unsafe fn tile512<const MR: usize, const NP: usize>(
+        job: &Job,
+        r0: usize,
+        p0: usize,
+        prefetch: &mut Prefetch,
+    ) {
+        let panel_bytes = panel_bytes(job);
         // SAFETY: every pointer below stays inside the slices Job::check sized; the output
         // tile belongs to this job.
         unsafe {
             let b = job.packed.as_ptr().add(p0 * panel_bytes);
             let mut acc = [[_mm512_setzero_si512(); NP]; MR];
             for g in 0..job.groups {
+                if g % PREFETCH_EVERY == 0 {
+                    prefetch.step();
+                }
                 let mut w = [_mm512_setzero_si512(); NP];
                 for (p, w) in w.iter_mut().enumerate() {
                     *w = _mm512_loadu_si512(b.add(p * panel_bytes + g * 64).cast());
@@ -222,17 +247,37 @@ mod x86 {
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $walk(job: &Job) {
                 // SAFETY: this function's features are the tile's.
-                unsafe { walk_tiles!(job, 4, 1, $tile) }
+                unsafe {
+                    let packed = job.packed.as_ptr().cast::<u8>();
+                    walk_tiles!(
+                        job,
+                        4,
+                        1,
+                        $tile,
+                        packed,
+                        panel_bytes(job),
+                        job.groups,
+                        CacheLevel::L1
+                    )
+                }
             }
 
             #[target_feature(enable = $features)]
-            unsafe fn $tile<const MR: usize, const NP: usize>(job: &Job, r0: usize, p0: usize) {
-                let panel_bytes = job.groups * PANEL * GROUP;
+            unsafe fn $tile<const MR: usize, const NP: usize>(
+                job: &Job,
+                r0: usize,
+                p0: usize,
+                prefetch: &mut Prefetch,
+            ) {
+                let panel_bytes = panel_bytes(job);
                 // SAFETY: as in tile512.
                 unsafe {
                     let b = job.packed.as_ptr().add(p0 * panel_bytes);
                     let mut acc = [[_mm256_setzero_si256(); 2]; MR];
                     for g in 0..job.groups {
+                        if g % PREFETCH_EVERY == 0 {
+                            prefetch.step();
+                        }
                         let lo = _mm256_loadu_si256(b.add(g * 64).cast());
                         let hi = _mm256_loadu_si256(b.add(g * 64 + 32).cast());
                         for (r, acc) in acc.iter_mut().enumerate() {
@@ -306,20 +351,40 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn avx2(job: &Job) {
         // SAFETY: this function's features are the tile's.
-        unsafe { walk_tiles!(job, 4, 1, tile_avx2) }
+        unsafe {
+            let packed = job.packed.as_ptr().cast::<u8>();
+            walk_tiles!(
+                job,
+                4,
+                1,
+                tile_avx2,
+                packed,
+                panel_bytes(job),
+                job.groups,
+                CacheLevel::L1
+            )
+        }
     }
 
     /// `a · w` as `|a| · (w with a's sign)`: with both in [-127, 127] the pairwise i16 sums
     /// of `vpmaddubsw` (at most 2 · 127 · 127) cannot saturate, so the result is exact.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_avx2<const MR: usize, const NP: usize>(job: &Job, r0: usize, p0: usize) {
-        let panel_bytes = job.groups * PANEL * GROUP;
+    unsafe fn tile_avx2<const MR: usize, const NP: usize>(
+        job: &Job,
+        r0: usize,
+        p0: usize,
+        prefetch: &mut Prefetch,
+    ) {
+        let panel_bytes = panel_bytes(job);
         // SAFETY: as in tile512.
         unsafe {
             let b = job.packed.as_ptr().add(p0 * panel_bytes);
             let ones = _mm256_set1_epi16(1);
             let mut acc = [[_mm256_setzero_si256(); 2]; MR];
             for g in 0..job.groups {
+                if g % PREFETCH_EVERY == 0 {
+                    prefetch.step();
+                }
                 let lo = _mm256_loadu_si256(b.add(g * 64).cast());
                 let hi = _mm256_loadu_si256(b.add(g * 64 + 32).cast());
                 for (r, acc) in acc.iter_mut().enumerate() {

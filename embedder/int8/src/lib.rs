@@ -44,17 +44,22 @@ macro_rules! sized_tile {
     };
 }
 
-/// Walks a job in tiles of up to `MR` rows × `NP` panels.
+/// Walks a job in tiles of up to `MR` rows × `NP` panels, panel group by panel group. Each
+/// tile gets the [`Prefetch`] of the group after its own (`$inner` steps per tile, panels of
+/// `$panel_bytes` from `$packed`), so those weights arrive while this group's row tiles run.
 macro_rules! walk_tiles {
-    ($job:expr, $mr:expr, $np:expr, $tile:ident) => {{
+    ($job:expr, $mr:expr, $np:expr, $tile:ident, $packed:expr, $panel_bytes:expr, $inner:expr, $level:expr) => {{
         let job = $job;
+        let steps = job.rows.len().div_ceil($mr) * ($inner).div_ceil(crate::PREFETCH_EVERY);
         let mut p = job.panels.start;
         while p < job.panels.end {
             let np = (job.panels.end - p).min($np);
+            let next = (p + np)..(p + np + $np).min(job.panels.end);
+            let mut prefetch = crate::Prefetch::new($packed, $panel_bytes, next, steps, $level);
             let mut r = job.rows.start;
             while r < job.rows.end {
                 let mr = (job.rows.end - r).min($mr);
-                sized_tile!($tile, mr, np, job, r, p);
+                sized_tile!($tile, mr, np, job, r, p, &mut prefetch);
                 r += mr;
             }
             p += np;
@@ -76,6 +81,78 @@ const PANEL: usize = 16;
 const GROUP: usize = 4;
 /// Work below this many multiply-adds runs on the calling thread.
 const PAR_MIN_MACS: usize = 1 << 18;
+/// Inner-dimension steps of a tile between two calls of [`Prefetch::step`].
+const PREFETCH_EVERY: usize = 16;
+
+/// Which cache a [`Prefetch`] fills.
+#[derive(Clone, Copy)]
+enum CacheLevel {
+    /// L1: the next single panel, beside the current one (256-bit tiles).
+    L1,
+    /// L2: the next four panels, which do not fit L1 beside the current four (AVX-512 tiles).
+    L2,
+}
+
+/// The next panel group's weights, prefetched a few 64-byte lines per [`PREFETCH_EVERY`]
+/// inner steps while the current group's row tiles run. A model's weights outgrow L2, so each
+/// group comes from L3 or memory. The hardware prefetcher, seeing one new line per few dozen
+/// multiply-adds on a group's first row tile, falls behind there, and that tile then waits on
+/// every line.
+///
+/// One thread over a 6-layer encoder's distinct weights, GFLOP/s:
+/// - AMD EPYC, f32 AVX2: 98-99 → 109-111 at 120 rows, 66 → 85-91 at 20 rows (weights in
+///   cache: ~110 and ~99).
+/// - Intel Xeon (Sapphire Rapids), f32 AVX-512, without it: 78.8 at 128 rows against about
+///   120 with the weights in cache.
+struct Prefetch {
+    from: *const u8,
+    line: usize,
+    lines: usize,
+    per_step: usize,
+    level: CacheLevel,
+}
+
+impl Prefetch {
+    /// For `next` panels of `panel_bytes` each from `packed`, spread over `steps` calls.
+    fn new(
+        packed: *const u8,
+        panel_bytes: usize,
+        next: std::ops::Range<usize>,
+        steps: usize,
+        level: CacheLevel,
+    ) -> Self {
+        let lines = next.len() * panel_bytes / 64;
+        Self {
+            // Never read when there are no lines, so it may point past the weights then.
+            from: packed.wrapping_add(next.start * panel_bytes),
+            line: 0,
+            lines,
+            per_step: lines.div_ceil(steps.max(1)),
+            level,
+        }
+    }
+
+    #[inline(always)]
+    fn step(&mut self) {
+        for _ in 0..self.per_step {
+            if self.line < self.lines {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: a prefetch never faults, and the address is inside the packed
+                // weights (line < the next panels' lines).
+                unsafe {
+                    use std::arch::x86_64::*;
+                    let at = self.from.add(self.line * 64).cast();
+                    match self.level {
+                        CacheLevel::L1 => _mm_prefetch::<_MM_HINT_T0>(at),
+                        CacheLevel::L2 => _mm_prefetch::<_MM_HINT_T1>(at),
+                    }
+                }
+                self.line += 1;
+            }
+        }
+    }
+}
+
 /// Rows and panels per parallel task.
 const TASK_ROWS: usize = 48;
 const TASK_PANELS: usize = 4;
