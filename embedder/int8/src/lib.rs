@@ -82,9 +82,11 @@ const GROUP: usize = 4;
 /// Work below this many multiply-adds runs on the calling thread.
 const PAR_MIN_MACS: usize = 1 << 18;
 /// Inner-dimension steps of a tile between two calls of [`Prefetch::step`].
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_EVERY: usize = 16;
 
 /// Which cache a [`Prefetch`] fills.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 enum CacheLevel {
     /// L1: the next single panel, beside the current one (256-bit tiles).
@@ -102,8 +104,9 @@ enum CacheLevel {
 /// One thread over a 6-layer encoder's distinct weights, GFLOP/s:
 /// - AMD EPYC, f32 AVX2: 98-99 → 109-111 at 120 rows, 66 → 85-91 at 20 rows (weights in
 ///   cache: ~110 and ~99).
-/// - Intel Xeon (Sapphire Rapids), f32 AVX-512, without it: 78.8 at 128 rows against about
-///   120 with the weights in cache.
+/// - Intel Xeon (Sapphire Rapids), f32 AVX-512 at 128 rows: 78.8-124.4 without it (a noisy
+///   VM), 126.9-136.8 with it; about 125 with the weights in cache.
+#[cfg(target_arch = "x86_64")]
 struct Prefetch {
     from: *const u8,
     line: usize,
@@ -112,6 +115,7 @@ struct Prefetch {
     level: CacheLevel,
 }
 
+#[cfg(target_arch = "x86_64")]
 impl Prefetch {
     /// For `next` panels of `panel_bytes` each from `packed`, spread over `steps` calls.
     fn new(
@@ -136,7 +140,6 @@ impl Prefetch {
     fn step(&mut self) {
         for _ in 0..self.per_step {
             if self.line < self.lines {
-                #[cfg(target_arch = "x86_64")]
                 // SAFETY: a prefetch never faults, and the address is inside the packed
                 // weights (line < the next panels' lines).
                 unsafe {
