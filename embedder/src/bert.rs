@@ -492,7 +492,13 @@ impl BertEncoder {
             let x = &x_in[rows.start * h..rows.end * h];
             layer.qkv.forward_into(x, rows.len(), qkv);
         });
-        self.attention(qkv, spans, context);
+        Self::attention(
+            qkv,
+            spans,
+            context,
+            self.heads,
+            crate::short_attention::MAX_LEN,
+        );
         let context = &*context;
         let work: Vec<_> = lanes.iter_mut().zip(rows_mut(x, h, &lens)).collect();
         for_lanes(work, |(lane, x)| {
@@ -553,24 +559,47 @@ impl BertEncoder {
     }
 
     /// Scaled dot-product attention of every sequence with itself, one task per
-    /// (sequence, head); no padding, so no mask.
-    fn attention(&self, qkv: &[f32], spans: &[Range<usize>], context: &mut [f32]) {
-        let h = self.hidden;
-        let d = h / self.heads;
+    /// (sequence, head); no padding, so no mask. Sequences of up to `fused_up_to` tokens go
+    /// through the fused kernel where the CPU has it, longer ones through `gemm`.
+    fn attention(
+        qkv: &[f32],
+        spans: &[Range<usize>],
+        context: &mut [f32],
+        heads: usize,
+        fused_up_to: usize,
+    ) {
+        let tokens = spans.last().map_or(0, |s| s.end);
+        let h = context.len() / tokens.max(1);
+        let d = h / heads;
         let stride = 3 * h;
         let scale = 1.0 / (d as f32).sqrt();
-        let tokens = spans.last().map_or(0, |s| s.end);
         // The unsafe block below relies on these sizes.
         assert_eq!(qkv.len(), tokens * stride, "qkv size");
         assert_eq!(context.len(), tokens * h, "context size");
         let out = SharedMut(context.as_mut_ptr());
         let tasks: Vec<(usize, usize)> = (0..spans.len())
-            .flat_map(|s| (0..self.heads).map(move |head| (s, head)))
+            .flat_map(|s| (0..heads).map(move |head| (s, head)))
             .collect();
-        let run = |scores: &mut Vec<f32>, &(s, head): &(usize, usize)| {
+        let fused = crate::short_attention::available(d);
+        let short = |len: usize| fused && len <= fused_up_to;
+        let run = |(scores, block): &mut (Vec<f32>, Vec<f32>), &(s, head): &(usize, usize)| {
             let span = &spans[s];
             let len = span.len();
             let base = span.start * stride + head * d;
+            if short(len) {
+                block.clear();
+                block.resize(len * d, 0.0);
+                crate::short_attention::attend(&qkv[base..], stride, h, len, scale, scores, block);
+                for (i, row) in block.chunks_exact(d).enumerate() {
+                    // SAFETY: row i of this span, columns of this head, in the tokens × h
+                    // context matrix: written by this task only.
+                    unsafe {
+                        let at = out.ptr().add((span.start + i) * h + head * d);
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), at, d);
+                    }
+                }
+                return;
+            }
             scores.clear();
             scores.resize(len * len, 0.0);
             // SAFETY: q, k, v are len × d blocks inside qkv (row stride 3h); scores is
@@ -626,10 +655,10 @@ impl BertEncoder {
             }
         };
         if tasks.len() == 1 || !embedroll_int8::may_split() {
-            let mut scores = Vec::new();
-            tasks.iter().for_each(|task| run(&mut scores, task));
+            let mut buffers = Default::default();
+            tasks.iter().for_each(|task| run(&mut buffers, task));
         } else {
-            tasks.par_iter().for_each_init(Vec::new, run);
+            tasks.par_iter().for_each_init(Default::default, run);
         }
     }
 
@@ -976,6 +1005,50 @@ mod tests {
                 let share = tokens as f64 / threads as f64;
                 assert!((lane.len() as f64 - share).abs() <= 6.0, "{lanes:?}");
             }
+        }
+    }
+
+    /// The fused kernel for short sequences against the `gemm` path, on every length up to
+    /// past the limit, each alone and packed together, at BERT-base's head width too.
+    #[test]
+    fn fused_attention_matches_gemm_attention() {
+        for (h, heads) in [(384, 12), (768, 12), (64, 2)] {
+            let lens: Vec<usize> = (1..=crate::short_attention::MAX_LEN + 3)
+                .chain([130])
+                .collect();
+            let mut start = 0;
+            let spans: Vec<_> = lens
+                .iter()
+                .map(|&len| {
+                    start += len;
+                    start - len..start
+                })
+                .collect();
+            let tokens = start;
+            let mut state = 7u64;
+            let qkv: Vec<f32> = (0..tokens * 3 * h)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
+                })
+                .collect();
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                assert!(crate::short_attention::available(h / heads));
+            }
+            let mut fused = vec![0f32; tokens * h];
+            let mut plain = vec![0f32; tokens * h];
+            BertEncoder::attention(&qkv, &spans, &mut fused, heads, usize::MAX);
+            BertEncoder::attention(&qkv, &spans, &mut plain, heads, 0);
+            let worst = fused
+                .iter()
+                .zip(&plain)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "h {h}: worst difference {worst}");
+            assert!(plain.iter().all(|v| v.is_finite()) && plain.iter().any(|&v| v != 0.0));
         }
     }
 

@@ -21,6 +21,7 @@ pub mod openai;
 pub mod pooling;
 pub mod registry;
 pub mod server;
+pub mod short_attention;
 pub mod tei;
 
 pub use bert::Quantization;
