@@ -561,7 +561,9 @@ impl BertEncoder {
     /// Scaled dot-product attention of every sequence with itself, one task per
     /// (sequence, head); no padding, so no mask. Sequences of up to `fused_up_to` tokens go
     /// through the fused kernel where the CPU has it, longer ones through `gemm`.
-    fn attention(
+    /// `qkv` holds each token's q, k and v rows side by side (3 × hidden), `context` gets
+    /// each token's attended row. Public for `benches/attention.rs`, which times both paths.
+    pub fn attention(
         qkv: &[f32],
         spans: &[Range<usize>],
         context: &mut [f32],
