@@ -570,7 +570,16 @@ impl BertEncoder {
         heads: usize,
         fused_up_to: usize,
     ) {
-        let tokens = spans.last().map_or(0, |s| s.end);
+        // The tasks below write their spans' rows through one shared pointer, so the spans
+        // must tile the rows in order without overlap.
+        let mut tokens = 0;
+        for span in spans {
+            assert!(
+                span.start == tokens && span.end >= span.start,
+                "spans must tile the rows in order: {spans:?}"
+            );
+            tokens = span.end;
+        }
         let h = context.len() / tokens.max(1);
         let d = h / heads;
         let stride = 3 * h;
@@ -1070,6 +1079,14 @@ mod tests {
             );
             assert!(plain.iter().all(|v| v.is_finite()) && plain.iter().any(|&v| v != 0.0));
         }
+    }
+
+    #[test]
+    #[should_panic(expected = "spans must tile the rows in order")]
+    fn overlapping_spans_are_refused() {
+        let h = 64;
+        let (qkv, mut context) = (vec![0f32; 3 * 3 * h], vec![0f32; 3 * h]);
+        BertEncoder::attention(&qkv, &[0..2, 1..3], &mut context, 2, 0);
     }
 
     #[test]

@@ -47,12 +47,13 @@ pub fn attend(
         return;
     }
     let d = out.len() / len;
-    assert!(available(d), "no fused attention kernel for heads of {d}");
     assert_eq!(out.len(), len * d, "output size");
-    assert!(
-        (len - 1) * stride + 2 * h + d <= qkv.len(),
-        "rows outside qkv"
-    );
+    // Checked: a wrapped sum would pass the bound and let the kernel read anywhere.
+    let needed = (len - 1)
+        .checked_mul(stride)
+        .and_then(|n| n.checked_add(h.checked_mul(2)?.checked_add(d)?));
+    assert!(needed.is_some_and(|n| n <= qkv.len()), "rows outside qkv");
+    assert!(available(d), "no fused attention kernel for heads of {d}");
     let padded = len.div_ceil(8) * 8;
     scratch.resize(d * padded + 2 * padded, 0.0);
     #[cfg(target_arch = "x86_64")]
@@ -242,5 +243,18 @@ mod x86 {
             _mm256_set1_epi32(127),
         ));
         _mm256_mul_ps(y, _mm256_castsi256_ps(scale))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A row offset that wraps around `usize` must not pass the bound.
+    #[test]
+    #[should_panic(expected = "rows outside qkv")]
+    fn a_stride_that_wraps_is_refused() {
+        let (qkv, mut out) = (vec![0f32; 64], vec![0f32; 64]);
+        attend(&qkv, usize::MAX - 15, 0, 2, 1.0, &mut Vec::new(), &mut out);
     }
 }
