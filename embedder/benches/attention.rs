@@ -11,17 +11,7 @@ use embedder::bert::BertEncoder;
 use embedder::short_attention;
 
 fn main() {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::is_x86_feature_detected as has;
-        let flags = [
-            ("avx2", has!("avx2")),
-            ("fma", has!("fma")),
-            ("avx512f", has!("avx512f")),
-        ];
-        let on: Vec<_> = flags.iter().filter(|f| f.1).map(|f| f.0).collect();
-        println!("cpu flags: {}", on.join(" "));
-    }
+    println!("cpu flags: {}", embedroll_int8::cpu_flags().join(" "));
     let (hidden, heads) = (384, 12);
     if !short_attention::available(hidden / heads) {
         println!("no fused attention kernel on this CPU: every length takes gemm");

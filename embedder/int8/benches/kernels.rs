@@ -73,21 +73,7 @@ fn rate(flops: f64, mut pass: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::is_x86_feature_detected as has;
-        let flags = [
-            ("avx2", has!("avx2")),
-            ("fma", has!("fma")),
-            ("avx512f", has!("avx512f")),
-            ("avx512bw", has!("avx512bw")),
-            ("avx512vl", has!("avx512vl")),
-            ("avx512vnni", has!("avx512vnni")),
-            ("avxvnni", has!("avxvnni")),
-        ];
-        let on: Vec<_> = flags.iter().filter(|f| f.1).map(|f| f.0).collect();
-        println!("cpu flags: {}", on.join(" "));
-    }
+    println!("cpu flags: {}", embedroll_int8::cpu_flags().join(" "));
     let mut rng = StdRng::seed_from_u64(7);
     let layers: Vec<_> = SHAPES
         .iter()

@@ -184,6 +184,29 @@ pub fn may_split() -> bool {
     rayon::current_num_threads() > 1 && !ON_ONE_THREAD.with(Cell::get)
 }
 
+/// The SIMD features this CPU has among those the kernels choose by, for benchmarks to print
+/// beside their numbers.
+pub fn cpu_flags() -> Vec<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        [
+            ("avx2", has!("avx2")),
+            ("fma", has!("fma")),
+            ("avx512f", has!("avx512f")),
+            ("avx512bw", has!("avx512bw")),
+            ("avx512vl", has!("avx512vl")),
+            ("avx512vnni", has!("avx512vnni")),
+            ("avxvnni", has!("avxvnni")),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Vec::new()
+}
+
 /// The matrix kernel in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
