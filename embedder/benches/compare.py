@@ -97,6 +97,15 @@ class Embedder:
             raise RuntimeError(f"embedder answered {response.status}: {data[:200]!r}")
         return json.loads(data)["embeddings"]
 
+    def served(self) -> str:
+        """How the embedder holds the model (f32, or int8 and its kernel), from /info."""
+        conn = self.connection()
+        conn.request("GET", "/info")
+        model = json.loads(conn.getresponse().read())["models"][0]
+        if model.get("quantization") == "int8":
+            return f"int8, {model.get('int8_kernel')} kernel"
+        return "f32"
+
 
 def timed_calls(call, batches) -> tuple[float, list[float]]:
     latencies = []
@@ -225,7 +234,10 @@ def main() -> None:
     serve = results[("serve-32c", "embedder")]
     serve4 = results[("serve-4x32", "embedder")]
     print()
-    print(f"embedder vs sentence-transformers, all-MiniLM-L6-v2, {args.texts} texts, {args.threads} threads")
+    print(
+        f"embedder ({embedder.served()}) vs sentence-transformers (f32), all-MiniLM-L6-v2, "
+        f"{args.texts} texts, {args.threads} threads"
+    )
     print(f"CPU: {cpu_line()}")
     limits = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
     if limits:

@@ -5,11 +5,14 @@
 # asserted.
 #   --avx2-only   both sides as on a CPU without AVX-512: the embedder built without its
 #                 avx512 feature, torch/MKL/oneDNN capped at AVX2 by their own variables
+#   --quantize int8 the embedder serves the model in int8 (the peer stays f32), with
+#                 --int8-kernel NAME to force its kernel (e.g. avx2, what a CPU without VNNI runs)
 #   --texts short 6-20-word texts instead of the default mixed 4-60 words
-# Usage: embedder/benches/compare.sh [--threads N] [--avx2-only] [compare.py flags...]
+# Usage: embedder/benches/compare.sh [--threads N] [--avx2-only] [--quantize int8 [--int8-kernel NAME]]
+#        [compare.py flags...]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-threads=2 features=()
+threads=2 features=() suffix="" kernel=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --threads) threads="$2"; shift 2 ;;
@@ -17,6 +20,8 @@ while [[ $# -gt 0 ]]; do
       features=(--no-default-features)
       export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
       shift ;;
+    --quantize) suffix=":$2"; shift 2 ;;
+    --int8-kernel) kernel=(--int8-kernel "$2"); shift 2 ;;
     *) break ;;
   esac
 done
@@ -36,7 +41,7 @@ binary="$target/release/embedder${features[*]:+-avx2-only}"
 # shellcheck source=embedder/scripts/serve-local.sh
 . "$root/embedder/scripts/serve-local.sh"
 start_embedder "$binary" "${TMPDIR:-/tmp}/embedder-bench.log" \
-  --model "all-MiniLM-L6-v2=$model_dir" --threads "$threads"
+  --model "all-MiniLM-L6-v2=$model_dir$suffix" "${kernel[@]}" --threads "$threads"
 port="$EMBEDDER_PORT"
 
 # The peer gets the same thread count; OMP/MKL pools follow torch.set_num_threads.
