@@ -11,7 +11,8 @@ use crate::{GROUP, Isa, PANEL};
 
 pub(crate) struct Job<'a> {
     /// Quantized activations, `a_stride` bytes per row (u8 + 128 for the VNNI kernels, i8
-    /// bits otherwise).
+    /// bits otherwise; for the avx2 kernel the row's values, then their magnitudes, each
+    /// `a_stride / 2` bytes).
     pub a: &'a [u8],
     pub a_stride: usize,
     pub a_scales: &'a [f32],
@@ -107,7 +108,8 @@ mod x86 {
     /// Reads the 4 activation bytes of group `g` of row `r` as one i32, for a broadcast.
     #[inline(always)]
     unsafe fn group_of(job: &Job, r: usize, g: usize) -> i32 {
-        // SAFETY: r < rows and g < groups, both checked against `a` in Job::check.
+        // SAFETY: r < rows and g < groups, both checked against `a` in Job::check; for the
+        // avx2 tile's magnitudes g < groups + a_stride / 2 / GROUP, checked in `avx2`.
         unsafe {
             job.a
                 .as_ptr()
@@ -350,6 +352,11 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn avx2(job: &Job) {
+        // The tile reads each group's magnitudes half a row after its values.
+        assert!(
+            job.a_stride / 2 >= job.groups * GROUP,
+            "activations for the avx2 kernel carry their magnitudes"
+        );
         // SAFETY: this function's features are the tile's.
         unsafe {
             let packed = job.packed.as_ptr().cast::<u8>();
@@ -367,7 +374,8 @@ mod x86 {
     }
 
     /// `a · w` as `|a| · (w with a's sign)`: with both in [-127, 127] the pairwise i16 sums
-    /// of `vpmaddubsw` (at most 2 · 127 · 127) cannot saturate, so the result is exact.
+    /// of `vpmaddubsw` (at most 2 · 127 · 127) cannot saturate, so the result is exact. The
+    /// magnitudes `|a|` come with the activations, half a row after their values.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile_avx2<const MR: usize, const NP: usize>(
         job: &Job,
@@ -380,6 +388,7 @@ mod x86 {
         unsafe {
             let b = job.packed.as_ptr().add(p0 * panel_bytes);
             let ones = _mm256_set1_epi16(1);
+            let half = job.a_stride / 2;
             let mut acc = [[_mm256_setzero_si256(); 2]; MR];
             for g in 0..job.groups {
                 if g % PREFETCH_EVERY == 0 {
@@ -389,7 +398,7 @@ mod x86 {
                 let hi = _mm256_loadu_si256(b.add(g * 64 + 32).cast());
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let a = _mm256_set1_epi32(group_of(job, r0 + r, g));
-                    let magnitude = _mm256_abs_epi8(a);
+                    let magnitude = _mm256_set1_epi32(group_of(job, r0 + r, g + half / GROUP));
                     let lo = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(lo, a));
                     let hi = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(hi, a));
                     acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(lo, ones));
