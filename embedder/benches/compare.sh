@@ -9,10 +9,10 @@
 #                 --int8-kernel NAME to force its kernel (e.g. avx2, what a CPU without VNNI runs)
 #   --texts short 6-20-word texts instead of the default mixed 4-60 words
 # Usage: embedder/benches/compare.sh [--threads N] [--avx2-only] [--quantize int8 [--int8-kernel NAME]]
-#        [compare.py flags...]
+#        [compare.py flags, e.g. --texts short, in any order]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-threads=2 features=() suffix="" kernel=()
+threads=2 features=() suffix="" kernel=() passthrough=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --threads) threads="$2"; shift 2 ;;
@@ -22,7 +22,8 @@ while [[ $# -gt 0 ]]; do
       shift ;;
     --quantize) suffix=":$2"; shift 2 ;;
     --int8-kernel) kernel=(--int8-kernel "$2"); shift 2 ;;
-    *) break ;;
+    # The Python side's flags (e.g. --texts short) pass through, before or after ours.
+    *) passthrough+=("$1"); shift ;;
   esac
 done
 
@@ -47,4 +48,4 @@ port="$EMBEDDER_PORT"
 # The peer gets the same thread count; OMP/MKL pools follow torch.set_num_threads.
 OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
   "$py" "$root/embedder/benches/compare.py" --url "http://127.0.0.1:$port" --model-dir "$model_dir" \
-  --threads "$threads" "$@"
+  --threads "$threads" "${passthrough[@]}"

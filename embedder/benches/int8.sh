@@ -3,15 +3,16 @@
 # Runtime's dynamic INT8 of all-MiniLM-L6-v2: same texts, same threads, one run. Prints a
 # markdown table with the CPU flags it ran on. Not part of the tests: timings are reported,
 # never asserted (the accuracy bar is tests/int8_accuracy.rs).
-# Usage: embedder/benches/int8.sh [--threads N] [--int8-kernel NAME] [int8.py flags, e.g. --texts short]
+# Usage: embedder/benches/int8.sh [--threads N] [--int8-kernel NAME] [int8.py flags, e.g. --texts short, in any order]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-threads=2 kernel=auto
+threads=2 kernel=auto passthrough=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --threads) threads="$2"; shift 2 ;;
     --int8-kernel) kernel="$2"; shift 2 ;;
-    *) break ;;
+    # The Python side's flags (e.g. --texts short) pass through, before or after ours.
+    *) passthrough+=("$1"); shift ;;
   esac
 done
 
@@ -38,4 +39,4 @@ OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads" HF_HUB_OFFLINE=1 TOKENIZER
   "$py" "$root/embedder/benches/int8.py" --root "$root" --model-dir "$model_dir" \
   --onnx-dir "$cache/onnx/all-MiniLM-L6-v2" --threads "$threads" \
   --f32-url "http://127.0.0.1:$f32_port" --f32-pid "$f32_pid" \
-  --int8-url "http://127.0.0.1:$int8_port" --int8-pid "$int8_pid" "$@"
+  --int8-url "http://127.0.0.1:$int8_port" --int8-pid "$int8_pid" "${passthrough[@]}"
