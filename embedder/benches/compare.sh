@@ -8,11 +8,12 @@
 #   --quantize int8 the embedder serves the model in int8 (the peer stays f32), with
 #                 --int8-kernel NAME to force its kernel (e.g. avx2, what a CPU without VNNI runs)
 #   --texts short 6-20-word texts instead of the default mixed 4-60 words
+#   --dry-run     print what the run would serve and pass to compare.py, install nothing
 # Usage: embedder/benches/compare.sh [--threads N] [--avx2-only] [--quantize int8 [--int8-kernel NAME]]
 #        [compare.py flags, e.g. --texts short, in any order]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-threads=2 features=() suffix="" kernel=() passthrough=()
+threads=2 features=() suffix="" kernel=() passthrough=() dry_run=false
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --threads) threads="$2"; shift 2 ;;
@@ -22,10 +23,17 @@ while [[ $# -gt 0 ]]; do
       shift ;;
     --quantize) suffix=":$2"; shift 2 ;;
     --int8-kernel) kernel=(--int8-kernel "$2"); shift 2 ;;
+    --dry-run) dry_run=true; shift ;;
     # The Python side's flags (e.g. --texts short) pass through, before or after ours.
     *) passthrough+=("$1"); shift ;;
   esac
 done
+if $dry_run; then
+  echo "build: release${features[*]:+ ${features[*]}}"
+  echo "embedder: --model all-MiniLM-L6-v2=MODEL_DIR$suffix${kernel[*]:+ ${kernel[*]}} --threads $threads"
+  echo "compare.py: --threads $threads${passthrough[*]:+ ${passthrough[*]}}"
+  exit 0
+fi
 
 "$root/embedder/scripts/python-env.sh"
 py="$("$root/embedder/scripts/python-env.sh" --print-python)"

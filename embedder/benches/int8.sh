@@ -3,18 +3,25 @@
 # Runtime's dynamic INT8 of all-MiniLM-L6-v2: same texts, same threads, one run. Prints a
 # markdown table with the CPU flags it ran on. Not part of the tests: timings are reported,
 # never asserted (the accuracy bar is tests/int8_accuracy.rs).
-# Usage: embedder/benches/int8.sh [--threads N] [--int8-kernel NAME] [int8.py flags, e.g. --texts short, in any order]
+# Usage: embedder/benches/int8.sh [--threads N] [--int8-kernel NAME] [--dry-run] [int8.py flags, e.g. --texts short, in any order]
+# --dry-run prints the int8 kernel and int8.py's own flags, installs nothing.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-threads=2 kernel=auto passthrough=()
+threads=2 kernel=auto passthrough=() dry_run=false
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --threads) threads="$2"; shift 2 ;;
     --int8-kernel) kernel="$2"; shift 2 ;;
+    --dry-run) dry_run=true; shift ;;
     # The Python side's flags (e.g. --texts short) pass through, before or after ours.
     *) passthrough+=("$1"); shift ;;
   esac
 done
+if $dry_run; then
+  echo "int8 kernel: $kernel"
+  echo "int8.py: --threads $threads${passthrough[*]:+ ${passthrough[*]}}"
+  exit 0
+fi
 
 "$root/embedder/scripts/python-env.sh" ort
 py="$("$root/embedder/scripts/python-env.sh" ort --print-python)"
