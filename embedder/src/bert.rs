@@ -16,7 +16,7 @@ use candle_core::{D, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct};
 use embedroll_int8::dense::PackedLinear;
-use embedroll_int8::{QuantizedLinear, QuantizedTable};
+use embedroll_int8::{Activations, QuantizedLinear, QuantizedTable};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -153,7 +153,9 @@ pub enum Quantization {
     None,
     /// Linear weights int8 per output channel, activations int8 per token at run time, i32
     /// accumulation; word embeddings int8 per row. Attention, softmax, LayerNorm and the
-    /// activation function stay f32.
+    /// activation function stay f32. The feed-forward output layer's inputs, the activation
+    /// function's outputs, are quantized to 7 bits above a zero point
+    /// ([`Activations::ZeroPoint`]), the others symmetrically.
     Int8,
 }
 
@@ -199,6 +201,7 @@ impl Linear {
         weight: &Tensor,
         bias: &Tensor,
         quantization: Quantization,
+        activations: Activations,
     ) -> candle_core::Result<Self> {
         let (n_out, n_in) = weight.dims2()?;
         if bias.elem_count() != n_out {
@@ -211,12 +214,10 @@ impl Linear {
                 n_out,
                 n_in,
             )),
-            Quantization::Int8 => Linear::Int8(QuantizedLinear::new(
-                &to_vec(weight)?,
-                &to_vec(bias)?,
-                n_out,
-                n_in,
-            )),
+            Quantization::Int8 => Linear::Int8(
+                QuantizedLinear::new(&to_vec(weight)?, &to_vec(bias)?, n_out, n_in)
+                    .with_activations(activations),
+            ),
         })
     }
 
@@ -225,11 +226,13 @@ impl Linear {
         n_in: usize,
         n_out: usize,
         quantization: Quantization,
+        activations: Activations,
     ) -> candle_core::Result<Self> {
         Self::from_parts(
             &vb.get((n_out, n_in), "weight")?,
             &vb.get(n_out, "bias")?,
             quantization,
+            activations,
         )
     }
 
@@ -356,10 +359,17 @@ impl BertEncoder {
                     &Tensor::cat(&[&q.0, &k.0, &v.0], 0)?,
                     &Tensor::cat(&[&q.1, &k.1, &v.1], D::Minus1)?,
                     quantization,
+                    Activations::Symmetric,
                 )?;
                 Ok(Layer {
                     qkv,
-                    attention_output: Linear::load(attn.pp("output.dense"), h, h, quantization)?,
+                    attention_output: Linear::load(
+                        attn.pp("output.dense"),
+                        h,
+                        h,
+                        quantization,
+                        Activations::Symmetric,
+                    )?,
                     attention_norm: LayerNorm::load(
                         attn.pp("output.LayerNorm"),
                         h,
@@ -370,12 +380,16 @@ impl BertEncoder {
                         h,
                         config.intermediate_size,
                         quantization,
+                        Activations::Symmetric,
                     )?,
+                    // Its inputs are the activation function's outputs, of one sign nearly
+                    // all (GELU ≥ −0.17, ReLU ≥ 0).
                     output: Linear::load(
                         vb.pp("output.dense"),
                         config.intermediate_size,
                         h,
                         quantization,
+                        Activations::ZeroPoint,
                     )?,
                     output_norm: LayerNorm::load(
                         vb.pp("output.LayerNorm"),

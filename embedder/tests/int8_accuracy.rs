@@ -91,6 +91,15 @@ fn check(model_name: &str) {
     let reference = embed_all(&f32_model, &texts);
     let quantized = embed_all(&int8_model, &texts);
     let a = agreement(&reference, &quantized);
+    // The operator's golden set comes last: what its vector gate compares, so what
+    // `compatibility.minCosine` must allow for an f32 → int8 rollout.
+    let golden = include_str!("../../operator/src/golden-set.txt")
+        .lines()
+        .count();
+    let g = agreement(
+        &reference[texts.len() - golden..],
+        &quantized[texts.len() - golden..],
+    );
 
     let k = 10;
     let nn: f64 = (0..texts.len())
@@ -102,13 +111,16 @@ fn check(model_name: &str) {
         .sum::<f64>()
         / texts.len() as f64;
     eprintln!(
-        "{model_name}, {} texts, int8 kernel {}: cosine mean {:.5} min {:.5}, top-{k} agreement {nn:.3}, weights {:.1} -> {:.1} MB",
+        "{model_name}, {} texts, int8 kernel {}: cosine mean {:.5} min {:.5} ({:?}), top-{k} agreement {nn:.3}, weights {:.1} -> {:.1} MB; golden set: mean {:.5} min {:.5}",
         texts.len(),
         kernel.name(),
         a.mean,
         a.min,
+        texts[a.worst],
         f32_model.info.weight_bytes as f64 / 1e6,
         int8_model.info.weight_bytes as f64 / 1e6,
+        g.mean,
+        g.min,
     );
     assert!(a.mean >= 0.995, "{model_name}: mean cosine {:.5}", a.mean);
     assert!(

@@ -13,11 +13,21 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use embedroll_int8::dense::{Level, PackedLinear};
-use embedroll_int8::{Isa, QuantizedLinear, on_one_thread};
+use embedroll_int8::{Activations, Isa, QuantizedLinear, on_one_thread};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const SHAPES: [(usize, usize); 4] = [(384, 1152), (384, 384), (384, 1536), (1536, 384)];
+
+/// int8 activations per layer, as the model quantizes them: the feed-forward output layer
+/// (1536→384) takes the activation function's outputs, with a zero point.
+fn activations(n_in: usize, n_out: usize) -> Activations {
+    if n_in > n_out {
+        Activations::ZeroPoint
+    } else {
+        Activations::Symmetric
+    }
+}
 const ROWS: [usize; 3] = [21, 331, 662];
 const LAYERS: usize = 6;
 /// Rows per thread in the two-thread table: a 256-token pass (the default budget) and 32
@@ -83,7 +93,8 @@ fn main() {
             (
                 n_in,
                 PackedLinear::new(&w, &b, n_out, n_in),
-                QuantizedLinear::new(&w, &b, n_out, n_in),
+                QuantizedLinear::new(&w, &b, n_out, n_in)
+                    .with_activations(activations(n_in, n_out)),
             )
         })
         .collect();
@@ -138,7 +149,8 @@ fn main() {
             let b = random(&mut rng, n_out, 0.1);
             (
                 PackedLinear::new(&w, &b, n_out, n_in),
-                QuantizedLinear::new(&w, &b, n_out, n_in),
+                QuantizedLinear::new(&w, &b, n_out, n_in)
+                    .with_activations(activations(n_in, n_out)),
             )
         })
         .collect();
