@@ -514,6 +514,33 @@ mod x86 {
         p0: usize,
         prefetch: &mut Prefetch,
     ) {
+        // SAFETY: as in tile_avx2_of; this function has its features.
+        unsafe { tile_avx2_of::<MR, NP, false>(job, r0, p0, prefetch) }
+    }
+
+    /// The avx2 tile for [`Activations::ZeroPoint`](crate::Activations::ZeroPoint) rows:
+    /// unsigned 7-bit activations times signed weights, pairwise i16 sums of at most
+    /// 2 · 127 · 127, so `vpmaddubsw` cannot saturate and no sign step is needed; each sum
+    /// then loses its row's zero point times the column's weight sum.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_avx2_unsigned<const MR: usize, const NP: usize>(
+        job: &Job,
+        r0: usize,
+        p0: usize,
+        prefetch: &mut Prefetch,
+    ) {
+        // SAFETY: as in tile_avx2_of; this function has its features.
+        unsafe { tile_avx2_of::<MR, NP, true>(job, r0, p0, prefetch) }
+    }
+
+    /// The two avx2 tiles, inlined into each (`UNSIGNED` is decided at compile time).
+    #[inline(always)]
+    unsafe fn tile_avx2_of<const MR: usize, const NP: usize, const UNSIGNED: bool>(
+        job: &Job,
+        r0: usize,
+        p0: usize,
+        prefetch: &mut Prefetch,
+    ) {
         let panel_bytes = panel_bytes(job);
         // SAFETY: as in tile512.
         unsafe {
@@ -529,9 +556,15 @@ mod x86 {
                 let hi = _mm256_loadu_si256(b.add(g * 64 + 32).cast());
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let a = _mm256_set1_epi32(group_of(job, r0 + r, g));
-                    let magnitude = _mm256_set1_epi32(group_of(job, r0 + r, g + half / GROUP));
-                    let lo = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(lo, a));
-                    let hi = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(hi, a));
+                    let (lo, hi) = if UNSIGNED {
+                        (_mm256_maddubs_epi16(a, lo), _mm256_maddubs_epi16(a, hi))
+                    } else {
+                        let magnitude = _mm256_set1_epi32(group_of(job, r0 + r, g + half / GROUP));
+                        (
+                            _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(lo, a)),
+                            _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(hi, a)),
+                        )
+                    };
                     acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(lo, ones));
                     acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(hi, ones));
                 }
@@ -540,47 +573,12 @@ mod x86 {
             let valid = (job.n_out - n0).min(PANEL);
             for (r, acc) in acc.iter().enumerate() {
                 let row = r0 + r;
-                let y = epilogue256(job, row, n0, *acc);
-                store16(job.out.add(row * job.n_out + n0), y[0], y[1], valid);
-            }
-        }
-    }
-
-    /// The avx2 tile for [`Activations::ZeroPoint`](crate::Activations::ZeroPoint) rows:
-    /// unsigned 7-bit activations times signed weights, pairwise i16 sums of at most
-    /// 2 · 127 · 127, so `vpmaddubsw` cannot saturate and no sign step is needed.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_avx2_unsigned<const MR: usize, const NP: usize>(
-        job: &Job,
-        r0: usize,
-        p0: usize,
-        prefetch: &mut Prefetch,
-    ) {
-        let panel_bytes = panel_bytes(job);
-        // SAFETY: as in tile512.
-        unsafe {
-            let b = job.packed.as_ptr().add(p0 * panel_bytes);
-            let ones = _mm256_set1_epi16(1);
-            let mut acc = [[_mm256_setzero_si256(); 2]; MR];
-            for g in 0..job.groups {
-                if g % PREFETCH_EVERY == 0 {
-                    prefetch.step();
-                }
-                let lo = _mm256_loadu_si256(b.add(g * 64).cast());
-                let hi = _mm256_loadu_si256(b.add(g * 64 + 32).cast());
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let a = _mm256_set1_epi32(group_of(job, r0 + r, g));
-                    let lo = _mm256_maddubs_epi16(a, lo);
-                    let hi = _mm256_maddubs_epi16(a, hi);
-                    acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(lo, ones));
-                    acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(hi, ones));
-                }
-            }
-            let n0 = p0 * PANEL;
-            let valid = (job.n_out - n0).min(PANEL);
-            for (r, acc) in acc.iter().enumerate() {
-                let row = r0 + r;
-                let y = epilogue256(job, row, n0, less_offset(job, row, n0, *acc));
+                let sums = if UNSIGNED {
+                    less_offset(job, row, n0, *acc)
+                } else {
+                    *acc
+                };
+                let y = epilogue256(job, row, n0, sums);
                 store16(job.out.add(row * job.n_out + n0), y[0], y[1], valid);
             }
         }
