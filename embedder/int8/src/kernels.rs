@@ -134,9 +134,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(crate) unsafe fn quantize_avx2(x: &[f32], q: &mut [i8]) -> f32 {
         // SAFETY: this function's features.
-        let (lo, hi) = unsafe { min_max(x) };
-        // NaN stays NaN, ±∞ becomes +∞: both give a NaN scale, as `abs_max` does.
-        let amax = if lo.is_nan() { lo } else { hi.max(-lo) };
+        let amax = crate::abs_max(unsafe { min_max(x) });
         let Some(inv) = crate::inverse_scale(amax) else {
             q.fill(0);
             return crate::scale_for(amax);

@@ -699,34 +699,22 @@ pub fn quantize_symmetric(x: &[f32], q: &mut [i8]) -> f32 {
 }
 
 fn quantize_portable(x: &[f32], q: &mut [i8]) -> f32 {
-    let Some(inv) = inverse_scale(abs_max(x)) else {
+    let amax = abs_max(min_max(x));
+    let Some(inv) = inverse_scale(amax) else {
         q.fill(0);
-        return scale_for(abs_max(x));
+        return scale_for(amax);
     };
     for (q, v) in q.iter_mut().zip(x) {
         *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
     }
-    scale_for(abs_max(x))
+    scale_for(amax)
 }
 
-/// max |x|, lane-wise so the loop vectorises (a single running max would not).
+/// max |x| from a row's [`min_max`]: NaN stays NaN and ±∞ becomes +∞, both of which
+/// [`scale_for`] turns into a NaN scale.
 #[inline(always)]
-fn abs_max(x: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let mut chunks = x.chunks_exact(16);
-    for chunk in &mut chunks {
-        for (m, v) in lanes.iter_mut().zip(chunk) {
-            *m = m.max(v.abs());
-        }
-    }
-    let nan = x.iter().any(|v| !v.is_finite());
-    let amax = chunks
-        .remainder()
-        .iter()
-        .fold(lanes.iter().fold(0f32, |a, &b| a.max(b)), |a, v| {
-            a.max(v.abs())
-        });
-    if nan { f32::NAN } else { amax }
+fn abs_max((lo, hi): (f32, f32)) -> f32 {
+    if lo.is_nan() { lo } else { hi.max(-lo) }
 }
 
 /// `127 / max|x|`, or None when nothing can be scaled (all zeros, or not finite).
