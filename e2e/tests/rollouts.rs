@@ -3228,7 +3228,9 @@ async fn l_operator_api_load() {
         ns,
         ns,
         "paused at 10%",
-        Duration::from_secs(60),
+        // A new revision: its two pods start and load the model, then the vector check and
+        // one analysis pass; 58 s of pod start-up alone was seen on 2 loaded cores.
+        Duration::from_secs(120),
         |s| s.phase == Some(Phase::Paused) && s.current_step_index == Some(1),
     )
     .await;
