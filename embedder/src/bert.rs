@@ -744,6 +744,7 @@ mod simd {
                 // AVX2 and AVX-512 copies), where the baseline copy, without FMA, would make
                 // each `mul_add` a libm call.
                 #[inline(always)]
+                #[allow(non_snake_case)]
                 fn body<const FMA: bool>($($arg: $ty),*) $body
                 #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]

@@ -16,11 +16,10 @@
 //! picked at run time; elsewhere [`available`] is false and the caller keeps `gemm`.
 
 /// Longest sequence the fused kernel takes. Past it `gemm`, which blocks its products for
-/// the caches, wins or ties: on a 2-core EPYC (one pass of ~256 tokens, both threads), per
-/// 1,000 tokens, fused against `gemm`, 0.44 vs 0.74 ms at 21 tokens, 0.48 vs 0.70 at 32, 0.82
-/// vs 0.98 at 64, 1.16 vs 1.19 at 80, 1.38 vs 1.34 at 96, 1.64 vs 1.49 at 112
-/// (`benches/attention.rs`).
-pub const MAX_LEN: usize = 80;
+/// the caches, wins: on a 2-core EPYC (one pass of ~256 tokens, both threads), per 1,000
+/// tokens, fused against `gemm`, 0.45 vs 0.80 ms at 21 tokens, 0.48 vs 0.74 at 32, 0.82 vs
+/// 1.08 at 64, 1.53 vs 1.76 at 128, 2.70 vs 2.49 at 192 (`benches/attention.rs`).
+pub const MAX_LEN: usize = 128;
 
 /// The Cephes `expf` polynomial's coefficients, highest degree first. `bert`'s scalar `exp`
 /// and this kernel's vector one share them, so the two agree to an ulp.
@@ -71,11 +70,14 @@ pub fn attend(
         .and_then(|n| n.checked_add(h.checked_mul(2)?.checked_add(d)?));
     assert!(needed.is_some_and(|n| n <= qkv.len()), "rows outside qkv");
     assert!(available(d), "no fused attention kernel for heads of {d}");
-    // Scores are computed against up to 5 blocks of 8 keys at once, one register each (6
-    // spill); the blocks are shared out evenly over the fewest such groups, and kᵀ and the
-    // score rows padded to whole groups.
+    // Scores are computed for up to 6 blocks of 8 keys at once, one register each; kᵀ and
+    // the score rows are padded to whole groups of such blocks.
     let blocks = len.div_ceil(8);
-    let group = blocks.div_ceil(blocks.div_ceil(5));
+    let group = match blocks {
+        1..=5 => blocks,
+        6 => 3,
+        _ => 4,
+    };
     let width = blocks.div_ceil(group) * group * 8;
     scratch.resize(d * width + 2 * width, 0.0);
     #[cfg(target_arch = "x86_64")]
@@ -93,7 +95,8 @@ pub fn attend(
                     2 => x86::attend::<$db, $r, 2>(qkv, stride, h, len, width, scale, kt, out),
                     3 => x86::attend::<$db, $r, 3>(qkv, stride, h, len, width, scale, kt, out),
                     4 => x86::attend::<$db, $r, 4>(qkv, stride, h, len, width, scale, kt, out),
-                    _ => x86::attend::<$db, $r, 5>(qkv, stride, h, len, width, scale, kt, out),
+                    5 => x86::attend::<$db, $r, 5>(qkv, stride, h, len, width, scale, kt, out),
+                    _ => x86::attend::<$db, $r, 6>(qkv, stride, h, len, width, scale, kt, out),
                 }
             };
         }
@@ -219,7 +222,7 @@ mod x86 {
         }
     }
 
-    /// kᵀ, scaled, `d` rows of `width` (padding keys 0), from the `len` key rows of `d`
+    /// kᵀ, scaled, `d` rows of `padded` (padding keys 0), from the `len` key rows of `d`
     /// floats at `k + j·stride`: so that a query row's scores against 8 keys are one vector
     /// per element of the row. Padding keys score 0 here and are masked by the caller.
     #[target_feature(enable = "avx2,fma")]
@@ -227,14 +230,14 @@ mod x86 {
         k: *const f32,
         stride: usize,
         len: usize,
-        width: usize,
+        padded: usize,
         scale: f32,
         kt: *mut f32,
     ) {
         let scale = _mm256_set1_ps(scale);
         unsafe {
             // 8 keys × 8 elements at a time, transposed in registers.
-            for jb in 0..width / 8 {
+            for jb in 0..padded / 8 {
                 for cb in 0..DB {
                     let row = |i: usize| {
                         let j = 8 * jb + i;
@@ -255,7 +258,7 @@ mod x86 {
                         row(7),
                     ]);
                     for (i, column) in columns.into_iter().enumerate() {
-                        let at = kt.add((8 * cb + i) * width + 8 * jb);
+                        let at = kt.add((8 * cb + i) * padded + 8 * jb);
                         _mm256_storeu_ps(at, _mm256_mul_ps(column, scale));
                     }
                 }
