@@ -904,9 +904,14 @@ mod kernels {
         let x = x.clamp(-87.0, 88.0);
         let n = (x * LOG2E + ROUND) - ROUND;
         let r = x - n * LN2_HI - n * LN2_LO;
-        let [first, rest @ ..] = crate::short_attention::EXP_COEFFICIENTS;
-        let mut p = first;
-        for c in rest {
+        let mut p = 1.987_569_1e-4_f32;
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
             p = madd::<FMA>(p, r, c);
         }
         let y = madd::<FMA>(p, r * r, r) + 1.0;

@@ -21,17 +21,6 @@
 /// 1.08 at 64, 1.53 vs 1.76 at 128, 2.70 vs 2.49 at 192 (`benches/attention.rs`).
 pub const MAX_LEN: usize = 128;
 
-/// The Cephes `expf` polynomial's coefficients, highest degree first. `bert`'s scalar `exp`
-/// and this kernel's vector one share them, so the two agree to an ulp.
-pub(crate) const EXP_COEFFICIENTS: [f32; 6] = [
-    1.987_569_1e-4,
-    1.398_199_9e-3,
-    8.333_452e-3,
-    4.166_579_6e-2,
-    1.666_666_5e-1,
-    0.5,
-];
-
 /// Whether this CPU has the kernel for heads of width `d` (32: MiniLM; 64: BERT-base).
 pub fn available(d: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -333,9 +322,14 @@ mod x86 {
         );
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let [first, rest @ ..] = super::EXP_COEFFICIENTS;
-        let mut p = _mm256_set1_ps(first);
-        for c in rest {
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
         let y = _mm256_add_ps(
