@@ -31,6 +31,11 @@ pub async fn serve(
     {
         tracing::info!(kernel = kernel.name(), "int8 matrix kernel");
     }
+    if crate::OPT_LEVEL == "0" {
+        tracing::warn!(
+            "embedder built without optimisations (opt-level 0): its SIMD kernels run several times slower; build with --release"
+        );
+    }
     let metrics = Metrics::new();
     let registry = Arc::new(Registry::new(
         catalog,
