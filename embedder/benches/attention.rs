@@ -23,7 +23,7 @@ fn main() {
         short_attention::MAX_LEN
     );
     println!("tokens per text    fused     gemm   gemm/fused");
-    for len in [8usize, 16, 21, 32, 40, 48, 64, 96, 128] {
+    for len in [8usize, 16, 21, 32, 40, 48, 64, 80, 96, 112, 128, 192] {
         let texts = (256 / len).max(2);
         let spans: Vec<_> = (0..texts).map(|i| i * len..(i + 1) * len).collect();
         let tokens = texts * len;
