@@ -281,27 +281,46 @@ struct RequestRecord<'a> {
     model: String,
     started: Instant,
     answered: bool,
+    /// Marked [`CHECK_HEADER`]: counted apart from the traffic.
+    check: bool,
 }
 
 impl RequestRecord<'_> {
-    fn answer(mut self, status: StatusCode) {
+    fn answer(mut self, status: StatusCode, tokens: Option<usize>) {
         self.answered = true;
-        self.metrics.observe_request(
-            &self.model,
-            self.route,
-            status.as_u16(),
-            self.started.elapsed(),
-        );
+        self.observe(status.as_u16());
+        if let Some(tokens) = tokens.filter(|_| !self.check) {
+            self.metrics.observe_tokens(&self.model, tokens);
+        }
+    }
+
+    fn observe(&self, code: u16) {
+        if self.check {
+            self.metrics.observe_check(&self.model, self.route, code);
+        } else {
+            self.metrics
+                .observe_request(&self.model, self.route, code, self.started.elapsed());
+        }
     }
 }
 
 impl Drop for RequestRecord<'_> {
     fn drop(&mut self) {
         if !self.answered {
-            self.metrics
-                .observe_request(&self.model, self.route, 499, self.started.elapsed());
+            self.observe(499);
         }
     }
+}
+
+/// Marks a request as a rollout's check rather than traffic (the operator's vector check sends
+/// it to the canary and stable pods directly). Such requests are answered as any other but
+/// counted in `embedder_check_requests_total` only: the canary's P95, error rate, request count
+/// and tokens are what its users saw.
+pub const CHECK_HEADER: &str = "x-embedroll-check";
+
+/// Whether a request carries [`CHECK_HEADER`], whatever its value.
+pub fn is_check(headers: &axum::http::HeaderMap) -> bool {
+    headers.contains_key(CHECK_HEADER)
 }
 
 /// The JSON shape errors take: each API's own, so its clients read them.
@@ -341,6 +360,7 @@ pub async fn serve_embed<R>(
     state: &AppState,
     route: &'static str,
     dialect: Dialect,
+    check: bool,
     body: Result<Bytes, BytesRejection>,
     parse: Parse<R>,
     render: fn(EmbedOutput, R) -> Response,
@@ -352,6 +372,7 @@ pub async fn serve_embed<R>(
         model: NO_MODEL.to_string(),
         started: Instant::now(),
         answered: false,
+        check,
     };
     let deadline = Duration::from_millis(state.limits.request_timeout_ms);
     let run = async {
@@ -374,9 +395,11 @@ pub async fn serve_embed<R>(
             ),
         )),
     };
+    let mut tokens = None;
     let response = match result {
         Ok((output, extra)) => {
             let headers = timing_headers(&output, record.started.elapsed());
+            tokens = Some(output.tokens);
             (headers, render(output, extra)).into_response()
         }
         Err(error) => {
@@ -386,7 +409,7 @@ pub async fn serve_embed<R>(
             dialect.render(error)
         }
     };
-    record.answer(response.status());
+    record.answer(response.status(), tokens);
     response
 }
 
@@ -456,12 +479,14 @@ fn parse_native(body: &[u8]) -> Result<(EmbedJob, ()), ApiError> {
 
 async fn embed_native(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     serve_embed(
         &state,
         NATIVE_ROUTE,
         Dialect::Native,
+        is_check(&headers),
         body,
         parse_native,
         |out, ()| {

@@ -283,7 +283,6 @@ impl Worker {
         let id = self.passes;
         let model = self.model.clone();
         let inputs: Vec<&[u32]> = entries.iter().map(|e| e.ids.as_slice()).collect();
-        let tokens: usize = inputs.iter().map(|ids| ids.len()).sum();
         let started = Instant::now();
         let mut interrupted = Duration::ZERO;
         // A panic inside the backend must fail this pass's requests, not silently kill the
@@ -320,8 +319,7 @@ impl Worker {
         }
         let vectors = catch_unwind(AssertUnwindSafe(|| model.pool(forward)));
         let took = started.elapsed().saturating_sub(interrupted);
-        self.metrics
-            .observe_pass(&self.name, entries.len(), tokens, took);
+        self.metrics.observe_pass(&self.name, entries.len(), took);
         match vectors {
             Ok(vectors) => {
                 let pass = Pass { id, took };

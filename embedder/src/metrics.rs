@@ -53,6 +53,7 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 struct Inner {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    checks: Family<RequestLabels, Counter>,
     request_duration: HistogramFamily<RouteLabels>,
     inflight: Gauge,
     queue_depth: Family<ModelLabels, Gauge>,
@@ -83,6 +84,14 @@ impl Metrics {
             "requests",
             "Embedding requests by model, route and HTTP status code",
             requests.clone(),
+        );
+        // A rollout's vector check is not the canary's traffic: the analysis reads P95, error
+        // rate, request count and tokens per request from the series above and below.
+        let checks = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "check_requests",
+            "Requests marked x-embedroll-check (a rollout's vector check), by model, route and HTTP status code; not in requests, request_duration or tokens",
+            checks.clone(),
         );
         let request_duration: HistogramFamily<RouteLabels> =
             Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
@@ -118,7 +127,7 @@ impl Metrics {
         let tokens = Family::<ModelLabels, Counter>::default();
         registry.register(
             "tokens",
-            "Tokens embedded, special tokens included",
+            "Tokens of answered embedding requests, special tokens included (checks not counted)",
             tokens.clone(),
         );
         let model_loaded = Family::<ModelLabels, Gauge>::default();
@@ -162,6 +171,7 @@ impl Metrics {
         Self(Arc::new(Inner {
             registry,
             requests,
+            checks,
             request_duration,
             inflight,
             queue_depth,
@@ -200,6 +210,27 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// A request marked `x-embedroll-check`: counted apart, so a rollout's own check never
+    /// becomes the canary's latency, errors or request count.
+    pub fn observe_check(&self, model: &str, route: &str, code: u16) {
+        self.0
+            .checks
+            .get_or_create(&RequestLabels {
+                model: model.to_string(),
+                route: route.to_string(),
+                code,
+            })
+            .inc();
+    }
+
+    /// The tokens of an answered request (checks are not counted).
+    pub fn observe_tokens(&self, model: &str, tokens: usize) {
+        self.0
+            .tokens
+            .get_or_create(&labels(model))
+            .inc_by(tokens as u64);
+    }
+
     /// Counts a request as in flight until the guard drops.
     pub fn inflight(&self) -> InflightGuard {
         self.0.inflight.inc();
@@ -210,7 +241,7 @@ impl Metrics {
         self.0.queue_depth.get_or_create_owned(&labels(model))
     }
 
-    pub fn observe_pass(&self, model: &str, texts: usize, tokens: usize, elapsed: Duration) {
+    pub fn observe_pass(&self, model: &str, texts: usize, elapsed: Duration) {
         let labels = labels(model);
         self.0
             .batch_size
@@ -220,7 +251,6 @@ impl Metrics {
             .batch_duration
             .get_or_create(&labels)
             .observe(elapsed.as_secs_f64());
-        self.0.tokens.get_or_create(&labels).inc_by(tokens as u64);
     }
 
     pub fn set_model_loaded(&self, model: &ModelInfo, loaded: bool) {
@@ -288,7 +318,9 @@ mod tests {
     fn exposes_contract_names() {
         let metrics = Metrics::new();
         metrics.observe_request("m", "/api/v1/embed", 200, Duration::from_millis(22));
-        metrics.observe_pass("m", 3, 30, Duration::from_millis(5));
+        metrics.observe_pass("m", 3, Duration::from_millis(5));
+        metrics.observe_tokens("m", 30);
+        metrics.observe_check("m", "/v1/embeddings", 200);
         let mut info = crate::model::ModelInfo::for_tests("m");
         metrics.set_model_loaded(&info, true);
         let _guard = metrics.inflight();
@@ -300,6 +332,7 @@ mod tests {
             "embedder_inflight_requests 1",
             r#"embedder_batch_size_count{model="m"} 1"#,
             r#"embedder_tokens_total{model="m"} 30"#,
+            r#"embedder_check_requests_total{model="m",route="/v1/embeddings",code="200"} 1"#,
             r#"embedder_model_loaded{model="m"} 1"#,
             r#"embedder_model_info{model="m",quantization="none",kernel=""} 1"#,
             r#"embedder_model_weights_bytes{model="m"} 1000"#,

@@ -76,8 +76,13 @@ fn parse(body: &[u8]) -> Result<(EmbedJob, EncodingFormat), ApiError> {
     Ok((job, request.encoding_format.unwrap_or_default()))
 }
 
-pub async fn embed(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
-    serve_embed(&state, ROUTE, Dialect::Native, body, parse, render).await
+pub async fn embed(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let check = crate::api::is_check(&headers);
+    serve_embed(&state, ROUTE, Dialect::Native, check, body, parse, render).await
 }
 
 fn render(out: EmbedOutput, format: EncodingFormat) -> Response {

@@ -60,11 +60,16 @@ fn render_embed(out: EmbedOutput, (): ()) -> Response {
     Json(out.vectors).into_response()
 }
 
-pub async fn embed(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn embed(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     serve_embed(
         &state,
         EMBED_ROUTE,
         Dialect::Tei,
+        crate::api::is_check(&headers),
         body,
         parse_embed,
         render_embed,

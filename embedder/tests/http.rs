@@ -522,6 +522,78 @@ async fn metrics_count_requests_tokens_and_latency() {
     assert!(value(&format!(r#"embedder_batch_size_count{{model="{MODEL}"}}"#)) >= 4.0);
 }
 
+/// A rollout's vector check embeds its golden set on the canary pod itself, marked with
+/// `x-embedroll-check`. Those requests must not be the canary's traffic: the analysis reads its
+/// P95, error rate, request count and tokens per request from these series, and a check landing
+/// in a step's first seconds outweighed the few user requests there (CI, 2026-11-28: a canary
+/// rolled back on p95 235 ms, 2 s after its check).
+#[tokio::test(flavor = "multi_thread")]
+async fn check_requests_are_counted_apart_from_traffic() {
+    let server = Server::start(&[]).await;
+    let (status, _) = post(&server, "/api/v1/embed", json!({"texts": ["user traffic"]})).await;
+    assert_eq!(status, 200);
+    let http = Client::new();
+    for (path, body) in [
+        (
+            "/v1/embeddings",
+            json!({"input": ["golden one", "golden two"]}),
+        ),
+        ("/api/v1/embed", json!({"texts": ["golden three"]})),
+        ("/embed", json!({"inputs": "golden four"})),
+    ] {
+        let response = http
+            .post(server.url(path))
+            .header("x-embedroll-check", "vectors")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    let text = http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |series: &str| series_value(&text, series);
+    let traffic = value(&format!(
+        r#"embedder_requests_total{{model="{MODEL}",route="/api/v1/embed",code="200"}}"#
+    ));
+    assert_eq!(traffic, Some(1.0), "{text}");
+    for route in ["/v1/embeddings", "/embed"] {
+        assert_eq!(
+            value(&format!(
+                r#"embedder_requests_total{{model="{MODEL}",route="{route}",code="200"}}"#
+            )),
+            None,
+            "{text}"
+        );
+        assert_eq!(
+            value(&format!(
+                r#"embedder_check_requests_total{{model="{MODEL}",route="{route}",code="200"}}"#
+            )),
+            Some(1.0),
+            "{text}"
+        );
+    }
+    assert_eq!(
+        value(&format!(
+            r#"embedder_request_duration_seconds_count{{model="{MODEL}",route="/api/v1/embed"}}"#
+        )),
+        Some(1.0),
+        "{text}"
+    );
+    // "user traffic" is [CLS] user traffic [SEP]: the golden texts' tokens are not counted.
+    assert_eq!(
+        value(&format!(r#"embedder_tokens_total{{model="{MODEL}"}}"#)),
+        Some(4.0),
+        "{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn injected_faults_fail_and_slow_requests() {
     let server = Server::start(&["--fault-error-rate", "1", "--fault-latency-ms", "300"]).await;
