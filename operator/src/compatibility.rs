@@ -166,6 +166,10 @@ enum Failure {
 /// that keeps failing makes the check inconclusive.
 const ATTEMPTS: usize = 3;
 
+/// The header that marks a request as a rollout's check, not traffic (the embedder's
+/// `embedder::api::CHECK_HEADER`; other servers ignore it).
+pub const CHECK_HEADER: &str = "x-embedroll-check";
+
 /// One batch embedded by the pod at `url`.
 async fn embed_batch(
     http: &reqwest::Client,
@@ -177,6 +181,10 @@ async fn embed_batch(
     let response = http
         .post(url)
         .timeout(left)
+        // The pods count a marked request apart from their traffic: the check lands in a
+        // step's first seconds, where its long golden texts would outweigh the canary's few
+        // user requests in the P95, request count and tokens the analysis reads.
+        .header(CHECK_HEADER, "vectors")
         .json(&match request.model {
             Some(model) => json!({"model": model, "input": batch, "encoding_format": "float"}),
             None => json!({"input": batch, "encoding_format": "float"}),
@@ -209,8 +217,8 @@ async fn embed_batch(
 }
 
 /// The golden set embedded by the pod at `pod`, through the OpenAI-compatible route (which
-/// this project's embedder, TEI and most others serve; the request counters of the native
-/// route, which user traffic shares, stay untouched).
+/// this project's embedder, TEI and most others serve), each request marked [`CHECK_HEADER`]
+/// so that the embedder counts it apart from the traffic the analysis judges.
 async fn embed(
     http: &reqwest::Client,
     pod: &PodAddress,
@@ -317,6 +325,66 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One HTTP exchange on a loopback port: returns the request head it read, answering with
+    /// one 2-dimensional vector in OpenAI's shape.
+    fn answer_once() -> (u16, std::thread::JoinHandle<String>) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                conn.read_exact(&mut byte).unwrap();
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            let mut body = vec![0u8; length];
+            conn.read_exact(&mut body).unwrap();
+            let answer = r#"{"data":[{"index":0,"embedding":[1.0,0.0]}]}"#;
+            write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                answer.len()
+            )
+            .unwrap();
+            head
+        });
+        (port, server)
+    }
+
+    #[tokio::test]
+    async fn the_golden_set_is_sent_marked_as_a_check() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (port, server) = answer_once();
+        let texts = vec!["one".to_owned()];
+        let request = Request {
+            model: None,
+            dimensions: None,
+            texts: &texts,
+            k: 1,
+            timeout: Duration::from_secs(10),
+        };
+        let pod = PodAddress {
+            ip: "127.0.0.1".into(),
+            port: port.into(),
+        };
+        let deadline = Instant::now() + request.timeout;
+        let vectors = embed(&reqwest::Client::new(), &pod, &request, deadline).await;
+        let head = server.join().unwrap();
+        assert!(head.starts_with("post /v1/embeddings "), "{head}");
+        assert!(
+            head.contains("\r\nx-embedroll-check: vectors\r\n"),
+            "{head}"
+        );
+        assert!(matches!(vectors, Ok(ref v) if v.len() == 1));
+    }
 
     fn unit(v: &[f32]) -> Vec<f32> {
         let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
