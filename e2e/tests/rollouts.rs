@@ -366,6 +366,26 @@ async fn events(client: &Client, ns: &str, reason: &str) -> Vec<Event> {
 
 /// 200s counted by each pod of `color` itself, from its own /metrics.
 async fn served_by(client: &Client, ns: &str, name: &str, color: &str) -> f64 {
+    counted_by(
+        client,
+        ns,
+        name,
+        color,
+        "embedder_requests_total",
+        "/api/v1/embed",
+    )
+    .await
+}
+
+/// The sum of `metric`'s series for `route` over the pods of `color`, from their own /metrics.
+async fn counted_by(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    color: &str,
+    metric: &str,
+    route: &str,
+) -> f64 {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let selector = format!("{LABEL_ROLLOUT}={name},{LABEL_COLOR}={color}");
     let mut total = 0.0;
@@ -384,7 +404,7 @@ async fn served_by(client: &Client, ns: &str, name: &str, color: &str) -> f64 {
         total += text
             .lines()
             .filter(|l| {
-                l.starts_with("embedder_requests_total{") && l.contains("route=\"/api/v1/embed\"")
+                l.starts_with(&format!("{metric}{{")) && l.contains(&format!("route=\"{route}\""))
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>();
@@ -916,6 +936,38 @@ async fn b_upgrade_promotes_through_every_step() {
         2,
         "checked before traffic and before promotion"
     );
+    // The checks' requests reached the new stable pod marked as checks, and it counted them
+    // apart: none is in the series the analysis judged (a check in a step's first seconds
+    // once made a canary's P95).
+    // Two checks, each 50 golden texts in requests of 8.
+    let check_requests = 2.0 * 7.0;
+    let checks = counted_by(
+        &client,
+        ns,
+        ns,
+        "green",
+        "embedder_check_requests_total",
+        "/v1/embeddings",
+    )
+    .await;
+    let as_traffic = counted_by(
+        &client,
+        ns,
+        ns,
+        "green",
+        "embedder_requests_total",
+        "/v1/embeddings",
+    )
+    .await;
+    say(
+        "b",
+        format!("check requests on green: {checks} counted apart, {as_traffic} as traffic"),
+    );
+    assert!(
+        checks >= check_requests,
+        "check requests counted apart: {checks}, expected at least {check_requests}"
+    );
+    assert_eq!(as_traffic, 0.0, "check requests counted as traffic");
     assert!(!await_event(&client, ns, "Promoted").await.is_empty());
     // One Event per weight change, each with its own message (not folded into one series).
     let weight_events: Vec<String> = events(&client, ns, "WeightUpdated")
