@@ -550,14 +550,7 @@ async fn check_requests_are_counted_apart_from_traffic() {
             .unwrap();
         assert_eq!(response.status(), 200, "{path}");
     }
-    let text = http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics().await;
     let value = |series: &str| series_value(&text, series);
     let traffic = value(&format!(
         r#"embedder_requests_total{{model="{MODEL}",route="/api/v1/embed",code="200"}}"#
