@@ -708,6 +708,10 @@ pub struct EmbeddingRolloutStatus {
     /// When the in-flight revision was first deployed (progress deadline).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_started_at: Option<Time>,
+    /// When the in-flight revision's canary was first Ready: the progress deadline is met
+    /// from then on, and a pod it loses later is waited for (or, with none Ready, rolled back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_ready_at: Option<Time>,
     /// A revision that was rolled back or aborted; not retried until the spec changes or
     /// `embedroll.dev/retry` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -18,7 +18,7 @@ use crate::analysis::AnalysisOutcome;
 use crate::compatibility::Outcome;
 use crate::conditions::{self, Status};
 use crate::crd::{
-    Color, CompatibilityStage, EmbeddingRolloutSpec, EmbeddingRolloutStatus, Phase, parse_duration,
+    Color, CompatibilityStage, EmbeddingRolloutSpec, EmbeddingRolloutStatus, parse_duration,
 };
 use crate::resources::ColorState;
 
@@ -186,9 +186,16 @@ pub(crate) fn at(time: &Option<Time>) -> Option<Timestamp> {
 }
 
 /// Whether this reconcile should run an analysis: a canary of the desired revision is Ready,
-/// its step began at least one interval ago, and the last run is an interval old.
+/// its step began at least one interval ago, and the last run is an interval old. A step at
+/// 0% (a pause before the first weight) has no canary requests to judge: a run could only
+/// be inconclusive, which would hold the pause past its duration or, with `onInconclusive:
+/// Fail`, roll back a revision nobody has used. A re-index hold is not a step: its analysis
+/// judges the indexer's requests.
 pub fn analysis_due(input: &Input<'_>) -> bool {
     let st = input.status;
+    if st.canary_weight == 0 && st.current_step_index.is_some() {
+        return false;
+    }
     let (Some(canary), Some(revision), Some(started)) = (
         st.canary_color,
         st.canary_revision.as_deref(),
@@ -309,7 +316,7 @@ impl Planner<'_, '_> {
 
         if self.st.failed_revision.as_deref() == Some(desired.as_str()) {
             if !self.input.commands.retry {
-                self.st.phase = Some(Phase::Failed);
+                self.hold_failed(stable, &desired);
                 return;
             }
             self.st.failed_revision = None;
@@ -348,6 +355,9 @@ impl Planner<'_, '_> {
             self.deferred.promote_full = self.input.commands.promote_full;
             self.wait_for_canary(canary, &canary_state);
             return;
+        }
+        if self.st.canary_ready_at.is_none() {
+            self.st.canary_ready_at = Some(Time(self.input.now));
         }
 
         if self.st.current_step_index.is_none()

@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::{Planner, plus};
 use crate::conditions::{self, Status};
-use crate::crd::{Phase, ScaleDown};
+use crate::crd::{Color, Phase, ScaleDown};
 
 impl Planner<'_, '_> {
     pub(super) fn scale_down_delay(&self) -> Duration {
@@ -43,7 +43,25 @@ impl Planner<'_, '_> {
         self.st.current_step_index = None;
         self.st.step_started_at = None;
         self.st.rollout_started_at = None;
+        self.st.canary_ready_at = None;
         self.st.steps_hash = None;
+    }
+
+    /// The spec names a revision that failed: it waits for a retry. A canary of another
+    /// revision still in flight (the spec went back to the failed one, say by a revert in
+    /// Git) is cancelled: nothing would analyse it any more.
+    pub(super) fn hold_failed(&mut self, stable: Color, desired: &str) {
+        self.st.phase = Some(Phase::Failed);
+        let Some(canary) = self.st.canary_revision.clone() else {
+            return;
+        };
+        self.clear_canary(self.scale_down_delay());
+        let text = format!(
+            "spec is back at revision {desired}, which failed: canary {canary} cancelled; traffic on stable {stable}; annotate embedroll.dev/retry to try {desired} again"
+        );
+        self.warn("Cancelled", text.clone());
+        self.st.message = Some(text.clone());
+        self.condition(conditions::PROGRESSING, Status::False, "Cancelled", text);
     }
 
     pub(super) fn roll_back(&mut self, reason: &'static str, message: String) {

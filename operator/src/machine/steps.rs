@@ -61,6 +61,7 @@ impl Planner<'_, '_> {
         self.st.current_step_index = None;
         self.st.step_started_at = None;
         self.st.rollout_started_at = Some(Time(self.input.now));
+        self.st.canary_ready_at = None;
         self.st.steps_hash = Some(steps_hash(self.input.spec));
         self.st.analysis = None;
         self.st.weight_check = None;
@@ -123,8 +124,9 @@ impl Planner<'_, '_> {
             state.ready_replicas,
             state.desired_replicas.max(1)
         );
-        if self.st.current_step_index.is_some() {
-            // Mid-rollout: a restarting pod is fine while others serve; none left is not.
+        if self.st.current_step_index.is_some() || self.st.canary_ready_at.is_some() {
+            // Once Ready (mid-rollout, or held at 0% for a check or a re-index): a restarting
+            // pod or an HPA's scale-up is fine while others serve; none left is not.
             // Analysis waits for the canary to be whole again: its Deployment's next status
             // change wakes this rollout, so there is nothing to poll.
             if state.ready_replicas == 0 {
@@ -234,12 +236,6 @@ impl Planner<'_, '_> {
             StepKind::Pause(Some(d)) => promote || (now >= plus(started, d) && !inconclusive_hold),
             StepKind::Pause(None) => promote,
         };
-        if promote {
-            self.event(
-                "PromotedStep",
-                format!("step {}/{total} promoted by annotation", index + 1),
-            );
-        }
         if !advance {
             if inconclusive_hold {
                 self.st.phase = Some(Phase::Paused);
@@ -279,8 +275,19 @@ impl Planner<'_, '_> {
             self.wake_for_analysis();
             return;
         }
+        // Announced when the promote acts: one deferred for the vector check would otherwise
+        // say so again on every reconcile it waits through.
+        let promoted_step = |planner: &mut Self| {
+            if promote {
+                planner.event(
+                    "PromotedStep",
+                    format!("step {}/{total} promoted by annotation", index + 1),
+                );
+            }
+        };
         if index + 1 >= total {
             if self.vectors_gate(CompatibilityStage::BeforePromotion, checked, None) == Gate::Open {
+                promoted_step(self);
                 self.promote("every step passed");
             } else if self.rollback.is_none() {
                 // A promote waits for the vector check (asked for, or inconclusive and
@@ -288,6 +295,7 @@ impl Planner<'_, '_> {
                 self.deferred.promote = promote;
             }
         } else {
+            promoted_step(self);
             self.enter_step(index + 1);
             self.st.phase = Some(Phase::Progressing);
             let weight = self.st.canary_weight;

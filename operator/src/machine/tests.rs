@@ -8,7 +8,7 @@ use super::*;
 use crate::analysis::MetricOutcome;
 use crate::compatibility::Comparison;
 use crate::crd::{
-    CheckResult, CompatibilityResult, EmbeddingRolloutSpec, OnIncompatible, OnInconclusive,
+    CheckResult, CompatibilityResult, EmbeddingRolloutSpec, OnIncompatible, OnInconclusive, Phase,
 };
 
 fn spec() -> EmbeddingRolloutSpec {
@@ -1221,4 +1221,137 @@ fn same_model_vectors_that_differ_can_be_reindexed_on_purpose() {
     let plan = w.reconcile("r2", None);
     assert_eq!(plan.rollback, None);
     assert_eq!(plan.status.phase, Some(Phase::AwaitingReindex));
+}
+
+#[test]
+fn going_back_to_a_failed_revision_cancels_the_canary_in_flight() {
+    let mut w = World::installed();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    w.commands.abort = true;
+    assert_eq!(w.reconcile("r2", None).rollback, Some("Aborted"));
+    // r3 goes out on green and takes traffic.
+    w.reconcile("r3", None);
+    w.green = ready("r3");
+    assert_eq!(w.reconcile("r3", None).status.canary_weight, 1);
+    // A revert in Git lands on r2, which failed: r3 must not keep its traffic unwatched.
+    w.events.clear();
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.phase, Some(Phase::Failed));
+    assert_eq!(plan.status.canary_revision, None);
+    assert_eq!(plan.status.canary_weight, 0);
+    assert_eq!(plan.status.scale_down.as_ref().unwrap().color, Color::Green);
+    assert_eq!(
+        plan.deploy, None,
+        "r3 is not replaced by r2 without a retry"
+    );
+    assert_eq!(w.events, ["Cancelled"]);
+    let message = plan.status.message.clone().unwrap();
+    assert!(
+        message.contains("r2") && message.contains("r3") && message.contains("retry"),
+        "{message}"
+    );
+    // Held, with nothing more written, until a retry or a new revision.
+    let again = w.reconcile("r2", None);
+    assert_eq!(again.status, plan.status);
+    assert!(again.events.is_empty());
+    w.commands.retry = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.canary_revision.as_deref(), Some("r2"));
+    assert_eq!(plan.deploy, Some(Color::Green));
+}
+
+#[test]
+fn a_canary_ready_once_is_not_held_to_the_progress_deadline_again() {
+    // A re-index takes hours at 0%, far past progressDeadlineSeconds (120 s here).
+    let mut w = model_change(OnIncompatible::Reindex);
+    w.reconcile("r2", None);
+    assert_eq!(w.status.phase, Some(Phase::AwaitingReindex));
+    for _ in 0..360 {
+        w.tick(10);
+        w.reconcile("r2", Some(CheckResult::Passed));
+    }
+    // An HPA scales the canary up under the indexer's load: 2 of 3 pods Ready for a while.
+    w.green.desired_replicas = 3;
+    w.green.ready = false;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.rollback, None, "{:?}", plan.status.message);
+    assert_eq!(plan.status.phase, Some(Phase::AwaitingReindex));
+    w.tick(30);
+    assert_eq!(w.reconcile("r2", None).rollback, None);
+    w.green.ready_replicas = 3;
+    w.green.ready = true;
+    w.tick(10);
+    let plan = w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(plan.status.phase, Some(Phase::AwaitingReindex));
+    // With no Ready pod left it is still rolled back, as mid-rollout.
+    w.green.ready_replicas = 0;
+    w.green.ready = false;
+    assert_eq!(w.reconcile("r2", None).rollback, Some("CanaryUnavailable"));
+}
+
+#[test]
+fn a_leading_pause_at_0_percent_ends_on_time_without_traffic_to_judge() {
+    for on_inconclusive in [OnInconclusive::Pause, OnInconclusive::Fail] {
+        let mut w = World::installed();
+        w.spec.analysis.on_inconclusive = on_inconclusive;
+        w.spec.strategy.steps = serde_json::from_value(serde_json::json!([
+            {"pause": {"duration": "30s"}}, {"setWeight": 10}, {"setWeight": 100}
+        ]))
+        .unwrap();
+        w.reconcile("r2", None);
+        w.green = ready("r2");
+        let plan = w.reconcile("r2", None);
+        assert_eq!(plan.status.current_step_index, Some(0));
+        assert_eq!(plan.status.canary_weight, 0);
+        // At 0% the canary gets no requests: an analysis could only be inconclusive.
+        for _ in 0..3 {
+            w.tick(10);
+            let plan = w.reconcile("r2", Some(CheckResult::Inconclusive));
+            assert_eq!(plan.rollback, None, "{on_inconclusive:?}");
+        }
+        assert_eq!(
+            (w.status.current_step_index, w.status.canary_weight),
+            (Some(1), 10),
+            "{on_inconclusive:?}: {:?}",
+            w.status.message
+        );
+    }
+}
+
+#[test]
+fn a_promote_waiting_on_the_vector_check_is_announced_once_it_acts() {
+    let mut w = World::installed();
+    w.spec.strategy.steps =
+        serde_json::from_value(serde_json::json!([{"pause": {}}, {"setWeight": 100}])).unwrap();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    w.commands.promote = true;
+    assert_eq!(w.reconcile("r2", None).status.canary_weight, 100);
+    // The last step's promote waits for the vector check before promotion.
+    w.vectors = Outcome::Inconclusive("canary: connection refused".into());
+    w.events.clear();
+    for _ in 0..3 {
+        w.commands.promote = true;
+        let plan = w.reconcile("r2", None);
+        assert!(plan.deferred.promote, "the annotation is kept");
+        w.tick(10);
+    }
+    assert!(
+        !w.events.contains(&"PromotedStep"),
+        "nothing was promoted yet: {:?}",
+        w.events
+    );
+    w.vectors = compared(1.0, 1.0);
+    w.commands.promote = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.stable_revision.as_deref(), Some("r2"));
+    assert_eq!(
+        w.events.iter().filter(|e| **e == "PromotedStep").count(),
+        1,
+        "{:?}",
+        w.events
+    );
 }
