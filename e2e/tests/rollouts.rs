@@ -1464,6 +1464,26 @@ async fn g_invalid_rollouts_are_rejected_with_the_field_named() {
             &["spec.analysis.interval"],
         ),
         (
+            "an interval under a second (a check and a status write each time)",
+            json!({"analysis": {"interval": "0s"}}),
+            &["spec.analysis.interval", "at least 1s"],
+        ),
+        (
+            "a Prometheus timeout of nothing",
+            json!({"analysis": {"prometheus": {"address": "http://prometheus:9090", "timeout": "0ms"}}}),
+            &["spec.analysis.prometheus.timeout", "at least 1s"],
+        ),
+        (
+            "a vector check timeout of nothing",
+            json!({"compatibility": {"timeout": "0s"}}),
+            &["spec.compatibility.timeout", "at least 1s"],
+        ),
+        (
+            "max beside maxIncrease",
+            json!({"analysis": {"metrics": [{"name": "x", "preset": "LatencyP95VsStable", "maxIncrease": "5ms", "max": "1s"}]}}),
+            &["spec.analysis.metrics[0].maxIncrease", "only threshold"],
+        ),
+        (
             "unparseable pause",
             json!({"strategy": {"steps": [{"setWeight": 10}, {"pause": {"duration": "soon"}}, {"setWeight": 100}]}}),
             &["spec.strategy.steps[1].pause.duration"],
@@ -1530,6 +1550,22 @@ async fn g_invalid_rollouts_are_rejected_with_the_field_named() {
         .await
         .expect_err("58-character name");
     assert!(error.to_string().contains("metadata.name"), "{error}");
+    // Names its Services cannot take, and names that are another rollout's children.
+    for (name, needle) in [
+        ("9-lives", "starting with a letter"),
+        ("search.v2", "starting with a letter"),
+        ("g-valid-blue", "must not end in -blue"),
+        ("g-valid-canary", "must not end in -blue, -green or -canary"),
+    ] {
+        let mut manifest = valid.clone();
+        manifest["metadata"]["name"] = json!(name);
+        let error = api
+            .create(&post, &object(manifest))
+            .await
+            .expect_err(name)
+            .to_string();
+        assert!(error.contains(needle), "{name}: {needle:?} not in {error}");
+    }
     for (what, patch, needles) in &cases {
         let mut manifest = valid.clone();
         merge(&mut manifest["spec"], patch.clone());
@@ -1548,7 +1584,7 @@ async fn g_invalid_rollouts_are_rejected_with_the_field_named() {
     }
     say(
         "g",
-        format!("{} kinds of mistakes rejected", cases.len() + 1),
+        format!("{} kinds of mistakes rejected", cases.len() + 5),
     );
 }
 

@@ -193,17 +193,26 @@ fn judge(metric: &MetricSpec, value: Result<f64, String>) -> MetricOutcome {
             parse_number(t)
         }
     };
-    let threshold = match (&metric.max, &metric.min, &metric.max_increase) {
-        (_, _, Some(t)) => parse(t)
-            .map(Threshold::Max)
-            .map(|th| (th, format!("<= +{t}"))),
-        (Some(t), _, _) => parse(t)
-            .map(Threshold::Max)
-            .map(|th| (th, format!("<= {t}"))),
-        (None, Some(t), _) => parse(t)
-            .map(Threshold::Min)
-            .map(|th| (th, format!(">= {t}"))),
-        (None, None, None) => Err("no threshold".to_owned()),
+    // `maxIncrease` alone (the CRD refuses it beside `max`/`min`); otherwise `min`, `max` or
+    // both, which the value must lie between.
+    type Bound = fn(f64) -> Threshold;
+    let named: Vec<(Bound, &String, String)> = match &metric.max_increase {
+        Some(t) => vec![(Threshold::Max, t, format!("<= +{t}"))],
+        None => [
+            (metric.min.as_ref(), Threshold::Min as Bound, ">="),
+            (metric.max.as_ref(), Threshold::Max as Bound, "<="),
+        ]
+        .into_iter()
+        .filter_map(|(t, bound, op)| t.map(|t| (bound, t, format!("{op} {t}"))))
+        .collect(),
+    };
+    let bounds = if named.is_empty() {
+        Err("no threshold".to_owned())
+    } else {
+        named
+            .into_iter()
+            .map(|(bound, t, text)| parse(t).map(|limit| (bound(limit), text)))
+            .collect::<Result<Vec<_>, _>>()
     };
     let mut outcome = MetricOutcome {
         name: metric.name.clone(),
@@ -213,13 +222,18 @@ fn judge(metric: &MetricSpec, value: Result<f64, String>) -> MetricOutcome {
         result: CheckResult::Inconclusive,
         message: None,
     };
-    let (threshold, threshold_text) = match threshold {
-        Ok(t) => t,
+    let bounds = match bounds {
+        Ok(bounds) => bounds,
         Err(e) => {
             outcome.message = Some(format!("bad threshold: {e}"));
             return outcome;
         }
     };
+    let threshold_text = bounds
+        .iter()
+        .map(|(_, text)| text.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
     outcome.threshold = threshold_text;
     let value = match value {
         Ok(v) if v.is_finite() => v,
@@ -234,10 +248,13 @@ fn judge(metric: &MetricSpec, value: Result<f64, String>) -> MetricOutcome {
     };
     outcome.value = Some(value);
     let display = format_value(metric.preset, value);
-    let (passed, limit) = match threshold {
-        Threshold::Max(limit) => (value <= limit, limit),
-        Threshold::Min(limit) => (value >= limit, limit),
-    };
+    let breached = bounds.iter().find_map(|(bound, _)| match *bound {
+        Threshold::Max(limit) if value > limit => Some(limit),
+        Threshold::Min(limit) if value < limit => Some(limit),
+        _ => None,
+    });
+    let passed = breached.is_none();
+    let limit = breached.unwrap_or_default();
     outcome.result = if passed {
         CheckResult::Passed
     } else {
@@ -529,6 +546,24 @@ mod tests {
         );
         assert!(render("x{{interval", &vars()).is_err());
         assert!(error_rate_query().contains("or vector(0)"));
+    }
+
+    #[test]
+    fn a_metric_with_min_and_max_must_lie_between_them() {
+        let metric: MetricSpec = serde_json::from_value(serde_json::json!(
+            {"name": "qps", "query": "sum(rate(x[1m]))", "min": "5", "max": "100"}
+        ))
+        .unwrap();
+        let judged = |value: f64| judge(&metric, Ok(value));
+        assert_eq!(judged(50.0).result, CheckResult::Passed);
+        assert_eq!(judged(50.0).threshold, ">= 5, <= 100");
+        let low = judged(2.0);
+        assert_eq!(low.result, CheckResult::Failed, "below min");
+        assert_eq!(
+            low.message.as_deref(),
+            Some("qps = 2.0000, limit 5.0000 (>= 5, <= 100)")
+        );
+        assert_eq!(judged(200.0).result, CheckResult::Failed, "above max");
     }
 
     #[tokio::test]

@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 
 /// Go-style durations (`500ms`, `30s`, `5m`, `1h30m`), the format `kubectl` users know.
 pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
+
+/// CEL for a duration field of at least a second (a malformed one is the pattern's to refuse).
+const AT_LEAST_1S: &str =
+    "!self.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || duration(self) >= duration('1s')";
 /// Longest rollout name: children are named `<name>-green` and the name is a label value.
 pub const MAX_NAME_LEN: usize = 57;
 
@@ -49,6 +53,13 @@ pub const MAX_NAME_LEN: usize = 57;
     ),
     validation = Rule::new("self.metadata.name.size() <= 57")
         .message("metadata.name: at most 57 characters (children are named <name>-green)"),
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("metadata.name: lower-case letters, digits and '-', starting with a letter (it names the rollout's Services)"),
+    // On create only (optionalOldSelf: oldSelf is empty then), so a rollout made before
+    // this rule keeps working.
+    validation = Rule::new("oldSelf.hasValue() || !self.metadata.name.matches('-(blue|green|canary)$')")
+        .optional_old_self(true)
+        .message("metadata.name must not end in -blue, -green or -canary: rollout <name> names its children so, and two rollouts would take each other's"),
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.compatibility) || !has(self.compatibility.onIncompatible) || self.compatibility.onIncompatible != 'Reindex' || has(self.traffic.canaryHeader)").message("onIncompatible: Reindex serves the new model on the canary header route while the index is rebuilt: set traffic.canaryHeader").field_path(".compatibility.onIncompatible"))]
@@ -106,9 +117,10 @@ pub struct CompatibilitySpec {
     /// re-index route, then switched to 100% at once when promoted).
     #[serde(default)]
     pub on_incompatible: OnIncompatible,
-    /// How long one check may take before it counts as inconclusive.
+    /// How long one check may take before it counts as inconclusive (at least 1s).
     #[serde(default = "default_check_timeout")]
     #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new(AT_LEAST_1S).message("at least 1s"))]
     pub timeout: String,
 }
 
@@ -475,8 +487,10 @@ pub struct AnalysisSpec {
     /// How often checks run. Each weight is held for at least one interval. The built-in
     /// checks look back over everything since the step began (`{{window}}`, at least one
     /// interval), so a quiet service's step lasts until it has `minRequests` canary requests.
+    /// At least 1s: each check is a Prometheus query and a status write.
     #[serde(default = "default_interval")]
     #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new(AT_LEAST_1S).message("at least 1s"))]
     pub interval: String,
     /// Failed checks in one rollout before it is rolled back automatically.
     #[serde(default = "default_failure_limit")]
@@ -545,8 +559,10 @@ pub struct PrometheusSpec {
     /// Base URL of the Prometheus HTTP API, e.g. `http://prometheus.monitoring:9090`.
     #[schemars(length(max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
     pub address: String,
+    /// At least 1s.
     #[serde(default = "default_timeout")]
     #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new(AT_LEAST_1S).message("at least 1s"))]
     pub timeout: String,
 }
 
@@ -586,6 +602,8 @@ pub enum Preset {
         .message("a metric needs a threshold: max or min (maxIncrease for LatencyP95VsStable)"),
     validation = Rule::new("!has(self.maxIncrease) || (has(self.preset) && self.preset == 'LatencyP95VsStable')")
         .message("maxIncrease is only for LatencyP95VsStable").field_path(".maxIncrease"),
+    validation = Rule::new("!has(self.maxIncrease) || (!has(self.max) && !has(self.min))")
+        .message("maxIncrease is LatencyP95VsStable's only threshold: drop max and min").field_path(".maxIncrease"),
     validation = Rule::new("!(has(self.preset) && self.preset.startsWith('Latency')) || ((!has(self.max) || self.max.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$')) && (!has(self.min) || self.min.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$')))")
         .message("latency thresholds are durations, e.g. 35ms").field_path(".max"),
     validation = Rule::new("(has(self.preset) && self.preset.startsWith('Latency')) || ((!has(self.max) || self.max.matches('^-?[0-9]+(\\\\.[0-9]+)?([eE]-?[0-9]+)?$')) && (!has(self.min) || self.min.matches('^-?[0-9]+(\\\\.[0-9]+)?([eE]-?[0-9]+)?$')))")
