@@ -14,11 +14,6 @@ use crate::model::{Direction, InputError, ModelInfo, SentenceModel, Truncation};
 use crate::pooling::l2_normalize;
 use crate::registry::{LoadedModel, LookupError};
 
-/// Characters of one text kept before tokenising, per token of `max_seq_length` (TEI's
-/// multiplier): no token is this long, so the tokens a truncated text gives are the same,
-/// and a megabyte-long string costs the tokenizer nothing.
-pub const CHARS_PER_TOKEN_CAP: usize = 250;
-
 /// What a request asks to embed.
 pub enum Inputs {
     Texts(Vec<String>),
@@ -329,16 +324,12 @@ pub fn shutting_down() -> ApiError {
     )
 }
 
-/// The text the tokenizer sees: the prompt, then the text, cut to `cap` characters.
-pub fn prompted(prompt: Option<&str>, text: String, cap: usize) -> String {
-    let mut text = match prompt {
+/// The text the tokenizer sees: the prompt, then the text.
+pub fn prompted(prompt: Option<&str>, text: String) -> String {
+    match prompt {
         Some(prompt) => format!("{prompt}{text}"),
         None => text,
-    };
-    if let Some((cut, _)) = text.char_indices().nth(cap) {
-        text.truncate(cut);
     }
-    text
 }
 
 /// Token ids for every input and the characters read, on a blocking thread, at most one
@@ -356,10 +347,6 @@ async fn tokenize(
         .acquire_owned()
         .await
         .map_err(|_| shutting_down())?;
-    let cap = model
-        .info
-        .max_seq_length
-        .saturating_mul(CHARS_PER_TOKEN_CAP);
     tokio::task::spawn_blocking(move || {
         let _tokenizing = tokenizing;
         let input_error = |index: usize, error: InputError| match error {
@@ -381,7 +368,7 @@ async fn tokenize(
                     .into_iter()
                     .enumerate()
                     .map(|(index, text)| {
-                        let text = prompted(prompt.as_deref(), text, cap);
+                        let text = prompted(prompt.as_deref(), text);
                         characters += text.chars().count();
                         model
                             .tokenize_with(&text, truncation)
@@ -424,7 +411,8 @@ fn validate(job: &EmbedJob, state: &AppState) -> Result<(), ApiError> {
         ));
     }
     let empty = match &job.inputs {
-        Inputs::Texts(texts) => texts.iter().position(|t| t.trim().is_empty()),
+        // Whitespace alone is a text ([CLS] [SEP]), as in sentence-transformers and TEI.
+        Inputs::Texts(texts) => texts.iter().position(String::is_empty),
         Inputs::Ids(ids) => ids.iter().position(Vec::is_empty),
     };
     if let Some(index) = empty {

@@ -112,6 +112,81 @@ pub enum InputError {
     Invalid(String),
 }
 
+/// Characters of a text read before tokenising, per token of `max_seq_length` (TEI's
+/// multiplier): see [`SentenceModel::tokenize_with`].
+pub const CHARS_PER_TOKEN: usize = 250;
+
+/// The end of `text` truncation keeps, at least `chars` characters of it, ending (or, kept
+/// from the end, starting) at whitespace; the whole text when it is no longer or has no
+/// whitespace to cut at.
+fn piece_of(text: &str, chars: usize, direction: Direction) -> &str {
+    match direction {
+        Direction::Right => {
+            let Some((cut, _)) = text.char_indices().nth(chars) else {
+                return text;
+            };
+            match text[cut..].find(char::is_whitespace) {
+                Some(space) => &text[..cut + space],
+                None => text,
+            }
+        }
+        Direction::Left => {
+            let count = text.chars().count();
+            if count <= chars {
+                return text;
+            }
+            let cut = text
+                .char_indices()
+                .nth(count - chars)
+                .map_or(text.len(), |(i, _)| i);
+            let space = if text[cut..].starts_with(char::is_whitespace) {
+                Some(cut)
+            } else {
+                text[..cut].rfind(char::is_whitespace)
+            };
+            space.map_or(text, |space| &text[space..])
+        }
+    }
+}
+
+/// Maps byte offsets into `text.to_lowercase()` (what a `do_lower_case` model tokenises)
+/// back to `text`: lowercasing can change a character's length (`İ` 2 → 3 bytes, the
+/// Kelvin sign 3 → 1).
+struct LowercaseOffsets {
+    /// Per character of `text`: where its lowercase starts, and where it starts in `text`.
+    starts: Vec<(usize, usize)>,
+    len: usize,
+}
+
+impl LowercaseOffsets {
+    fn new(text: &str) -> Self {
+        let mut lower = 0;
+        let starts = text
+            .char_indices()
+            .map(|(at, c)| {
+                let start = (lower, at);
+                // `str::to_lowercase` differs from this per-character form only for a final
+                // sigma, which is as long either way.
+                lower += c.to_lowercase().map(char::len_utf8).sum::<usize>();
+                start
+            })
+            .collect();
+        Self {
+            starts,
+            len: text.len(),
+        }
+    }
+
+    /// The characters of `text` whose lowercase covers `start..stop`.
+    fn span(&self, start: usize, stop: usize) -> (usize, usize) {
+        let first = self.starts.partition_point(|&(lower, _)| lower <= start);
+        let from = first.checked_sub(1).map_or(0, |i| self.starts[i].1);
+        let after = self.starts.partition_point(|&(lower, _)| lower < stop);
+        let to = self.starts.get(after).map_or(self.len, |&(_, at)| at);
+        (from, to.max(from))
+    }
+}
+
 /// One token of a text, as `/tokenize` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Token {
@@ -297,6 +372,12 @@ impl SentenceModel {
     }
 
     /// Token ids for one text, with special tokens, truncated (or refused) as asked.
+    ///
+    /// A long text is tokenised from the end truncation keeps, [`CHARS_PER_TOKEN`] characters
+    /// per token of `max_seq_length` at first, so a megabyte of text costs the tokenizer no
+    /// more than the tokens kept. The piece read ends at whitespace, where the tokens of a
+    /// piece are the text's own; if it gives too few tokens (WordPiece makes a word of over
+    /// 100 characters one `[UNK]`), a piece four times as long is read, up to the whole text.
     pub fn tokenize_with(
         &self,
         text: &str,
@@ -306,18 +387,26 @@ impl SentenceModel {
             Direction::Right => &self.keep_start,
             Direction::Left => &self.keep_end,
         };
-        let encoding = self.encode(tokenizer, text, true)?;
-        if !truncation.truncate && !encoding.get_overflowing().is_empty() {
-            // Rare (the request fails); counted without truncation for the message.
-            let tokens = self.encode(&self.whole, text, true)?.len();
-            return Err(InputError::TooLong {
-                tokens,
-                max: self.info.max_seq_length,
-            });
+        let mut window = self.info.max_seq_length.saturating_mul(CHARS_PER_TOKEN);
+        loop {
+            let piece = piece_of(text, window, truncation.direction);
+            let encoding = self.encode(tokenizer, piece, true)?;
+            let overflowing = !encoding.get_overflowing().is_empty();
+            if overflowing && !truncation.truncate {
+                // Rare (the request fails); the whole text counted for the message.
+                let tokens = self.encode(&self.whole, text, true)?.len();
+                return Err(InputError::TooLong {
+                    tokens,
+                    max: self.info.max_seq_length,
+                });
+            }
+            if overflowing || piece.len() == text.len() {
+                let ids = encoding.get_ids().to_vec();
+                self.check_ids(&ids)?;
+                return Ok(ids);
+            }
+            window = window.saturating_mul(4);
         }
-        let ids = encoding.get_ids().to_vec();
-        self.check_ids(&ids)?;
-        Ok(ids)
     }
 
     /// Token ids a client sent itself (the model's own ids, special tokens included, as
@@ -347,9 +436,11 @@ impl SentenceModel {
     }
 
     /// The tokens of one text as the model sees them, without truncation: for `/tokenize`.
+    /// Offsets are into `text` itself, also when the model lowercases it first.
     pub fn tokens(&self, text: &str, add_special_tokens: bool) -> Result<Vec<Token>, InputError> {
         let encoding = self.encode(&self.whole, text, add_special_tokens)?;
         let specials = encoding.get_special_tokens_mask();
+        let to_text = self.lowercase_input.then(|| LowercaseOffsets::new(text));
         Ok(encoding
             .get_ids()
             .iter()
@@ -358,6 +449,10 @@ impl SentenceModel {
             .zip(specials)
             .map(|(((&id, token), &(start, stop)), &special)| {
                 let special = special == 1;
+                let (start, stop) = match &to_text {
+                    Some(map) => map.span(start, stop),
+                    None => (start, stop),
+                };
                 Token {
                     id,
                     text: token.clone(),
@@ -513,5 +608,44 @@ fn load_weights(model: &str, dir: &Path, device: &Device) -> Result<VarBuilder<'
                 "neither model.safetensors nor pytorch_model.bin exists",
             ),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_piece_ends_at_whitespace_and_holds_at_least_what_was_asked() {
+        let text = "one two three four";
+        assert_eq!(piece_of(text, 100, Direction::Right), text);
+        assert_eq!(piece_of(text, 5, Direction::Right), "one two");
+        assert_eq!(piece_of(text, 3, Direction::Right), "one");
+        assert_eq!(piece_of(text, 5, Direction::Left), " four");
+        assert_eq!(piece_of(text, 6, Direction::Left), " three four");
+        // Nowhere to cut: the whole text.
+        assert_eq!(piece_of("abcdef", 2, Direction::Right), "abcdef");
+        assert_eq!(piece_of("abcdef", 2, Direction::Left), "abcdef");
+        // Characters, not bytes.
+        assert_eq!(piece_of("éé éé éé", 4, Direction::Right), "éé éé");
+        assert_eq!(piece_of("éé éé éé", 4, Direction::Left), " éé éé");
+    }
+
+    #[test]
+    fn lowercase_offsets_map_back_to_the_text() {
+        for text in ["İx Ab", "\u{212A}elvin HELLO", "plain text", "ΣΑΣ σ"] {
+            let lower = text.to_lowercase();
+            let map = LowercaseOffsets::new(text);
+            // Every character's lowercase maps back to that character.
+            let mut at = 0;
+            for c in text.chars() {
+                let len: usize = c.to_lowercase().map(char::len_utf8).sum();
+                let (start, stop) = map.span(at, at + len);
+                assert_eq!(&text[start..stop], c.to_string(), "{text:?}");
+                at += len;
+            }
+            assert_eq!(at, lower.len(), "{text:?}");
+            assert_eq!(map.span(0, lower.len()), (0, text.len()));
+        }
     }
 }

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::api::{ApiError, AppState, Dialect, serve_embed};
-use crate::embed::{self, CHARS_PER_TOKEN_CAP, EmbedJob, EmbedOutput, Inputs};
+use crate::embed::{self, EmbedJob, EmbedOutput, Inputs};
 use crate::model::{Direction, Token};
 
 pub const EMBED_ROUTE: &str = "/embed";
@@ -157,7 +157,6 @@ async fn tokenize_body(state: &AppState, body: Result<Bytes, BytesRejection>) ->
     let prompt = embed::prompt(info, request.prompt_name.as_deref())
         .map_err(label)?
         .cloned();
-    let cap = info.max_seq_length.saturating_mul(CHARS_PER_TOKEN_CAP);
     let permit = state
         .tokenizers
         .clone()
@@ -172,7 +171,8 @@ async fn tokenize_body(state: &AppState, body: Result<Bytes, BytesRejection>) ->
             .into_iter()
             .enumerate()
             .map(|(index, text)| {
-                let text = embed::prompted(prompt.as_deref(), text, cap);
+                // The whole text (the body limit bounds it): /tokenize does not truncate.
+                let text = embed::prompted(prompt.as_deref(), text);
                 let mut tokens = model.tokens(&text, add_special_tokens).map_err(|e| {
                     ApiError::new(
                         StatusCode::UNPROCESSABLE_ENTITY,
@@ -182,9 +182,10 @@ async fn tokenize_body(state: &AppState, body: Result<Bytes, BytesRejection>) ->
                 })?;
                 // TEI shows what each token covers in the input, not the vocabulary's spelling.
                 for token in &mut tokens {
-                    if let (Some(start), Some(stop)) = (token.start, token.stop) {
-                        token.text =
-                            String::from_utf8_lossy(&text.as_bytes()[start..stop]).into_owned();
+                    if let (Some(start), Some(stop)) = (token.start, token.stop)
+                        && let Some(piece) = text.get(start..stop)
+                    {
+                        token.text = piece.to_owned();
                     }
                 }
                 Ok(tokens)

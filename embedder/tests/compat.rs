@@ -473,3 +473,151 @@ async fn prompts_match_sentence_transformers() {
     assert_eq!(words, ["[CLS]", "passage", ":", "restart", "[SEP]"]);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+async fn vector_with(server: &Server, body: Value) -> Vec<f32> {
+    let (status, body) = post(server, "/api/v1/embed", body).await;
+    assert_eq!(status, 200, "{body}");
+    floats(&body["embeddings"][0])
+}
+
+async fn token_count(server: &Server, text: &str) -> usize {
+    let (status, body) = post(server, "/tokenize", json!({"inputs": text})).await;
+    assert_eq!(status, 200, "{body}");
+    body[0].as_array().unwrap().len()
+}
+
+/// Texts are read only so far (250 characters per token of max_seq_length) before
+/// tokenising, but what is cut must never change the tokens a text keeps: WordPiece makes a
+/// word of over 100 characters one [UNK], so 64,000 characters can be a single token.
+#[tokio::test(flavor = "multi_thread")]
+async fn texts_past_the_character_cap_keep_the_tokens_truncation_promises() {
+    let server = Server::start(&[]).await;
+    // A 65,000-character blob (one [UNK]) then 360 tokens of prose.
+    let tail = " the quick brown fox jumps over the lazy dog".repeat(40);
+    let long = format!("{}{tail}", "ab12".repeat(16_250));
+    // The same tokens from a text under the cap: a 120-character blob is one [UNK] too.
+    let short = format!("{}{tail}", "ab12".repeat(30));
+    assert_eq!(token_count(&server, &short).await, 363);
+    assert_eq!(
+        token_count(&server, &long).await,
+        363,
+        "/tokenize does not truncate"
+    );
+    let (status, body) = post(&server, "/api/v1/embed", json!({"texts": [&long]})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["usage"]["tokens"], 256,
+        "the prose is kept, not cut off"
+    );
+    let cos = cosine(
+        &floats(&body["embeddings"][0]),
+        &native_vector(&server, &short).await,
+    );
+    assert!(cos > 0.9999, "right truncation: cosine {cos}");
+    let (status, body) = post(
+        &server,
+        "/api/v1/embed",
+        json!({"texts": [&long], "truncate": false}),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("363 tokens"), "{message}");
+
+    // Left truncation keeps the end, however long the start.
+    let end = "the quick brown fox jumps over the lazy dog ".repeat(10);
+    let long = format!("{}{end}", "apple ".repeat(11_000));
+    let short = format!("{}{end}", "apple ".repeat(300));
+    let left = |text: &str| json!({"texts": [text], "truncation_direction": "left"});
+    let cos = cosine(
+        &vector_with(&server, left(&long)).await,
+        &vector_with(&server, left(&short)).await,
+    );
+    assert!(cos > 0.9999, "left truncation: cosine {cos}");
+    // A refused text says how many tokens it has, however long.
+    let words = "a ".repeat(40_000);
+    let (status, body) = post(
+        &server,
+        "/api/v1/embed",
+        json!({"texts": [words], "truncate": false}),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("40002 tokens"), "{message}");
+}
+
+/// The bundled model with `do_lower_case: true` in `sentence_bert_config.json`, as some
+/// sentence-transformers models ship.
+fn lowercasing_model_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("embedder-lowercase-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    link_tree(&model_dir(), &dir);
+    let config = dir.join("sentence_bert_config.json");
+    std::fs::remove_file(&config).unwrap();
+    std::fs::write(config, r#"{"max_seq_length": 256, "do_lower_case": true}"#).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lowercasing_model_tokenizes_any_text_with_offsets_into_it() {
+    let dir = lowercasing_model_dir();
+    let model = format!("lc={}", dir.display());
+    let server = Server::start(&["--model", &model]).await;
+    // "İ" (2 bytes) lowercases to "i̇" (3) and the Kelvin sign (3 bytes) to "k" (1): offsets
+    // into the lowercased text are not offsets into the request's.
+    for text in [
+        "İİİİİİ hello world",
+        "\u{212A}elvin ΣΑΣ HELLO",
+        "ÀB\u{212A}\u{212A}\u{212A}",
+    ] {
+        let (status, body) =
+            post(&server, "/tokenize", json!({"inputs": text, "model": "lc"})).await;
+        assert_eq!(status, 200, "{text}: {body}");
+        let tokens = body[0].as_array().unwrap();
+        let mut covered = 0;
+        for token in &tokens[1..tokens.len() - 1] {
+            let (start, stop) = (
+                token["start"].as_u64().unwrap() as usize,
+                token["stop"].as_u64().unwrap() as usize,
+            );
+            let piece = text
+                .get(start..stop)
+                .expect("offsets on the text's char boundaries");
+            assert_eq!(token["text"], piece, "{text}: {token}");
+            assert!(start >= covered, "{text}: offsets in order");
+            covered = stop;
+        }
+    }
+    // The vectors are the lower-cased text's, as sentence-transformers makes them.
+    let vector = |text: &str| json!({"texts": [text], "model": "lc"});
+    let cos = cosine(
+        &vector_with(&server, vector("HELLO World")).await,
+        &vector_with(&server, vector("hello world")).await,
+    );
+    assert!(cos > 0.99999, "cosine {cos}");
+}
+
+/// A chunker's "\n" chunk is a text like any other, as in sentence-transformers and TEI:
+/// [CLS] [SEP]. Only an empty string is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn whitespace_only_texts_are_embedded() {
+    let server = Server::start(&[]).await;
+    let (status, body) = post(
+        &server,
+        "/v1/embeddings",
+        json!({"input": ["ok", "\n", "   "]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"].as_array().unwrap().len(), 3);
+    let (status, body) = post(&server, "/api/v1/embed", json!({"texts": [" \t "]})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["tokens"], 2);
+    let (status, body) = post(&server, "/embed", json!({"inputs": ["ok", ""]})).await;
+    assert_eq!(
+        (status.as_u16(), body["error_type"].as_str()),
+        (400, Some("Empty"))
+    );
+}
