@@ -80,6 +80,17 @@ impl Planner<'_, '_> {
         changed.then(|| (show(was, serving.dimensions), show(name, dimensions)))
     }
 
+    /// Whether the gate before traffic waits on a check: one asked for by this plan, or an
+    /// inconclusive one to be tried again.
+    pub(super) fn vectors_check_pending(&self) -> bool {
+        self.check.is_some()
+            || self.st.compatibility.as_ref().is_some_and(|c| {
+                Some(c.revision.as_str()) == self.st.canary_revision.as_deref()
+                    && c.stage == CompatibilityStage::BeforeTraffic
+                    && c.result == CompatibilityResult::Inconclusive
+            })
+    }
+
     /// The recorded result for `stage` of the revision in flight, unless it is an
     /// inconclusive one due for another try.
     fn recorded(&mut self, stage: CompatibilityStage) -> Option<CompatibilityStatus> {

@@ -333,7 +333,11 @@ impl Planner<'_, '_> {
             self.event("Retried", format!("retrying revision {desired}"));
         }
 
-        if self.st.canary_revision.as_deref() != Some(desired.as_str()) {
+        // A promote or a promote --full annotated for the canary a new revision supersedes
+        // was meant for that one: it is dropped, not carried over to skip the new one's
+        // first analysis.
+        let started_now = self.st.canary_revision.as_deref() != Some(desired.as_str());
+        if started_now {
             self.start_rollout(stable, &stable_revision, &desired);
         }
         self.check_steps_unchanged();
@@ -351,8 +355,9 @@ impl Planner<'_, '_> {
         if !canary_state.ready_at(&desired) {
             // A promote cannot act on a canary short of Ready (a pod restarting, a scale-up):
             // it waits for it instead of being dropped.
-            self.deferred.promote = self.input.commands.promote;
-            self.deferred.promote_full = self.input.commands.promote_full;
+            if !started_now {
+                self.defer_promotes();
+            }
             self.wait_for_canary(canary, &canary_state);
             return;
         }
@@ -364,6 +369,12 @@ impl Planner<'_, '_> {
             && self.vectors_gate(CompatibilityStage::BeforeTraffic, checked, analysis)
                 == compatibility::Gate::Closed
         {
+            // A check asked for or inconclusive is a wait, like a canary short of Ready; a
+            // model change held (Block) or a broken contract drops the promote instead, so
+            // that a later `onIncompatible: Reindex` does not cut over at once on a stale one.
+            if self.rollback.is_none() && self.vectors_check_pending() && !started_now {
+                self.defer_promotes();
+            }
             return;
         }
         if self.input.commands.promote_full {
@@ -378,8 +389,9 @@ impl Planner<'_, '_> {
         }
         if self.st.current_step_index.is_none() {
             if let Some(why) = self.input.route.held() {
-                // No traffic moves onto a route the Gateway has not accepted.
+                // No traffic moves onto a route the Gateway has not accepted; a promote waits.
                 self.st.message = Some(format!("holding 0%: {why}"));
+                self.defer_promotes();
                 return;
             }
             self.enter_step(0);
@@ -395,9 +407,16 @@ impl Planner<'_, '_> {
             // counts as traffic moved. Its status change wakes this rollout.
             let weight = self.st.canary_weight;
             self.st.message = Some(format!("holding {weight}%: {why}"));
+            self.defer_promotes();
             return;
         }
         self.advance(checked);
+    }
+
+    /// Keeps this reconcile's promote commands for the next: they could not act yet.
+    fn defer_promotes(&mut self) {
+        self.deferred.promote |= self.input.commands.promote;
+        self.deferred.promote_full |= self.input.commands.promote_full;
     }
 
     /// Condition `TrafficRouted` (Gateway API): True once accepted, Unknown while no Gateway

@@ -1355,3 +1355,51 @@ fn a_promote_waiting_on_the_vector_check_is_announced_once_it_acts() {
         w.events
     );
 }
+
+#[test]
+fn a_promote_waits_for_a_check_or_a_route_and_is_dropped_with_its_canary() {
+    // The vector check before traffic is inconclusive: the promote waits for it.
+    let mut w = World::installed();
+    w.vectors = Outcome::Inconclusive("canary: connection refused".into());
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    w.commands.promote = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.canary_weight, 0);
+    assert!(plan.deferred.promote, "kept while the check is retried");
+
+    // A route the Gateway has not reported on yet (after every weight it writes): waits.
+    let mut w = World::installed();
+    w.spec.traffic = serde_json::from_value(serde_json::json!({
+        "gatewayAPI": {"parentRefs": [{"name": "web"}]}
+    }))
+    .unwrap();
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    assert_eq!(w.reconcile("r2", None).status.canary_weight, 1);
+    w.route = RouteState::Pending("not reported on generation 2 yet".to_owned());
+    w.commands.promote = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.canary_weight, 1);
+    assert!(plan.deferred.promote, "kept while the route is pending");
+    w.route = RouteState::Routed;
+    w.commands.promote = true;
+    assert_eq!(w.reconcile("r2", None).status.canary_weight, 10);
+
+    // A promote kept for a canary short of Ready is not carried over to a newer revision.
+    let mut w = World::installed();
+    w.reconcile("r2", None);
+    w.commands.promote = true;
+    assert!(w.reconcile("r2", None).deferred.promote);
+    w.commands.promote = true;
+    let plan = w.reconcile("r3", None);
+    assert!(!plan.deferred.promote, "meant for r2, dropped with it");
+    w.green = ready("r3");
+    let plan = w.reconcile("r3", None);
+    assert_eq!(
+        (plan.status.current_step_index, plan.status.canary_weight),
+        (Some(0), 1),
+        "r3's first step is analysed, not skipped"
+    );
+}
