@@ -19,6 +19,14 @@ pub enum Inputs {
     Texts(Vec<String>),
     /// The model's own token ids, special tokens included (as `/tokenize` gives them).
     Ids(Vec<Vec<u32>>),
+    /// Texts and token ids in one list, as TEI takes them.
+    Mixed(Vec<Input>),
+}
+
+/// One input of a mixed list.
+pub enum Input {
+    Text(String),
+    Ids(Vec<u32>),
 }
 
 impl Inputs {
@@ -26,12 +34,50 @@ impl Inputs {
         match self {
             Inputs::Texts(texts) => texts.len(),
             Inputs::Ids(ids) => ids.len(),
+            Inputs::Mixed(items) => items.len(),
         }
     }
 
-    /// OpenAI's and TEI's `input`: a string, a list of strings, one list of token ids or a
-    /// list of them.
+    fn has_texts(&self) -> bool {
+        match self {
+            Inputs::Texts(_) => true,
+            Inputs::Ids(_) => false,
+            Inputs::Mixed(items) => items.iter().any(|i| matches!(i, Input::Text(_))),
+        }
+    }
+
+    fn into_items(self) -> Vec<Input> {
+        match self {
+            Inputs::Texts(texts) => texts.into_iter().map(Input::Text).collect(),
+            Inputs::Ids(ids) => ids.into_iter().map(Input::Ids).collect(),
+            Inputs::Mixed(items) => items,
+        }
+    }
+
+    /// The first input that is an empty string or an empty list of ids.
+    fn first_empty(&self) -> Option<usize> {
+        match self {
+            Inputs::Texts(texts) => texts.iter().position(String::is_empty),
+            Inputs::Ids(ids) => ids.iter().position(Vec::is_empty),
+            Inputs::Mixed(items) => items.iter().position(|item| match item {
+                Input::Text(text) => text.is_empty(),
+                Input::Ids(ids) => ids.is_empty(),
+            }),
+        }
+    }
+
+    /// OpenAI's `input`: a string, a list of strings, one list of token ids or a list of
+    /// them (OpenAI's API does not mix the two kinds in one list).
     pub fn from_json(input: Value, field: &str) -> Result<Self, ApiError> {
+        Self::parse(input, field, false)
+    }
+
+    /// TEI's `inputs`: as OpenAI's, and strings and lists of ids may mix in one list.
+    pub fn from_tei_json(input: Value, field: &str) -> Result<Self, ApiError> {
+        Self::parse(input, field, true)
+    }
+
+    fn parse(input: Value, field: &str, mixing: bool) -> Result<Self, ApiError> {
         let invalid = |message: String| Err(ApiError::invalid(message));
         let items = match input {
             Value::String(text) => return Ok(Inputs::Texts(vec![text])),
@@ -42,35 +88,63 @@ impl Inputs {
                 ));
             }
         };
-        match items.first() {
-            None => Ok(Inputs::Texts(Vec::new())),
-            Some(Value::String(_)) => items
-                .into_iter()
-                .enumerate()
-                .map(|(index, item)| match item {
-                    Value::String(text) => Ok(text),
-                    _ => Err(ApiError::invalid(format!(
-                        "{field}[{index}] must be a string like the items before it"
-                    ))),
-                })
-                .collect::<Result<_, _>>()
-                .map(Inputs::Texts),
-            Some(Value::Number(_)) => token_ids(&items, field).map(|ids| Inputs::Ids(vec![ids])),
-            Some(Value::Array(_)) => items
-                .iter()
-                .enumerate()
-                .map(|(index, item)| match item {
-                    Value::Array(ids) => token_ids(ids, &format!("{field}[{index}]")),
-                    _ => Err(ApiError::invalid(format!(
-                        "{field}[{index}] must be a list of token ids like the items before it"
-                    ))),
-                })
-                .collect::<Result<_, _>>()
-                .map(Inputs::Ids),
-            Some(_) => invalid(format!(
-                "{field} must be a string, a list of strings or token ids"
-            )),
+        if let Some(Value::Number(_)) = items.first() {
+            return token_ids(&items, field).map(|ids| Inputs::Ids(vec![ids]));
         }
+        let mut parsed = Vec::with_capacity(items.len());
+        for (index, item) in items.into_iter().enumerate() {
+            parsed.push(match item {
+                Value::String(text) => Input::Text(text),
+                Value::Array(ids) => Input::Ids(token_ids(&ids, &format!("{field}[{index}]"))?),
+                _ => {
+                    return invalid(format!(
+                        "{field}[{index}] must be a string or a list of token ids"
+                    ));
+                }
+            });
+        }
+        let texts = parsed
+            .iter()
+            .filter(|i| matches!(i, Input::Text(_)))
+            .count();
+        if !mixing && texts != 0 && texts != parsed.len() {
+            let first_text = matches!(parsed[0], Input::Text(_));
+            let index = parsed
+                .iter()
+                .position(|i| matches!(i, Input::Text(_)) != first_text)
+                .unwrap_or_default();
+            let kind = if first_text {
+                "a string"
+            } else {
+                "a list of token ids"
+            };
+            return invalid(format!(
+                "{field}[{index}] must be {kind} like the items before it"
+            ));
+        }
+        Ok(if texts == parsed.len() {
+            Inputs::Texts(
+                parsed
+                    .into_iter()
+                    .filter_map(|i| match i {
+                        Input::Text(text) => Some(text),
+                        Input::Ids(_) => None,
+                    })
+                    .collect(),
+            )
+        } else if texts == 0 {
+            Inputs::Ids(
+                parsed
+                    .into_iter()
+                    .filter_map(|i| match i {
+                        Input::Ids(ids) => Some(ids),
+                        Input::Text(_) => None,
+                    })
+                    .collect(),
+            )
+        } else {
+            Inputs::Mixed(parsed)
+        })
     }
 }
 
@@ -163,15 +237,15 @@ pub async fn embed(
             )));
         }
     };
-    let prompt = match &job.inputs {
-        Inputs::Ids(_) if job.prompt_name.is_some() => {
-            return Err(ApiError::invalid(
-                "prompt_name applies to texts, not to token ids",
-            ));
-        }
-        // Token ids are the whole sequence as the client wants it.
-        Inputs::Ids(_) => None,
-        Inputs::Texts(_) => prompt(info, job.prompt_name.as_deref())?,
+    // Token ids are the whole sequence as the client wants it: a prompt applies to texts.
+    let prompt = if job.inputs.has_texts() {
+        prompt(info, job.prompt_name.as_deref())?
+    } else if job.prompt_name.is_some() {
+        return Err(ApiError::invalid(
+            "prompt_name applies to texts, not to token ids",
+        ));
+    } else {
+        None
     };
 
     if state.faults.inject().await {
@@ -361,33 +435,20 @@ async fn tokenize(
                 format!("input {index}: {reason}"),
             ),
         };
-        match inputs {
-            Inputs::Texts(texts) => {
-                let mut characters = 0;
-                let ids = texts
-                    .into_iter()
-                    .enumerate()
-                    .map(|(index, text)| {
-                        let text = prompted(prompt.as_deref(), text);
-                        characters += text.chars().count();
-                        model
-                            .tokenize_with(&text, truncation)
-                            .map_err(|e| input_error(index, e))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok((ids, characters))
-            }
-            Inputs::Ids(ids) => ids
-                .into_iter()
-                .enumerate()
-                .map(|(index, ids)| {
-                    model
-                        .accept_ids(ids, truncation)
-                        .map_err(|e| input_error(index, e))
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map(|ids| (ids, 0)),
+        let mut characters = 0;
+        let mut ids = Vec::with_capacity(inputs.len());
+        for (index, input) in inputs.into_items().into_iter().enumerate() {
+            let tokens = match input {
+                Input::Text(text) => {
+                    let text = prompted(prompt.as_deref(), text);
+                    characters += text.chars().count();
+                    model.tokenize_with(&text, truncation)
+                }
+                Input::Ids(sent) => model.accept_ids(sent, truncation),
+            };
+            ids.push(tokens.map_err(|e| input_error(index, e))?);
         }
+        Ok((ids, characters))
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
@@ -410,12 +471,8 @@ fn validate(job: &EmbedJob, state: &AppState) -> Result<(), ApiError> {
             format!("{count} inputs in one request; the limit is {limit} (--max-client-batch)"),
         ));
     }
-    let empty = match &job.inputs {
-        // Whitespace alone is a text ([CLS] [SEP]), as in sentence-transformers and TEI.
-        Inputs::Texts(texts) => texts.iter().position(String::is_empty),
-        Inputs::Ids(ids) => ids.iter().position(Vec::is_empty),
-    };
-    if let Some(index) = empty {
+    // Whitespace alone is a text ([CLS] [SEP]), as in sentence-transformers and TEI.
+    if let Some(index) = job.inputs.first_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "empty_input",

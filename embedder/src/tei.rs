@@ -51,7 +51,7 @@ fn parse_embed(body: &[u8]) -> Result<(EmbedJob, ()), ApiError> {
         prompt_name: request.prompt_name,
         truncate: request.truncate,
         direction: request.truncation_direction.unwrap_or_default(),
-        ..EmbedJob::new(Inputs::from_json(request.inputs, "inputs")?)
+        ..EmbedJob::new(Inputs::from_tei_json(request.inputs, "inputs")?)
     };
     Ok((job, ()))
 }

@@ -621,3 +621,37 @@ async fn whitespace_only_texts_are_embedded() {
         (400, Some("Empty"))
     );
 }
+
+/// TEI takes texts and lists of token ids in one `inputs` list (`Input::Batch` of
+/// `InputType`s); clients that re-send some texts as the ids `/tokenize` gave them do so.
+#[tokio::test(flavor = "multi_thread")]
+async fn texts_and_token_ids_mix_in_one_list() {
+    let server = Server::start(&[]).await;
+    let text = "Blue-green rollouts of embedding models";
+    let (_, tokens) = post(&server, "/tokenize", json!({"inputs": text})).await;
+    let ids: Vec<u64> = tokens[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    let (status, body) = post(
+        &server,
+        "/embed",
+        json!({"inputs": [text, ids, "another text"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let vectors: Vec<Vec<f32>> = body.as_array().unwrap().iter().map(floats).collect();
+    assert_eq!(vectors.len(), 3);
+    let cos = cosine(&vectors[0], &vectors[1]);
+    assert!(cos > 0.99999, "a text and its own ids: cosine {cos}");
+    let cos = cosine(&vectors[0], &native_vector(&server, text).await);
+    assert!(cos > 0.99999, "the same as the native route: cosine {cos}");
+    // An item that is neither is named.
+    let (status, body) = post(&server, "/embed", json!({"inputs": ["ok", 7.5]})).await;
+    assert_eq!(status, 422, "{body}");
+    let message = body["error"].as_str().unwrap();
+    assert!(message.contains("inputs[1]"), "{message}");
+    // OpenAI's API does not mix the two kinds: http.rs checks that route refuses it.
+}
