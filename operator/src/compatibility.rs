@@ -216,6 +216,26 @@ async fn embed_batch(
     Ok(answer.data.into_iter().map(|v| v.embedding).collect())
 }
 
+/// The HTTP client for checks. It follows no redirect: a check talks to this rollout's
+/// pods and nowhere else, and trusts only their own answers.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .unwrap_or_default()
+}
+
+/// The pod's OpenAI-compatible route; an IPv6 address goes in brackets (IPv6 and dual-stack
+/// clusters list such pod addresses in their EndpointSlices).
+fn embeddings_url(pod: &PodAddress) -> String {
+    match pod.ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(ip)) => format!("http://[{ip}]:{}/v1/embeddings", pod.port),
+        _ => format!("http://{}:{}/v1/embeddings", pod.ip, pod.port),
+    }
+}
+
 /// The golden set embedded by the pod at `pod`, through the OpenAI-compatible route (which
 /// this project's embedder, TEI and most others serve), each request marked [`CHECK_HEADER`]
 /// so that the embedder counts it apart from the traffic the analysis judges.
@@ -225,7 +245,7 @@ async fn embed(
     request: &Request<'_>,
     deadline: Instant,
 ) -> Result<Vec<Vec<f32>>, Failure> {
-    let url = format!("http://{}:{}/v1/embeddings", pod.ip, pod.port);
+    let url = embeddings_url(pod);
     let mut vectors = Vec::with_capacity(request.texts.len());
     for batch in request.texts.chunks(BATCH) {
         let mut attempt = 0;
@@ -376,7 +396,7 @@ mod tests {
             port: port.into(),
         };
         let deadline = Instant::now() + request.timeout;
-        let vectors = embed(&reqwest::Client::new(), &pod, &request, deadline).await;
+        let vectors = embed(&http_client(), &pod, &request, deadline).await;
         let head = server.join().unwrap();
         assert!(head.starts_with("post /v1/embeddings "), "{head}");
         assert!(
@@ -384,6 +404,62 @@ mod tests {
             "{head}"
         );
         assert!(matches!(vectors, Ok(ref v) if v.len() == 1));
+    }
+
+    #[test]
+    fn ipv6_pods_are_addressed_in_brackets() {
+        let url = |ip: &str| {
+            embeddings_url(&PodAddress {
+                ip: ip.into(),
+                port: 8080,
+            })
+        };
+        assert_eq!(url("10.0.0.7"), "http://10.0.0.7:8080/v1/embeddings");
+        assert_eq!(url("fd00::5"), "http://[fd00::5]:8080/v1/embeddings");
+        assert!(reqwest::Url::parse(&url("fd00::5")).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_check_follows_no_redirect_away_from_the_pod() {
+        use std::io::{Read, Write};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // Elsewhere: where a redirect would send the golden set.
+        let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        elsewhere.set_nonblocking(true).unwrap();
+        let target = elsewhere.local_addr().unwrap().port();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            // Every attempt is answered with a redirect.
+            for conn in listener.incoming().take(8) {
+                let mut conn = conn.unwrap();
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://127.0.0.1:{target}/v1/embeddings\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+            }
+        });
+        let texts = vec!["one".to_owned()];
+        let request = Request {
+            model: None,
+            dimensions: None,
+            texts: &texts,
+            k: 1,
+            timeout: Duration::from_secs(10),
+        };
+        let pod = PodAddress {
+            ip: "127.0.0.1".into(),
+            port: port.into(),
+        };
+        let deadline = Instant::now() + request.timeout;
+        let vectors = embed(&http_client(), &pod, &request, deadline).await;
+        assert!(vectors.is_err(), "a redirect is not an answer");
+        assert!(
+            matches!(elsewhere.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "nothing was sent elsewhere"
+        );
     }
 
     fn unit(v: &[f32]) -> Vec<f32> {

@@ -296,11 +296,7 @@ pub async fn run(
         recorder: Recorder::new(client, reporter),
         metrics,
         prometheus: prometheus::Clients::default(),
-        http: reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .no_proxy()
-            .build()
-            .unwrap_or_default(),
+        http: crate::compatibility::http_client(),
         default_prometheus,
         settings: settings.clone(),
         stores: stores.clone(),
