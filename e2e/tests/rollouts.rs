@@ -817,6 +817,36 @@ async fn a_first_install_goes_healthy() {
         table.contains("PHASE") && table.contains("Healthy") && table.contains("WEIGHT"),
         "{table}"
     );
+    // Children deleted by hand (a stray `kubectl delete`) come back, unchanged as they are.
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(client.clone(), "a-install");
+    let ingresses: Api<Ingress> = Api::namespaced(client.clone(), "a-install");
+    let deleted = Instant::now();
+    services
+        .delete("a-install", &DeleteParams::default())
+        .await
+        .unwrap();
+    ingresses
+        .delete("a-install", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the stable Service and primary Ingress recreated",
+        Duration::from_secs(30),
+        || async {
+            services.get_opt("a-install").await.unwrap().is_some()
+                && ingresses.get_opt("a-install").await.unwrap().is_some()
+        },
+    )
+    .await;
+    say(
+        "a",
+        format!(
+            "deleted stable Service and primary Ingress recreated after {:.1}s",
+            deleted.elapsed().as_secs_f64()
+        ),
+    );
+    wait_answering(&env("INGRESS_URL"), &host("a-install"), "a-install again").await;
     cleanup(&client, "a-install").await;
 }
 

@@ -809,14 +809,21 @@ impl EmbeddingRollout {
         let stamp = diff::stamp(&mut desired);
         let name = desired.meta().name.clone().unwrap_or_default();
         let live = self.child(store, &name);
+        let namespace = self.namespace().unwrap_or_default();
+        let key = format!("{}/{namespace}/{name}", K::kind(&()));
         if live
             .as_ref()
             .is_some_and(|live| diff::in_place(&desired, live))
         {
+            // The cache holds what this process wrote: the note below has done its job. Kept,
+            // a child deleted later (a stray `kubectl delete`) would match it again, absent
+            // over the same empty version, and never be recreated.
+            ctx.applied
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
             return Ok(());
         }
-        let namespace = self.namespace().unwrap_or_default();
-        let key = format!("{}/{namespace}/{name}", K::kind(&()));
         let seen = live
             .as_ref()
             .and_then(|l| l.meta().resource_version.clone())
