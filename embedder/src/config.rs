@@ -135,7 +135,9 @@ pub struct Config {
     #[arg(long, env = "EMBEDDER_REQUEST_TIMEOUT_MS", default_value_t = 60_000)]
     pub request_timeout_ms: u64,
 
-    /// On shutdown, the most time given to open connections to finish before exiting.
+    /// On shutdown, the most time given to open connections to finish before exiting; a
+    /// request still running then (`--request-timeout-ms` allows longer) is cut off. Keep
+    /// the drain delay plus this under the pod's terminationGracePeriodSeconds.
     #[arg(long, env = "EMBEDDER_SHUTDOWN_TIMEOUT_MS", default_value_t = 30_000)]
     pub shutdown_timeout_ms: u64,
 
@@ -152,7 +154,8 @@ pub struct Config {
     pub threads: usize,
 
     /// On SIGTERM, how long to keep serving with readiness false before refusing new
-    /// connections, so load balancers notice first. In-flight requests always finish.
+    /// connections, so load balancers notice first. In-flight requests then get
+    /// `--shutdown-timeout-ms` to finish.
     #[arg(long, env = "EMBEDDER_DRAIN_DELAY_MS", default_value_t = 0)]
     pub drain_delay_ms: u64,
 
@@ -280,6 +283,27 @@ impl Config {
                 return Err(Error::Config(format!("{flag} must be at least 1")));
             }
         }
+        // Zero would refuse every request (or close every reused connection) rather than
+        // mean "no limit".
+        for (flag, value) in [
+            ("--request-timeout-ms", self.request_timeout_ms),
+            ("--body-read-timeout-ms", self.body_read_timeout_ms),
+            ("--idle-timeout-ms", self.idle_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(Error::Config(format!("{flag} must be at least 1")));
+            }
+        }
+        // Counted by semaphores, which hold at most this many permits (beyond, tokio panics).
+        let most = tokio::sync::Semaphore::MAX_PERMITS;
+        for (flag, value) in [
+            ("--max-concurrent-requests", self.max_concurrent_requests),
+            ("--max-queued-tokens", self.max_queued_tokens),
+        ] {
+            if value > most {
+                return Err(Error::Config(format!("{flag} must be at most {most}")));
+            }
+        }
         Ok(())
     }
 
@@ -301,6 +325,24 @@ mod tests {
 
     fn parse(args: &[&str]) -> Config {
         Config::try_parse_from(std::iter::once("embedder").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn limits_that_would_break_the_server_are_refused() {
+        for args in [
+            &["--request-timeout-ms", "0"][..],
+            &["--body-read-timeout-ms", "0"],
+            &["--idle-timeout-ms", "0"],
+            &["--max-concurrent-requests", "18446744073709551615"],
+            &["--max-queued-tokens", "18446744073709551615"],
+            &["--max-batch-tokens", "0"],
+        ] {
+            let error = parse(args).validate().expect_err(args[0]).to_string();
+            assert!(error.contains(args[0]), "{error}");
+        }
+        parse(&["--shutdown-timeout-ms", "0"])
+            .validate()
+            .expect("exit at once on SIGTERM is a choice");
     }
 
     #[test]

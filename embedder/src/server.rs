@@ -17,7 +17,8 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 
 /// Serves until `shutdown` resolves, then drains: readiness turns false at once, new
-/// connections are refused after `--drain-delay-ms`, in-flight requests finish.
+/// connections are refused after `--drain-delay-ms`, in-flight requests get
+/// `--shutdown-timeout-ms` to finish.
 pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
