@@ -379,10 +379,9 @@ mod tests {
         (port, server)
     }
 
-    #[tokio::test]
-    async fn the_golden_set_is_sent_marked_as_a_check() {
+    /// One text embedded by the "pod" on `port` as a check embeds the golden set.
+    async fn embed_one_text(port: u16) -> Result<Vec<Vec<f32>>, Failure> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let (port, server) = answer_once();
         let texts = vec!["one".to_owned()];
         let request = Request {
             model: None,
@@ -395,8 +394,19 @@ mod tests {
             ip: "127.0.0.1".into(),
             port: port.into(),
         };
-        let deadline = Instant::now() + request.timeout;
-        let vectors = embed(&http_client(), &pod, &request, deadline).await;
+        embed(
+            &http_client(),
+            &pod,
+            &request,
+            Instant::now() + request.timeout,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn the_golden_set_is_sent_marked_as_a_check() {
+        let (port, server) = answer_once();
+        let vectors = embed_one_text(port).await;
         let head = server.join().unwrap();
         assert!(head.starts_with("post /v1/embeddings "), "{head}");
         assert!(
@@ -422,7 +432,6 @@ mod tests {
     #[tokio::test]
     async fn a_check_follows_no_redirect_away_from_the_pod() {
         use std::io::{Read, Write};
-        let _ = rustls::crypto::ring::default_provider().install_default();
         // Elsewhere: where a redirect would send the golden set.
         let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         elsewhere.set_nonblocking(true).unwrap();
@@ -441,20 +450,7 @@ mod tests {
                 );
             }
         });
-        let texts = vec!["one".to_owned()];
-        let request = Request {
-            model: None,
-            dimensions: None,
-            texts: &texts,
-            k: 1,
-            timeout: Duration::from_secs(10),
-        };
-        let pod = PodAddress {
-            ip: "127.0.0.1".into(),
-            port: port.into(),
-        };
-        let deadline = Instant::now() + request.timeout;
-        let vectors = embed(&http_client(), &pod, &request, deadline).await;
+        let vectors = embed_one_text(port).await;
         assert!(vectors.is_err(), "a redirect is not an answer");
         assert!(
             matches!(elsewhere.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
