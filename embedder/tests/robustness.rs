@@ -188,7 +188,7 @@ async fn work_is_admitted_by_tokens_not_requests() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_huge_text_is_cut_before_the_tokenizer_with_the_same_tokens() {
     let server = Server::start(&[]).await;
-    // About a megabyte in one text: the tokenizer sees at most max_seq_length × 250 chars.
+    // About a megabyte of prose in one text: the tokenizer reads max_seq_length × 250 chars of it.
     let huge = "embedding ".repeat(100_000);
     let (status, body) = post(&server, json!({"texts": [huge]})).await;
     assert_eq!(status, 200, "{body}");

@@ -373,7 +373,11 @@ impl Planner<'_, '_> {
             // Analysis windows start here: the traffic the indexer sends from now on.
             self.st.step_started_at = Some(Time(self.input.now));
         }
-        if self.input.commands.promote || self.input.commands.promote_full {
+        // A cut-over is promoted only once the rollout is seen awaiting it: a promote kept
+        // from before (given to pass a step while the check was pending) would otherwise
+        // switch 100% to vectors the index does not hold yet. It is dropped instead.
+        let awaiting = self.input.status.phase == Some(Phase::AwaitingReindex);
+        if awaiting && (self.input.commands.promote || self.input.commands.promote_full) {
             self.promote("re-index cut-over: 100% at once");
             return;
         }

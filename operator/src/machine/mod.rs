@@ -335,9 +335,10 @@ impl Planner<'_, '_> {
 
         // A promote or a promote --full annotated for the canary a new revision supersedes
         // was meant for that one: it is dropped, not carried over to skip the new one's
-        // first analysis.
-        let started_now = self.st.canary_revision.as_deref() != Some(desired.as_str());
-        if started_now {
+        // first analysis. One given with a new revision while none was in flight is kept.
+        let superseding = self.st.canary_revision.is_some()
+            && self.st.canary_revision.as_deref() != Some(desired.as_str());
+        if self.st.canary_revision.as_deref() != Some(desired.as_str()) {
             self.start_rollout(stable, &stable_revision, &desired);
         }
         self.check_steps_unchanged();
@@ -355,7 +356,7 @@ impl Planner<'_, '_> {
         if !canary_state.ready_at(&desired) {
             // A promote cannot act on a canary short of Ready (a pod restarting, a scale-up):
             // it waits for it instead of being dropped.
-            if !started_now {
+            if !superseding {
                 self.defer_promotes();
             }
             self.wait_for_canary(canary, &canary_state);
@@ -372,7 +373,7 @@ impl Planner<'_, '_> {
             // A check asked for or inconclusive is a wait, like a canary short of Ready; a
             // model change held (Block) or a broken contract drops the promote instead, so
             // that a later `onIncompatible: Reindex` does not cut over at once on a stale one.
-            if self.rollback.is_none() && self.vectors_check_pending() && !started_now {
+            if self.rollback.is_none() && self.vectors_check_pending() && !superseding {
                 self.defer_promotes();
             }
             return;

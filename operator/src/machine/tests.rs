@@ -1403,3 +1403,39 @@ fn a_promote_waits_for_a_check_or_a_route_and_is_dropped_with_its_canary() {
         "r3's first step is analysed, not skipped"
     );
 }
+
+#[test]
+fn a_promote_kept_through_a_pending_check_never_becomes_a_reindex_cut_over() {
+    let mut w = World::installed();
+    w.spec.compatibility.on_incompatible = OnIncompatible::Reindex;
+    w.vectors = Outcome::Inconclusive("canary: connection refused".into());
+    w.reconcile("r2", None);
+    w.green = ready("r2");
+    w.reconcile("r2", None);
+    // A promote to get past the first step, kept while the check is retried...
+    w.commands.promote = true;
+    assert!(w.reconcile("r2", None).deferred.promote);
+    // ...until the check finds vectors that differ: a re-index, not a cut-over now.
+    w.vectors = compared(0.97, 0.95);
+    w.tick(10);
+    w.commands.promote = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.phase, Some(Phase::AwaitingReindex));
+    assert_eq!(plan.status.stable_revision.as_deref(), Some("r1"));
+    assert!(!plan.deferred.promote, "dropped, not kept for later");
+    // A promote given while it awaits the re-index cuts over.
+    w.commands.promote = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.stable_revision.as_deref(), Some("r2"));
+}
+
+#[test]
+fn a_promote_given_with_a_new_revision_waits_for_its_canary() {
+    let mut w = World::installed();
+    w.commands.promote = true;
+    let plan = w.reconcile("r2", None);
+    assert!(
+        plan.deferred.promote,
+        "no canary was in flight: it is meant for r2"
+    );
+}
