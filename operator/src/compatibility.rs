@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -132,6 +133,30 @@ pub enum Outcome {
 pub struct PodAddress {
     pub ip: String,
     pub port: i32,
+}
+
+/// A Ready endpoint of `slices` whose pod is one of `pods` (by name), with the slice's port.
+pub fn ready_endpoint(
+    slices: &[EndpointSlice],
+    pods: &std::collections::BTreeSet<String>,
+) -> Option<PodAddress> {
+    slices.iter().find_map(|slice| {
+        let port = slice.ports.as_ref()?.iter().find_map(|p| p.port)?;
+        slice.endpoints.iter().flatten().find_map(|endpoint| {
+            let ready = endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(true);
+            let pod = endpoint
+                .target_ref
+                .as_ref()
+                .filter(|target| target.kind.as_deref() == Some("Pod"))
+                .and_then(|target| target.name.as_ref())
+                .is_some_and(|name| pods.contains(name));
+            let ip = endpoint.addresses.first()?;
+            (ready && pod).then(|| PodAddress {
+                ip: ip.clone(),
+                port,
+            })
+        })
+    })
 }
 
 /// What a check needs besides the pods.
@@ -345,6 +370,44 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn slice(endpoints: &[(&str, &str, bool)]) -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"name": "search-green-x"},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": endpoints.iter().map(|(pod, ip, ready)| json!({
+                "addresses": [ip],
+                "conditions": {"ready": ready},
+                "targetRef": {"kind": "Pod", "name": pod, "namespace": "default"},
+            })).collect::<Vec<_>>(),
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_check_takes_a_ready_pod_of_the_revision_it_judges() {
+        // The slice still lists a Ready pod of the color's previous revision, first.
+        let slices = [slice(&[
+            ("search-green-old-a", "10.0.0.1", true),
+            ("search-green-new-a", "10.0.0.2", false),
+            ("search-green-new-b", "10.0.0.3", true),
+        ])];
+        let new = std::collections::BTreeSet::from([
+            "search-green-new-a".to_owned(),
+            "search-green-new-b".to_owned(),
+        ]);
+        assert_eq!(
+            ready_endpoint(&slices, &new),
+            Some(PodAddress {
+                ip: "10.0.0.3".to_owned(),
+                port: 8080
+            })
+        );
+        let none_ready = std::collections::BTreeSet::from(["search-green-new-a".to_owned()]);
+        assert_eq!(ready_endpoint(&slices, &none_ready), None);
+        assert_eq!(ready_endpoint(&slices, &Default::default()), None);
+    }
 
     /// One HTTP exchange on a loopback port: returns the request head it read, answering with
     /// one 2-dimensional vector in OpenAI's shape.

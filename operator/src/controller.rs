@@ -5,13 +5,13 @@
 //! written only when it differs from what is live; an unchanged rollout costs no API request.
 //! Every write is server-side apply with one field manager.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -1088,14 +1088,14 @@ impl EmbeddingRollout {
                 }
             }
         };
-        let pod = |color| self.ready_pod(ctx, color);
-        let canary = match pod(request.canary).await {
+        let pod = |color, revision| self.ready_pod(ctx, color, revision);
+        let canary = match pod(request.canary, &request.revision).await {
             Ok(pod) => pod,
             Err(why) => return compatibility::Outcome::Inconclusive(format!("canary: {why}")),
         };
-        let stable = match request.stable {
+        let stable = match &request.stable {
             None => None,
-            Some(color) => match pod(color).await {
+            Some((color, revision)) => match pod(*color, revision).await {
                 Ok(pod) => Some(pod),
                 Err(why) => {
                     return compatibility::Outcome::Inconclusive(format!("stable: {why}"));
@@ -1125,40 +1125,41 @@ impl EmbeddingRollout {
         outcome
     }
 
-    /// A Ready endpoint of the color's Service.
+    /// A Ready endpoint of the color's Service whose pod runs `revision`. The EndpointSlices
+    /// can still list a pod of the color's previous revision for a moment after its
+    /// Deployment reports the new one available; the pods' revision label rules it out, so
+    /// that the check never judges one revision by another's vectors.
     async fn ready_pod(
         &self,
         ctx: &Context,
         color: Color,
+        revision: &str,
     ) -> std::result::Result<compatibility::PodAddress, String> {
         let namespace = self.namespace().unwrap_or_default();
         let service = resources::color_name(self, color);
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+        let selector = format!(
+            "{},{}={revision}",
+            resources::selector_string(self, color),
+            resources::LABEL_REVISION
+        );
+        let pods = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| format!("pods of {service}: {e}"))?;
+        let running: BTreeSet<String> = pods
+            .items
+            .iter()
+            .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+            .map(ResourceExt::name_any)
+            .collect();
         let api: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &namespace);
         let slices = api
             .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={service}")))
             .await
             .map_err(|e| format!("EndpointSlices of {service}: {e}"))?;
-        for slice in slices {
-            let port = slice
-                .ports
-                .as_ref()
-                .and_then(|ports| ports.iter().find_map(|p| p.port));
-            let Some(port) = port else { continue };
-            for endpoint in slice.endpoints.iter().flatten() {
-                let ready = endpoint
-                    .conditions
-                    .as_ref()
-                    .and_then(|c| c.ready)
-                    .unwrap_or(false);
-                if let (true, Some(ip)) = (ready, endpoint.addresses.first()) {
-                    return Ok(compatibility::PodAddress {
-                        ip: ip.clone(),
-                        port,
-                    });
-                }
-            }
-        }
-        Err(format!("no Ready pod behind Service {service}"))
+        compatibility::ready_endpoint(&slices.items, &running)
+            .ok_or_else(|| format!("no Ready pod of revision {revision} behind Service {service}"))
     }
 
     fn record_check_metrics(

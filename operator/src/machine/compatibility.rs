@@ -22,9 +22,9 @@ pub struct CheckRequest {
     pub stage: CompatibilityStage,
     pub revision: String,
     pub canary: Color,
-    /// The color to compare with; `None` for a model change (nothing comparable: only the
-    /// canary's contract with `spec.model` is checked).
-    pub stable: Option<Color>,
+    /// The color to compare with and the revision its pods run; `None` for a model change
+    /// (nothing comparable: only the canary's contract with `spec.model` is checked).
+    pub stable: Option<(Color, String)>,
 }
 
 /// What the gate lets the rollout do now.
@@ -144,7 +144,7 @@ impl Planner<'_, '_> {
             stable: if model_change.is_some() {
                 None
             } else {
-                self.st.stable_color
+                self.st.stable_color.zip(self.st.stable_revision.clone())
             },
         };
         let result = match checked.iter().find(|(asked, _)| *asked == request) {

@@ -931,7 +931,7 @@ fn a_compatible_revision_is_checked_before_traffic_and_before_promotion() {
     );
     assert_eq!(w.checks.len(), 1);
     assert_eq!(w.checks[0].stage, CompatibilityStage::BeforeTraffic);
-    assert_eq!(w.checks[0].stable, Some(Color::Blue));
+    assert_eq!(w.checks[0].stable, Some((Color::Blue, "r1".to_owned())));
     let recorded = plan.status.compatibility.clone().unwrap();
     assert_eq!(recorded.result, CompatibilityResult::Compatible);
     assert_eq!(recorded.min_cosine.as_deref(), Some("1.00000"));
