@@ -38,6 +38,7 @@ pub struct Limits {
     pub max_queued_tokens: usize,
     pub header_read_timeout_ms: u64,
     pub idle_timeout_ms: u64,
+    pub write_timeout_ms: u64,
     pub body_read_timeout_ms: u64,
     pub request_timeout_ms: u64,
     /// Over-long inputs are truncated unless a request says `truncate: false`.

@@ -130,6 +130,12 @@ pub struct Config {
     #[arg(long, env = "EMBEDDER_BODY_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub body_read_timeout_ms: u64,
 
+    /// How long writing an answer may stall because the client is not reading it, before
+    /// the connection is closed. The clock runs only while the socket's buffers are full, so
+    /// a large answer to a slow reader that keeps reading is not cut off.
+    #[arg(long, env = "EMBEDDER_WRITE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub write_timeout_ms: u64,
+
     /// The most time a request may take once its body is read: tokenising, queueing and
     /// inference (503 beyond; its queued texts are dropped).
     #[arg(long, env = "EMBEDDER_REQUEST_TIMEOUT_MS", default_value_t = 60_000)]
@@ -289,6 +295,7 @@ impl Config {
             ("--request-timeout-ms", self.request_timeout_ms),
             ("--body-read-timeout-ms", self.body_read_timeout_ms),
             ("--idle-timeout-ms", self.idle_timeout_ms),
+            ("--write-timeout-ms", self.write_timeout_ms),
         ] {
             if value == 0 {
                 return Err(Error::Config(format!("{flag} must be at least 1")));
@@ -333,6 +340,7 @@ mod tests {
             &["--request-timeout-ms", "0"][..],
             &["--body-read-timeout-ms", "0"],
             &["--idle-timeout-ms", "0"],
+            &["--write-timeout-ms", "0"],
             &["--max-concurrent-requests", "18446744073709551615"],
             &["--max-queued-tokens", "18446744073709551615"],
             &["--max-batch-tokens", "0"],

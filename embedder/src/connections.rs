@@ -8,6 +8,10 @@
 //! so alone it would close a proxy's idle connection after the header timeout and race the
 //! proxy's next request into a 502. Each connection therefore gets its own [`HeadTimer`]:
 //! the idle timeout until the request's first byte arrives, the header timeout from then on.
+//!
+//! A client that stops reading its answers stalls the connection's writes; hyper has no
+//! write timeout, so such a connection would hold its socket and unsent answer forever.
+//! `tokio-io-timeout` closes it once a write has waited `write` on a full buffer.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,6 +31,8 @@ pub struct Timeouts {
     pub header_read: Duration,
     /// How long a connection may wait, idle, for its next request.
     pub idle: Duration,
+    /// How long a write may wait for the client to read.
+    pub write: Duration,
     /// After `shutdown` resolves, how long open connections get to finish.
     pub drain: Duration,
 }
@@ -71,9 +77,11 @@ pub async fn serve(
             })
             // hyper's deadline is ignored: HeadTimer picks idle or header timeout itself.
             .header_read_timeout(timeouts.header_read);
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(timeouts.write));
         let connection = builder
             .serve_connection_with_upgrades(
-                TokioIo::new(stream),
+                TokioIo::new(Box::pin(stream)),
                 TowerToHyperService::new(app.clone()),
             )
             .into_owned();

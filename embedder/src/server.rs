@@ -74,6 +74,7 @@ pub async fn serve(
             header_read_timeout_ms: config.header_read_timeout_ms,
             idle_timeout_ms: config.idle_timeout_ms,
             body_read_timeout_ms: config.body_read_timeout_ms,
+            write_timeout_ms: config.write_timeout_ms,
             request_timeout_ms: config.request_timeout_ms,
             auto_truncate: config.auto_truncate,
         },
@@ -108,6 +109,7 @@ pub async fn serve(
     let timeouts = connections::Timeouts {
         header_read: Duration::from_millis(config.header_read_timeout_ms),
         idle: Duration::from_millis(config.idle_timeout_ms),
+        write: Duration::from_millis(config.write_timeout_ms),
         drain: Duration::from_millis(config.shutdown_timeout_ms),
     };
     let server = connections::serve(

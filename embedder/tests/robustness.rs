@@ -327,6 +327,42 @@ async fn an_idle_keep_alive_connection_outlives_the_header_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_its_answers_is_cut_off() {
+    let server = Server::start(&["--write-timeout-ms", "1000"]).await;
+    let address: std::net::SocketAddr = server.base.trim_start_matches("http://").parse().unwrap();
+    // A small receive window, so the server's writes stall once its own buffer is full.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(address).await.unwrap();
+    // Eight pipelined requests of 256 one-word texts: about 8 MB of answers, cheap to compute.
+    let body = json!({"texts": vec!["a"; 256]}).to_string();
+    let request = format!(
+        "POST /api/v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    for _ in 0..8 {
+        stream.write_all(request.as_bytes()).await.unwrap();
+    }
+    // Read nothing for longer than the write timeout (and the passes' time).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut answers = Vec::new();
+    let ended =
+        tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut answers)).await;
+    assert!(
+        ended.is_ok(),
+        "the connection of a client that stopped reading was still open ({} bytes read)",
+        answers.len()
+    );
+    let complete = String::from_utf8_lossy(&answers)
+        .matches("HTTP/1.1 200")
+        .count();
+    assert!(complete < 8, "all {complete} answers were written");
+    // The server still answers others.
+    let (status, body) = post(&server, json!({"texts": ["still served"]})).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn shutdown_is_not_held_up_by_a_stalled_client() {
     // Neither the body timeout nor the shutdown bound would end it soon.
     let mut server = Server::start(&[
