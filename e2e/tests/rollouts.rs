@@ -1763,6 +1763,169 @@ async fn h_manual_promote_abort_retry_with(provider: Provider, ns: &str) {
     cleanup(&client, ns).await;
 }
 
+/// s) A data-plane write refused after the status that says so was saved (an admission
+///    webhook down, here a ValidatingAdmissionPolicy that refuses Ingress updates): the
+///    rollback's Event and counter are not lost, and the weight follows once writes pass.
+#[tokio::test]
+async fn s_a_refused_traffic_write_loses_no_event() {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    let client = client().await;
+    let ns = "s-refused-write";
+    let provider = Provider::Nginx;
+    let spec = json!({
+        "strategy": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]},
+        "compatibility": {"enabled": false},
+    });
+    install_at(
+        &client,
+        ns,
+        &provider.manifest(ns, &[], spec.clone()),
+        &provider.base(),
+    )
+    .await;
+    let traffic = Traffic::start_at(&provider.base(), host(ns), 2);
+    apply(
+        &client,
+        ns,
+        &provider.manifest(ns, &["--max-batch-tokens", "8192"], spec),
+    )
+    .await;
+    wait_status(
+        &client,
+        ns,
+        ns,
+        "paused at 10%",
+        Duration::from_secs(60),
+        |s| s.phase == Some(Phase::Paused) && s.current_step_index == Some(1),
+    )
+    .await;
+    assert_eq!(provider.told_weight(&client, ns, ns).await, Some(10));
+
+    let name = format!("{ns}-deny-ingress-updates");
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client.clone());
+    let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": ["networking.k8s.io"], "apiVersions": ["v1"],
+                "operations": ["UPDATE"], "resources": ["ingresses"],
+            }]},
+            "validations": [{"expression": "false", "message": "the data plane's webhook is down"}],
+        },
+    }))
+    .unwrap();
+    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {
+                "matchLabels": {"kubernetes.io/metadata.name": ns},
+            }},
+        },
+    }))
+    .unwrap();
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    bindings
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let ingresses: Api<Ingress> = Api::namespaced(client.clone(), ns);
+    wait_for(
+        "the policy refusing Ingress updates",
+        Duration::from_secs(30),
+        || async {
+            let probe = Patch::Merge(json!({"metadata": {"annotations": {"e2e/probe": "x"}}}));
+            let params = PatchParams {
+                dry_run: true,
+                ..PatchParams::default()
+            };
+            ingresses
+                .patch(&format!("{ns}-canary"), &params, &probe)
+                .await
+                .is_err()
+        },
+    )
+    .await;
+
+    cli(&["abort", ns, "-n", ns]);
+    let st = wait_status(
+        &client,
+        ns,
+        ns,
+        "the rollback saved in status",
+        Duration::from_secs(30),
+        |s| s.failed_revision.is_some(),
+    )
+    .await;
+    assert_eq!(st.phase, Some(Phase::RollingBack));
+    say(
+        ns,
+        "abort saved as RollingBack while the Ingress refuses updates",
+    );
+    assert!(!await_event(&client, ns, "RolledBack").await.is_empty());
+    let rollbacks = format!(
+        "embedroll_operator_rollbacks_total{{namespace=\"{ns}\",rollout=\"{ns}\",reason=\"Aborted\"}}"
+    );
+    let counted = || async {
+        let text = reqwest::get(format!("http://{OPERATOR_METRICS}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&rollbacks)?.trim().parse::<f64>().ok())
+    };
+    assert_eq!(counted().await, Some(1.0), "{rollbacks}");
+    assert_eq!(
+        provider.told_weight(&client, ns, ns).await,
+        Some(10),
+        "the policy refused the weight change"
+    );
+    // Retried writes keep failing; the status says so instead of Failed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        status(&client, ns, ns).await.phase,
+        Some(Phase::RollingBack)
+    );
+    say(
+        ns,
+        "RolledBack Event and rollback counted, Ingress still at 10%, RollingBack",
+    );
+
+    bindings
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    policies
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the data plane told weight 0 once updates pass",
+        Duration::from_secs(90),
+        || async { provider.told_weight(&client, ns, ns).await == Some(0) },
+    )
+    .await;
+    let st = wait_status(&client, ns, ns, "Failed", Duration::from_secs(30), |s| {
+        s.phase == Some(Phase::Failed)
+    })
+    .await;
+    assert_eq!(condition(&st, conditions::ROLLED_BACK).1, "Aborted");
+    assert_eq!(counted().await, Some(1.0), "counted once");
+    say(ns, "weight 0 and Failed once the policy is gone");
+    let _ = traffic.finish().await;
+    cleanup(&client, ns).await;
+}
+
 /// i) A newer revision arriving mid-rollout supersedes the canary: its weight drops to 0 until
 ///    the newest revision is Ready, and the newest one is what gets promoted.
 #[tokio::test]

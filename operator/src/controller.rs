@@ -648,25 +648,42 @@ impl EmbeddingRollout {
 
         // Status first: traffic moves only once the status that says so is saved over the
         // version it was planned from.
-        let mut version = self.metadata.resource_version.clone();
-        if plan.rollback.is_some() {
-            // Say what is happening before traffic moves, in case this process dies mid-way.
-            let mut rolling_back = plan.status.clone();
-            rolling_back.phase = Some(Phase::RollingBack);
-            version = self.patch_status(ctx, &rolling_back, version).await?;
-            self.apply_traffic(ctx, &plan).await?;
-            version = self.patch_status(ctx, &plan.status, version).await?;
-        } else {
-            if plan.status != status {
+        let mut saved = false;
+        let written = async {
+            let mut version = self.metadata.resource_version.clone();
+            // A rollback whose traffic write failed left `RollingBack` saved; it stays so
+            // until the retried write passes.
+            if plan.rollback.is_some() || status.phase == Some(Phase::RollingBack) {
+                // Say what is happening before traffic moves, in case this process dies
+                // mid-way.
+                let mut rolling_back = plan.status.clone();
+                rolling_back.phase = Some(Phase::RollingBack);
+                if rolling_back != status {
+                    version = self.patch_status(ctx, &rolling_back, version).await?;
+                }
+                saved = true;
+                self.apply_traffic(ctx, &plan).await?;
                 version = self.patch_status(ctx, &plan.status, version).await?;
+            } else {
+                if plan.status != status {
+                    version = self.patch_status(ctx, &plan.status, version).await?;
+                    saved = true;
+                }
+                self.apply_traffic(ctx, &plan).await?;
             }
-            self.apply_traffic(ctx, &plan).await?;
+            self.remove_consumed_commands(ctx, &plan.status.consumed_commands, version)
+                .await?;
+            self.apply_pods(ctx, &plan, &desired).await
         }
-        self.remove_consumed_commands(ctx, &plan.status.consumed_commands, version)
-            .await?;
-        self.apply_pods(ctx, &plan, &desired).await?;
-        self.publish(ctx, &plan).await;
-        self.record_metrics(ctx, &namespace, &name, &plan, outcome.as_ref());
+        .await;
+        // Once the status is saved, the next reconcile plans from it and finds no transition
+        // left to report: a later write failing (a webhook down) must not lose the Events and
+        // counters, so they go out now and the write is retried without them.
+        if written.is_ok() || saved {
+            self.publish(ctx, &plan).await;
+            self.record_metrics(ctx, &namespace, &name, &plan, outcome.as_ref());
+        }
+        written?;
         if status.phase != plan.status.phase || status.canary_weight != plan.status.canary_weight {
             info!(
                 rollout = %name, namespace = %namespace,
