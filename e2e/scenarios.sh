@@ -5,7 +5,7 @@
 #   d) error-rate breach  e) Prometheus down  f) operator killed at weight 10
 #   g) invalid specs  h) manual promote/abort/retry  i) superseded canary
 #   j)–r) samples, lost status, Gateway API, vectors, int8 (see the tests)
-#   s) a refused traffic write loses no Event
+#   s) a refused traffic write loses no Event  t) the traffic provider switched mid-rollout
 # Extra arguments go to the test binary, e.g. `e2e/scenarios.sh c_latency` runs one scenario.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

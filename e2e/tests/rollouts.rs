@@ -1926,6 +1926,116 @@ async fn s_a_refused_traffic_write_loses_no_event() {
     cleanup(&client, ns).await;
 }
 
+/// t) Switching spec.traffic from nginx to the Gateway API mid-rollout: the HTTPRoute takes
+///    the live weight, and the Ingresses go once a Gateway accepted it (the canary Ingress
+///    would otherwise keep its 10% to the canary whatever happens to it); switching back
+///    removes the route.
+#[tokio::test]
+async fn t_switching_the_traffic_provider_removes_the_old_routes() {
+    let client = client().await;
+    let ns = "t-switch";
+    let spec = json!({
+        "strategy": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]},
+        "compatibility": {"enabled": false},
+    });
+    install_at(
+        &client,
+        ns,
+        &Provider::Nginx.manifest(ns, &[], spec.clone()),
+        &Provider::Nginx.base(),
+    )
+    .await;
+    let traffic = Traffic::start_at(&Provider::Nginx.base(), host(ns), 2);
+    apply(
+        &client,
+        ns,
+        &Provider::Nginx.manifest(ns, &["--max-batch-tokens", "8192"], spec.clone()),
+    )
+    .await;
+    wait_status(
+        &client,
+        ns,
+        ns,
+        "paused at 10%",
+        Duration::from_secs(60),
+        |s| s.phase == Some(Phase::Paused) && s.current_step_index == Some(1),
+    )
+    .await;
+    assert_eq!(ingress_weight(&client, ns, ns).await, Some(10));
+    let _ = traffic.finish().await;
+
+    apply(
+        &client,
+        ns,
+        &Provider::GatewayApi.manifest(ns, &["--max-batch-tokens", "8192"], spec.clone()),
+    )
+    .await;
+    let ingresses: Api<Ingress> = Api::namespaced(client.clone(), ns);
+    wait_for(
+        "the route at the live weight and the Ingresses gone",
+        Duration::from_secs(60),
+        || async {
+            route_weight(&client, ns, ns).await == Some(10)
+                && ingresses
+                    .list(&ListParams::default())
+                    .await
+                    .unwrap()
+                    .items
+                    .is_empty()
+        },
+    )
+    .await;
+    let st = status(&client, ns, ns).await;
+    assert_eq!(condition(&st, conditions::TRAFFIC_ROUTED).0, "True");
+    assert_eq!(st.canary_weight, 10, "the rollout stayed where it was");
+    wait_answering(
+        &Provider::GatewayApi.base(),
+        &host(ns),
+        "an embedding through the Gateway",
+    )
+    .await;
+    say(
+        ns,
+        "nginx -> Gateway API at 10%: route at 10%, Ingresses deleted",
+    );
+
+    apply(
+        &client,
+        ns,
+        &Provider::Nginx.manifest(ns, &["--max-batch-tokens", "8192"], spec),
+    )
+    .await;
+    wait_for(
+        "the Ingresses back and the route gone",
+        Duration::from_secs(60),
+        || async {
+            ingress_weight(&client, ns, ns).await == Some(10)
+                && http_routes(&client, ns)
+                    .get_opt(ns)
+                    .await
+                    .unwrap()
+                    .is_none()
+        },
+    )
+    .await;
+    let st = status(&client, ns, ns).await;
+    assert!(
+        st.conditions
+            .iter()
+            .all(|c| c.type_ != conditions::TRAFFIC_ROUTED),
+        "no route left to report on: {:?}",
+        st.conditions
+    );
+    wait_answering(
+        &Provider::Nginx.base(),
+        &host(ns),
+        "an embedding through nginx",
+    )
+    .await;
+    say(ns, "Gateway API -> nginx: Ingress at 10%, route deleted");
+    cleanup(&client, ns).await;
+}
+
 /// i) A newer revision arriving mid-rollout supersedes the canary: its weight drops to 0 until
 ///    the newest revision is Ready, and the newest one is what gets promoted.
 #[tokio::test]

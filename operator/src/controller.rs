@@ -16,7 +16,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -896,6 +896,11 @@ impl EmbeddingRollout {
                 resources::canary_ingress(self, nginx, &live),
             )
             .await?;
+            // Switched from the Gateway API: the route it owned would keep its last weights.
+            if ctx.stores.gateway_api {
+                self.prune(ctx, &ctx.stores.routes, &self.name_any())
+                    .await?;
+            }
         }
         if let Some(gateway) = &self.spec.traffic.gateway_api
             && ctx.stores.gateway_api
@@ -909,9 +914,72 @@ impl EmbeddingRollout {
                     )
                     .await?
                 }
-                Some(reference) => self.steer_route(ctx, &reference.name, &live).await?,
+                Some(reference) => {
+                    self.steer_route(ctx, &reference.name, &live).await?;
+                    // Switched from a route it owned to the team's own.
+                    self.prune(ctx, &ctx.stores.routes, &self.name_any())
+                        .await?;
+                }
+            }
+            // Switched from nginx: its Ingresses go once a Gateway has accepted the route,
+            // so that clients keep a path meanwhile; the canary Ingress would otherwise keep
+            // sending its last weight to a color that may be rolled back or scaled down.
+            let routed =
+                crate::conditions::get(&plan.status.conditions, crate::conditions::TRAFFIC_ROUTED)
+                    .is_some_and(|c| c.status == "True");
+            if routed {
+                let ingresses = &ctx.stores.ingresses;
+                self.prune(ctx, ingresses, &resources::canary_ingress_name(self))
+                    .await?;
+                self.prune(ctx, ingresses, &self.name_any()).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Deletes the child `name` if the cache holds it and this rollout owns it: a traffic
+    /// object of the provider the spec no longer names. Owner references alone would keep
+    /// it until the rollout is deleted.
+    async fn prune<K>(&self, ctx: &Context, store: &ChildCache<K>, name: &str) -> Result<()>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + Serialize
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + 'static,
+    {
+        let Some(live) = self.child(store, name) else {
+            return Ok(());
+        };
+        let meta = live.meta();
+        let owned = meta
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|owner| Some(owner.uid.as_str()) == self.metadata.uid.as_deref());
+        if !owned || meta.deletion_timestamp.is_some() {
+            return Ok(());
+        }
+        let namespace = self.namespace().unwrap_or_default();
+        let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+        let params = DeleteParams {
+            preconditions: meta.uid.clone().map(|uid| Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(name, &params).await {
+            Ok(_) => {}
+            // Gone already, or another object by that name since.
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        info!(
+            rollout = %self.name_any(), namespace = %namespace, kind = K::kind(&()).as_ref(),
+            name, "deleted a traffic object of the provider no longer in spec"
+        );
         Ok(())
     }
 

@@ -425,6 +425,10 @@ impl Planner<'_, '_> {
     /// when a refusal starts or ends. A route just rewritten keeps the condition it had.
     fn report_route(&mut self) {
         if self.input.spec.traffic.gateway_api.is_none() {
+            // Switched to nginx: the route it described is gone.
+            self.st
+                .conditions
+                .retain(|c| c.type_ != conditions::TRAFFIC_ROUTED);
             return;
         }
         let previous = conditions::get(&self.st.conditions, "TrafficRouted")

@@ -899,6 +899,14 @@ fn a_route_the_gateway_has_not_accepted_holds_the_weight_and_says_why() {
     let routed = conditions::get(&w.status.conditions, "TrafficRouted").unwrap();
     assert_eq!(routed.status, "True");
     assert!(w.events.contains(&"RouteAccepted"));
+
+    // Switched to nginx: no route left to report on.
+    w.spec.traffic = serde_json::from_value(serde_json::json!({
+        "nginx": {"host": "search.example.com"}
+    }))
+    .unwrap();
+    w.reconcile("r2", Some(CheckResult::Passed));
+    assert!(conditions::get(&w.status.conditions, "TrafficRouted").is_none());
 }
 
 // ------------------------------------------------------------------ vector-compatibility gate
