@@ -106,6 +106,8 @@ expect_refused charts/embedroll-operator "additional properties" --set operatr.l
 expect_refused charts/embedder "modelCache/type" --set modelCache.type=nfs
 expect_refused charts/embedder "embedder/models" --set "embedder.models={sre}"
 expect_refused charts/embedder "ingress/paths" --set "ingress.paths={api}"
+expect_refused charts/embedder "leaves no time" --set terminationGracePeriodSeconds=6
+expect_refused charts/embedder "exceed terminationGracePeriodSeconds" --set embedder.shutdownTimeoutMs=40000
 
 # Dockerfiles and workflows (no Docker engine or GitHub here: the release workflow builds and
 # pushes the images; these are the checks that can run). Each tool is shown failing on a

@@ -36,3 +36,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 {{- end }}
+
+{{- /* --shutdown-timeout-ms: set, or what the grace period leaves after the drain delay less
+a 2 s margin; refused when the drain and the shutdown do not fit in the grace period. */}}
+{{- define "embedder.shutdownTimeoutMs" -}}
+{{- $grace := mul (int64 .Values.terminationGracePeriodSeconds) 1000 }}
+{{- $drain := int64 .Values.embedder.drainDelayMs }}
+{{- $shutdown := int64 .Values.embedder.shutdownTimeoutMs }}
+{{- if eq $shutdown 0 }}
+{{- $shutdown = sub $grace (add $drain 2000) }}
+{{- if lt $shutdown 1000 }}
+{{- fail (printf "terminationGracePeriodSeconds (%d s) leaves no time for requests to finish after embedder.drainDelayMs (%d ms): make it at least %d" (int64 .Values.terminationGracePeriodSeconds) $drain (add (div (add $drain 2999) 1000) 1)) }}
+{{- end }}
+{{- else if gt (add $drain $shutdown) $grace }}
+{{- fail (printf "embedder.drainDelayMs (%d ms) plus embedder.shutdownTimeoutMs (%d ms) exceed terminationGracePeriodSeconds (%d s): the kubelet would kill requests still running" $drain $shutdown (int64 .Values.terminationGracePeriodSeconds)) }}
+{{- end }}
+{{- $shutdown }}
+{{- end }}
