@@ -1874,7 +1874,10 @@ async fn s_a_refused_traffic_write_loses_no_event() {
     let rollbacks = format!(
         "embedroll_operator_rollbacks_total{{namespace=\"{ns}\",rollout=\"{ns}\",reason=\"Aborted\"}}"
     );
-    let counted = || async {
+    let rolling_back = format!(
+        "embedroll_operator_rollout_phase{{namespace=\"{ns}\",rollout=\"{ns}\",phase=\"RollingBack\"}}"
+    );
+    let value = |series: String| async move {
         let text = reqwest::get(format!("http://{OPERATOR_METRICS}/metrics"))
             .await
             .unwrap()
@@ -1882,8 +1885,9 @@ async fn s_a_refused_traffic_write_loses_no_event() {
             .await
             .unwrap();
         text.lines()
-            .find_map(|l| l.strip_prefix(&rollbacks)?.trim().parse::<f64>().ok())
+            .find_map(|l| l.strip_prefix(&series)?.trim().parse::<f64>().ok())
     };
+    let counted = || value(rollbacks.clone());
     assert_eq!(counted().await, Some(1.0), "{rollbacks}");
     assert_eq!(
         provider.told_weight(&client, ns, ns).await,
@@ -1895,6 +1899,11 @@ async fn s_a_refused_traffic_write_loses_no_event() {
     assert_eq!(
         status(&client, ns, ns).await.phase,
         Some(Phase::RollingBack)
+    );
+    assert_eq!(
+        value(rolling_back.clone()).await,
+        Some(1.0),
+        "the phase gauge says what status says"
     );
     say(
         ns,
@@ -1921,6 +1930,7 @@ async fn s_a_refused_traffic_write_loses_no_event() {
     .await;
     assert_eq!(condition(&st, conditions::ROLLED_BACK).1, "Aborted");
     assert_eq!(counted().await, Some(1.0), "counted once");
+    assert_eq!(value(rolling_back).await, Some(0.0));
     say(ns, "weight 0 and Failed once the policy is gone");
     let _ = traffic.finish().await;
     cleanup(&client, ns).await;

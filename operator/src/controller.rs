@@ -3,7 +3,8 @@
 //! written only when it changed and only over the version it was planned from), then the
 //! consumed command annotations, then traffic (Ingresses), then pods (Deployments). A child is
 //! written only when it differs from what is live; an unchanged rollout costs no API request.
-//! Every write is server-side apply with one field manager.
+//! Every write is server-side apply with one field manager; the one delete is of its own
+//! traffic objects when `spec.traffic` switches provider.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -192,6 +193,53 @@ impl Superseded {
     }
 }
 
+/// Which rollouts a watch event says are gone: a delete, or, at the end of a relist (after
+/// the watch was down), every rollout with series that the relist did not list, since one
+/// deleted meanwhile never comes as a delete. A relist served from a lagging apiserver cache
+/// can miss a rollout created just before: its gauges come back at its next reconcile, its
+/// counters start again from zero.
+#[derive(Default)]
+struct Relist(Mutex<Option<BTreeSet<(String, String)>>>);
+
+impl Relist {
+    /// Removes the series of the rollouts the event says are gone and returns them.
+    fn deleted(
+        &self,
+        event: &watcher::Event<EmbeddingRollout>,
+        metrics: &Metrics,
+    ) -> Vec<ObjectRef<EmbeddingRollout>> {
+        let key = |rollout: &EmbeddingRollout| {
+            (rollout.namespace().unwrap_or_default(), rollout.name_any())
+        };
+        let mut listed = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let gone = match event {
+            watcher::Event::Delete(rollout) => {
+                let (namespace, name) = key(rollout);
+                metrics.forget(&namespace, &name);
+                vec![(namespace, name)]
+            }
+            watcher::Event::Init => {
+                *listed = Some(BTreeSet::new());
+                Vec::new()
+            }
+            watcher::Event::InitApply(rollout) => {
+                if let Some(listed) = listed.as_mut() {
+                    listed.insert(key(rollout));
+                }
+                Vec::new()
+            }
+            watcher::Event::InitDone => listed
+                .take()
+                .map(|alive| metrics.forget_all_but(&alive))
+                .unwrap_or_default(),
+            watcher::Event::Apply(_) => Vec::new(),
+        };
+        gone.into_iter()
+            .map(|(namespace, name)| ObjectRef::new(&name).within(&namespace))
+            .collect()
+    }
+}
+
 impl Context {
     fn forget(&self, key: &ObjectRef<EmbeddingRollout>) {
         self.superseded.forget(key);
@@ -306,18 +354,16 @@ pub async fn run(
     });
     // A deleted rollout's per-rollout series go with it (or its RolledBack alert fires on).
     let forget = context.clone();
+    let relist = Relist::default();
     let rollout_events = watcher(rollouts, watcher::Config::default().any_semantic())
         .default_backoff()
         .modify(drop_managed_fields)
         .reflect(rollout_writer)
         .inspect(move |event| {
-            if let Ok(watcher::Event::Delete(rollout)) = event {
-                let key = ObjectRef::from_obj(rollout);
-                forget.forget(&key);
-                forget.metrics.forget(
-                    &rollout.namespace().unwrap_or_default(),
-                    &rollout.name_any(),
-                );
+            if let Ok(event) = event {
+                for key in relist.deleted(event, &forget.metrics) {
+                    forget.forget(&key);
+                }
             }
         })
         .applied_objects();
@@ -649,6 +695,8 @@ impl EmbeddingRollout {
         // Status first: traffic moves only once the status that says so is saved over the
         // version it was planned from.
         let mut saved = false;
+        // The phase status holds if a write fails part-way.
+        let mut saved_phase = status.phase;
         let written = async {
             let mut version = self.metadata.resource_version.clone();
             // A rollback whose traffic write failed left `RollingBack` saved; it stays so
@@ -661,13 +709,14 @@ impl EmbeddingRollout {
                 if rolling_back != status {
                     version = self.patch_status(ctx, &rolling_back, version).await?;
                 }
-                saved = true;
+                (saved, saved_phase) = (true, rolling_back.phase);
                 self.apply_traffic(ctx, &plan).await?;
                 version = self.patch_status(ctx, &plan.status, version).await?;
+                saved_phase = plan.status.phase;
             } else {
                 if plan.status != status {
                     version = self.patch_status(ctx, &plan.status, version).await?;
-                    saved = true;
+                    (saved, saved_phase) = (true, plan.status.phase);
                 }
                 self.apply_traffic(ctx, &plan).await?;
             }
@@ -682,6 +731,8 @@ impl EmbeddingRollout {
         if written.is_ok() || saved {
             self.publish(ctx, &plan).await;
             self.record_metrics(ctx, &namespace, &name, &plan, outcome.as_ref());
+            // The phase gauge says what status says (RollingBack while traffic is refused).
+            ctx.metrics.set_phase(&namespace, &name, saved_phase);
         }
         written?;
         if status.phase != plan.status.phase || status.canary_weight != plan.status.canary_weight {
@@ -898,8 +949,7 @@ impl EmbeddingRollout {
             .await?;
             // Switched from the Gateway API: the route it owned would keep its last weights.
             if ctx.stores.gateway_api {
-                self.prune(ctx, &ctx.stores.routes, &self.name_any())
-                    .await?;
+                self.prune(ctx, &ctx.stores.routes, &self.name_any()).await;
             }
         }
         if let Some(gateway) = &self.spec.traffic.gateway_api
@@ -916,9 +966,11 @@ impl EmbeddingRollout {
                 }
                 Some(reference) => {
                     self.steer_route(ctx, &reference.name, &live).await?;
-                    // Switched from a route it owned to the team's own.
-                    self.prune(ctx, &ctx.stores.routes, &self.name_any())
-                        .await?;
+                    // Switched from a route it owned to the team's own (unless the team's is
+                    // that very route, adopted under its name).
+                    if reference.name != self.name_any() {
+                        self.prune(ctx, &ctx.stores.routes, &self.name_any()).await;
+                    }
                 }
             }
             // Switched from nginx: its Ingresses go once a Gateway has accepted the route,
@@ -930,8 +982,8 @@ impl EmbeddingRollout {
             if routed {
                 let ingresses = &ctx.stores.ingresses;
                 self.prune(ctx, ingresses, &resources::canary_ingress_name(self))
-                    .await?;
-                self.prune(ctx, ingresses, &self.name_any()).await?;
+                    .await;
+                self.prune(ctx, ingresses, &self.name_any()).await;
             }
         }
         Ok(())
@@ -939,8 +991,9 @@ impl EmbeddingRollout {
 
     /// Deletes the child `name` if the cache holds it and this rollout owns it: a traffic
     /// object of the provider the spec no longer names. Owner references alone would keep
-    /// it until the rollout is deleted.
-    async fn prune<K>(&self, ctx: &Context, store: &ChildCache<K>, name: &str) -> Result<()>
+    /// it until the rollout is deleted. Best effort: a refusal (say, a Role without `delete`)
+    /// is a Warning Event, and the rest of the reconcile goes on.
+    async fn prune<K>(&self, ctx: &Context, store: &ChildCache<K>, name: &str)
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
             + Clone
@@ -950,7 +1003,7 @@ impl EmbeddingRollout {
             + 'static,
     {
         let Some(live) = self.child(store, name) else {
-            return Ok(());
+            return;
         };
         let meta = live.meta();
         let owned = meta
@@ -959,9 +1012,10 @@ impl EmbeddingRollout {
             .flatten()
             .any(|owner| Some(owner.uid.as_str()) == self.metadata.uid.as_deref());
         if !owned || meta.deletion_timestamp.is_some() {
-            return Ok(());
+            return;
         }
         let namespace = self.namespace().unwrap_or_default();
+        let kind = K::kind(&());
         let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
         let params = DeleteParams {
             preconditions: meta.uid.clone().map(|uid| Preconditions {
@@ -971,16 +1025,27 @@ impl EmbeddingRollout {
             ..DeleteParams::default()
         };
         match api.delete(name, &params).await {
-            Ok(_) => {}
+            Ok(_) => info!(
+                rollout = %self.name_any(), namespace = %namespace, kind = kind.as_ref(), name,
+                "deleted a traffic object of the provider no longer in spec"
+            ),
             // Gone already, or another object by that name since.
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                let message = format!(
+                    "could not delete {kind} {name} of the traffic provider no longer in spec: {e}"
+                );
+                warn!(rollout = %self.name_any(), namespace = %namespace, %message);
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: "PruneFailed".to_owned(),
+                    note: Some(message.chars().take(1000).collect()),
+                    action: format!("PruneFailed-{kind}-{name}"),
+                    secondary: None,
+                };
+                let _ = ctx.recorder.publish(&event, &self.object_ref(&())).await;
+            }
         }
-        info!(
-            rollout = %self.name_any(), namespace = %namespace, kind = K::kind(&()).as_ref(),
-            name, "deleted a traffic object of the provider no longer in spec"
-        );
-        Ok(())
     }
 
     /// Referenced mode: sets the weights of the route's color backendRefs (a JSON patch that
@@ -1369,6 +1434,48 @@ mod tests {
         let (off, consumed) = commands(&map(&[(ANNOTATION_ABORT, "false")]), &BTreeMap::new());
         assert!(!off.abort);
         assert_eq!(consumed.len(), 1);
+    }
+
+    #[test]
+    fn a_rollout_deleted_while_the_watch_was_down_loses_its_series_at_the_relist() {
+        let rollout = |name: &str| -> EmbeddingRollout {
+            serde_json::from_value(json!({
+                "apiVersion": "embedroll.dev/v1alpha1",
+                "kind": "EmbeddingRollout",
+                "metadata": {"name": name, "namespace": "ml"},
+                "spec": {
+                    "template": {"spec": {"containers": [{"name": "embedder", "image": "e:1"}]}},
+                    "traffic": {"nginx": {"host": "api.example.com"}}
+                }
+            }))
+            .unwrap()
+        };
+        let metrics = Metrics::default();
+        for name in ["gone", "kept", "deleted"] {
+            metrics.set_phase("ml", name, Some(Phase::Failed));
+            metrics.track("ml", name, None, Some("Aborted"));
+        }
+        let relist = Relist::default();
+        let names = |keys: Vec<ObjectRef<EmbeddingRollout>>| -> Vec<String> {
+            keys.into_iter().map(|k| k.name).collect()
+        };
+        // While watching: an update forgets nothing, a delete its rollout.
+        let apply = watcher::Event::Apply(rollout("kept"));
+        assert!(relist.deleted(&apply, &metrics).is_empty());
+        let delete = watcher::Event::Delete(rollout("deleted"));
+        assert_eq!(names(relist.deleted(&delete, &metrics)), ["deleted"]);
+        // The watch came back: the relist lists only "kept".
+        assert!(relist.deleted(&watcher::Event::Init, &metrics).is_empty());
+        let listed = watcher::Event::InitApply(rollout("kept"));
+        assert!(relist.deleted(&listed, &metrics).is_empty());
+        assert_eq!(
+            names(relist.deleted(&watcher::Event::InitDone, &metrics)),
+            ["gone"]
+        );
+        let text = metrics.encode();
+        assert!(!text.contains("rollout=\"gone\""), "{text}");
+        assert!(!text.contains("rollout=\"deleted\""), "{text}");
+        assert!(text.contains("rollout=\"kept\""), "{text}");
     }
 
     #[test]

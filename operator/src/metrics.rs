@@ -226,6 +226,23 @@ impl Metrics {
         }
     }
 
+    /// Forgets every rollout with series but not in `alive` (a relist's rollouts: those
+    /// deleted while the watch was down never came as a delete); returns them.
+    pub fn forget_all_but(&self, alive: &BTreeSet<(String, String)>) -> Vec<(String, String)> {
+        let gone: Vec<(String, String)> = self
+            .series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .filter(|key| !alive.contains(*key))
+            .cloned()
+            .collect();
+        for (namespace, rollout) in &gone {
+            self.forget(namespace, rollout);
+        }
+        gone
+    }
+
     /// Removes every series of a deleted rollout, so its alerts (RolledBack, Degraded) stop.
     pub fn forget(&self, namespace: &str, rollout: &str) {
         let known = self
