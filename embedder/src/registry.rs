@@ -47,8 +47,19 @@ pub struct Registry {
     max_loaded: usize,
     max_batch_tokens: usize,
     slots: Mutex<BTreeMap<String, Slot>>,
+    /// Held while a model loads: one load at a time, so memory holds at most `max_loaded`
+    /// models however many are asked for at once, and a load that fails is not tried again
+    /// by each request that waited for it.
+    loading: tokio::sync::Mutex<()>,
     clock: AtomicU64,
     metrics: Metrics,
+}
+
+fn recent_failure(slot: &Slot) -> Option<Arc<Error>> {
+    slot.last_failure
+        .as_ref()
+        .filter(|(at, _)| at.elapsed() < LOAD_RETRY_AFTER)
+        .map(|(_, error)| error.clone())
 }
 
 impl Registry {
@@ -74,6 +85,7 @@ impl Registry {
             max_loaded,
             max_batch_tokens,
             slots: Mutex::new(BTreeMap::new()),
+            loading: tokio::sync::Mutex::new(()),
             clock: AtomicU64::new(0),
             metrics,
         })
@@ -124,48 +136,65 @@ impl Registry {
             if let Some(loaded) = slot.cell.get() {
                 return Ok(loaded.clone());
             }
-            if let Some((at, error)) = &slot.last_failure
-                && at.elapsed() < LOAD_RETRY_AFTER
-            {
+            if let Some(error) = recent_failure(slot) {
                 return Err(LookupError::LoadFailed {
                     name: name.to_string(),
-                    source: error.clone(),
+                    source: error,
                 });
             }
             slot.cell.clone()
         };
-        // Make room first, so memory never holds more than the limit plus the one loading.
-        self.evict_beyond(self.max_loaded.saturating_sub(1), name);
         // The load runs in its own task: a client that disconnects mid-load cancels only its
-        // wait, never the load others are waiting for.
+        // wait, never the load others are waiting for, nor the eviction after it.
         let registry = self.clone();
         let (name_owned, source) = (name.to_string(), source.clone());
         let loading = tokio::spawn(async move {
-            cell.get_or_try_init(|| registry.load(name_owned, source))
+            let _one_at_a_time = registry.loading.lock().await;
+            if let Some(loaded) = cell.get() {
+                return Ok(loaded.clone());
+            }
+            // Failed while this request waited its turn.
+            if let Some(error) = registry.recent_failure_of(&name_owned) {
+                return Err(error);
+            }
+            // Make room first, so memory never holds more than the limit.
+            registry.evict_beyond(registry.max_loaded.saturating_sub(1), &name_owned);
+            match cell
+                .get_or_try_init(|| registry.load(name_owned.clone(), source))
                 .await
-                .cloned()
-        });
-        let outcome = loading
-            .await
-            .unwrap_or_else(|e| Err(Error::Config(format!("model loading task failed: {e}"))));
-        match outcome {
-            Ok(loaded) => {
-                self.evict_beyond(self.max_loaded, name);
-                Ok(loaded)
-            }
-            Err(error) => {
-                tracing::error!(model = name, %error, "model failed to load");
-                let error = Arc::new(error);
-                let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(slot) = slots.get_mut(name) {
-                    slot.last_failure = Some((Instant::now(), error.clone()));
+            {
+                Ok(loaded) => {
+                    registry.evict_beyond(registry.max_loaded, &name_owned);
+                    Ok(loaded.clone())
                 }
-                Err(LookupError::LoadFailed {
-                    name: name.to_string(),
-                    source: error,
-                })
+                Err(error) => {
+                    tracing::error!(model = %name_owned, %error, "model failed to load");
+                    let error = Arc::new(error);
+                    let mut slots = registry.slots.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(slot) = slots.get_mut(&name_owned) {
+                        slot.last_failure = Some((Instant::now(), error.clone()));
+                    }
+                    Err(error)
+                }
             }
-        }
+        });
+        loading
+            .await
+            .unwrap_or_else(|e| {
+                Err(Arc::new(Error::Config(format!(
+                    "model loading task failed: {e}"
+                ))))
+            })
+            .map_err(|source| LookupError::LoadFailed {
+                name: name.to_string(),
+                source,
+            })
+    }
+
+    /// The error of the model's last load, if it failed less than `LOAD_RETRY_AFTER` ago.
+    fn recent_failure_of(&self, name: &str) -> Option<Arc<Error>> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.get(name).and_then(recent_failure)
     }
 
     async fn load(&self, name: String, source: ModelSource) -> Result<Arc<LoadedModel>> {

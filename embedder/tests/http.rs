@@ -609,6 +609,71 @@ async fn injected_faults_fail_and_slow_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn models_loaded_for_clients_that_left_stay_within_max_models() {
+    // Three more names for the second model's weights; at most 2 models in memory.
+    let dir = common::model_dir_of(SECOND_MODEL);
+    let names = ["sre-a", "sre-b", "sre-c"];
+    let specs: Vec<String> = names
+        .iter()
+        .map(|name| format!("{name}={}", dir.display()))
+        .collect();
+    let mut args = vec!["--max-models", "2"];
+    for spec in &specs {
+        args.extend(["--model", spec.as_str()]);
+    }
+    let server = Server::start(&args).await;
+    // Each asks for another model at once and leaves before it is loaded.
+    let url = server.url("/api/v1/embed");
+    let asked: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let request = Client::new()
+                .post(&url)
+                .timeout(Duration::from_millis(20))
+                .json(&json!({"texts": ["x"], "model": name}));
+            tokio::spawn(async move { request.send().await.map(|r| r.status()) })
+        })
+        .collect();
+    for request in asked {
+        assert!(
+            request.await.unwrap().is_err(),
+            "left before the load ended"
+        );
+    }
+    // The loads go on without them; then at most 2 models are in memory.
+    let loaded = |metrics: &str| -> Vec<String> {
+        std::iter::once(MODEL)
+            .chain(names)
+            .filter(|model| {
+                series_value(
+                    metrics,
+                    &format!(r#"embedder_model_loaded{{model="{model}"}}"#),
+                ) == Some(1.0)
+            })
+            .map(str::to_owned)
+            .collect()
+    };
+    // Watched for a while (the three loads take about a second): never more than 2, and in
+    // the end the default and one of the three.
+    let until = std::time::Instant::now() + Duration::from_secs(8);
+    let mut last = Vec::new();
+    while std::time::Instant::now() < until {
+        last = loaded(&server.metrics().await);
+        assert!(
+            last.len() <= 2,
+            "more models in memory than --max-models 2: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(last.len(), 2, "the loads ran: {last:?}");
+    let metrics = server.metrics().await;
+    assert!(
+        loaded(&metrics).contains(&MODEL.to_owned()),
+        "the default stays"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn serves_several_models_with_lru_eviction() {
     // The second model's weights under a second name too, so eviction can be watched with
     // --max-models 2: the default is pinned, the other slot goes to the most recent one.
