@@ -1514,6 +1514,21 @@ async fn g_invalid_rollouts_are_rejected_with_the_field_named() {
             &["spec.analysis.metrics[0].maxIncrease", "only threshold"],
         ),
         (
+            "a pause longer than time arithmetic holds (it crashed the operator)",
+            json!({"strategy": {"steps": [{"setWeight": 10}, {"pause": {"duration": "9999999999999999h"}}, {"setWeight": 100}]}}),
+            &["spec.strategy.steps[1].pause.duration"],
+        ),
+        (
+            "a latency threshold of a million years",
+            json!({"analysis": {"metrics": [{"name": "p95", "preset": "LatencyP95", "max": "9999999999h"}]}}),
+            &["spec.analysis.metrics[0].max"],
+        ),
+        (
+            "a maxIncrease past ten years",
+            json!({"analysis": {"metrics": [{"name": "x", "preset": "LatencyP95VsStable", "maxIncrease": "87601h"}]}}),
+            &["spec.analysis.metrics[0].maxIncrease", "at most 87600h"],
+        ),
+        (
             "unparseable pause",
             json!({"strategy": {"steps": [{"setWeight": 10}, {"pause": {"duration": "soon"}}, {"setWeight": 100}]}}),
             &["spec.strategy.steps[1].pause.duration"],

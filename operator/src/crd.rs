@@ -16,6 +16,10 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
 /// CEL for a duration field of at least a second (a malformed one is the pattern's to refuse).
 const AT_LEAST_1S: &str =
     "!self.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || duration(self) >= duration('1s')";
+/// CEL for a duration field of at most ten years (longer would overflow time arithmetic; the
+/// operator refuses such a duration when it parses one, too).
+const AT_MOST_10Y: &str =
+    "!self.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || duration(self) <= duration('87600h')";
 /// Longest rollout name: children are named `<name>-green` and the name is a label value.
 pub const MAX_NAME_LEN: usize = 57;
 
@@ -471,6 +475,7 @@ pub struct Step {
 pub struct PauseStep {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new(AT_MOST_10Y).message("at most 87600h"))]
     pub duration: Option<String>,
 }
 
@@ -628,12 +633,15 @@ pub struct MetricSpec {
     pub query: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new(AT_MOST_10Y).message("at most 87600h"))]
     pub max: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new(AT_MOST_10Y).message("at most 87600h"))]
     pub min: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new(AT_MOST_10Y).message("at most 87600h"))]
     pub max_increase: Option<String>,
 }
 
@@ -889,13 +897,118 @@ pub enum WeightCheckResult {
     Unknown,
 }
 
-/// Parses a Go-style duration as the schema's pattern admits (`500ms`, `30s`, `1h30m`).
+/// The longest duration the operator takes (ten years, as the schema's rules say): beyond
+/// it, adding it to a time overflows.
+const MAX_DURATION_SECS: u64 = 87_600 * 3_600;
+
+/// Parses a Go-style duration (`500ms`, `30s`, `1h30m`, `1.5h`). Never panics: kube's
+/// parser multiplies with `Duration::mul_f64`, which panics on overflow, and one rollout's
+/// `pause: {duration: 9999999999999999h}` would have crashed the operator for all of them.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let duration: kube::core::Duration = text
-        .parse()
-        .map_err(|e| format!("{text:?} is not a duration like 30s or 500ms: {e}"))?;
-    if duration.is_negative() {
+    let bad = || format!("{text:?} is not a duration like 30s or 500ms");
+    if text.starts_with('-') {
         return Err(format!("{text:?} is negative"));
     }
-    Ok(duration.into())
+    let mut rest = text.strip_prefix('+').unwrap_or(text);
+    if rest == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let too_long = || format!("{text:?} is longer than 87600h");
+    let mut nanos: u128 = 0;
+    while !rest.is_empty() {
+        let unit_at = rest.find(|c: char| c.is_alphabetic()).ok_or_else(bad)?;
+        let (number, tail) = rest.split_at(unit_at);
+        let unit_len = tail
+            .find(|c: char| !c.is_alphabetic())
+            .unwrap_or(tail.len());
+        let (unit, after) = tail.split_at(unit_len);
+        let unit_nanos: u128 = match unit {
+            "ns" => 1,
+            "us" | "\u{00b5}s" | "\u{03bc}s" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            _ => return Err(bad()),
+        };
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
+        let number_ok = digits(whole) || (whole.is_empty() && digits(fraction));
+        if !number_ok {
+            return Err(bad());
+        }
+        if !fraction.is_empty() && !digits(fraction) {
+            return Err(bad());
+        }
+        // Whole part first: more than ~39 digits overflows u128 and is too long anyway.
+        let whole: u128 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| too_long())?
+        };
+        // Nanoseconds are the finest unit: 18 fraction digits are more than enough.
+        let fraction = &fraction[..fraction.len().min(18)];
+        let scale = 10u128.pow(fraction.len() as u32);
+        let fraction: u128 = if fraction.is_empty() {
+            0
+        } else {
+            fraction.parse().map_err(|_| bad())?
+        };
+        let term = whole
+            .checked_mul(unit_nanos)
+            .and_then(|n| n.checked_add(fraction * unit_nanos / scale))
+            .ok_or_else(too_long)?;
+        nanos = nanos.checked_add(term).ok_or_else(too_long)?;
+        if nanos > u128::from(MAX_DURATION_SECS) * 1_000_000_000 {
+            return Err(too_long());
+        }
+        rest = after;
+    }
+    let secs = u64::try_from(nanos / 1_000_000_000).map_err(|_| too_long())?;
+    Ok(std::time::Duration::new(
+        secs,
+        (nanos % 1_000_000_000) as u32,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_exactly_and_never_panic() {
+        for (text, expected) in [
+            ("500ms", Duration::from_millis(500)),
+            ("0.1s", Duration::from_millis(100)),
+            (".5s", Duration::from_millis(500)),
+            ("1h30m", Duration::from_secs(5400)),
+            ("1.5h", Duration::from_secs(5400)),
+            ("1.5ms", Duration::from_micros(1500)),
+            ("250us", Duration::from_micros(250)),
+            ("0", Duration::ZERO),
+            ("+5s", Duration::from_secs(5)),
+            ("87600h", Duration::from_secs(87_600 * 3_600)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(expected), "{text}");
+        }
+        for text in [
+            "",
+            "5",
+            "-5s",
+            "5x",
+            "1e3s",
+            "s",
+            "1..5s",
+            "87600h1ns",
+            "9999999999999999h",
+            "99999999999999999999s",
+            "999999999999999999999999999999999999999999h",
+        ] {
+            assert!(parse_duration(text).is_err(), "{text:?} accepted");
+        }
+    }
 }

@@ -6,6 +6,8 @@
 //! the revision and stage at hand, the plan asks for one ([`super::Plan::check`]) and holds;
 //! the controller runs it and plans again with its outcome.
 
+use std::time::Duration;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::{Planner, at, plus};
@@ -164,10 +166,18 @@ impl Planner<'_, '_> {
         match result.result {
             CompatibilityResult::Compatible => Gate::Open,
             CompatibilityResult::Inconclusive => {
-                // Holding at 0% is safe, but not forever: a canary that cannot be checked by
-                // the progress deadline (its pods failing the check's requests, say) is
-                // rolled back like one that never got Ready.
-                let deadline = self.deadline();
+                // Holding at 0% is safe, but not forever: a canary that cannot be checked
+                // within the progress deadline (its pods failing the check's requests, say)
+                // is rolled back like one that never got Ready. Counted from when it got
+                // Ready: one Ready just before the rollout's deadline gets as long again for
+                // its check, not what is left.
+                let ready_at = at(&self.st.canary_ready_at).unwrap_or(self.input.now);
+                let deadline = plus(
+                    ready_at,
+                    Duration::from_secs(
+                        self.input.spec.strategy.progress_deadline_seconds.max(0) as u64
+                    ),
+                );
                 if stage == CompatibilityStage::BeforeTraffic && self.input.now > deadline {
                     self.roll_back(
                         "VectorCheckInconclusive",
@@ -377,9 +387,13 @@ impl Planner<'_, '_> {
         // from before (given to pass a step while the check was pending) would otherwise
         // switch 100% to vectors the index does not hold yet. It is dropped instead.
         let awaiting = self.input.status.phase == Some(Phase::AwaitingReindex);
+        let mut scaling = None;
         if awaiting && (self.input.commands.promote || self.input.commands.promote_full) {
-            self.promote("re-index cut-over: 100% at once");
-            return;
+            if self.canary_fleet_ready() {
+                self.promote("re-index cut-over: 100% at once");
+                return;
+            }
+            scaling = self.st.message.clone();
         }
         let canary = self
             .st
@@ -401,6 +415,9 @@ impl Planner<'_, '_> {
             "AwaitingReindex",
             "the new model is served at 0% on the re-index route until promoted",
         );
+        if scaling.is_some() {
+            self.st.message = scaling;
+        }
         self.wake_for_analysis();
     }
 }

@@ -385,7 +385,9 @@ impl Planner<'_, '_> {
                 self.deferred.promote_full = self.rollback.is_none();
                 return;
             }
-            self.promote("promoted in full by the embedroll.dev/promote-full annotation");
+            if self.canary_fleet_ready() {
+                self.promote("promoted in full by the embedroll.dev/promote-full annotation");
+            }
             return;
         }
         if self.st.current_step_index.is_none() {

@@ -14,7 +14,7 @@
 //! canary weight, and it does not double the fleet because two colors run.
 
 use super::{Input, StepKind, steps};
-use crate::crd::{CanaryScale, Color, EmbeddingRolloutSpec, EmbeddingRolloutStatus};
+use crate::crd::{CanaryScale, Color, EmbeddingRolloutSpec, EmbeddingRolloutStatus, Phase};
 use crate::resources::LABEL_ROLLOUT;
 
 /// Pods of the canary color.
@@ -46,6 +46,12 @@ fn upcoming_weight(spec: &EmbeddingRolloutSpec, st: &EmbeddingRolloutStatus) -> 
         .max(st.canary_weight)
 }
 
+/// A promote is asked for that moves 100% at once: the canary needs a whole fleet first.
+fn full_promotion_asked(input: &Input<'_>) -> bool {
+    input.commands.promote_full
+        || (input.commands.promote && input.status.phase == Some(Phase::AwaitingReindex))
+}
+
 /// Pods `color` should run under the planned status.
 pub fn replicas_for(color: Color, st: &EmbeddingRolloutStatus, input: &Input<'_>) -> i32 {
     let spec = input.spec;
@@ -53,6 +59,9 @@ pub fn replicas_for(color: Color, st: &EmbeddingRolloutStatus, input: &Input<'_>
         return spec.replicas;
     }
     if st.canary_color == Some(color) {
+        if full_promotion_asked(input) {
+            return spec.replicas;
+        }
         return canary_replicas(spec, st);
     }
     let winding_down = st

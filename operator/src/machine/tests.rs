@@ -747,6 +747,49 @@ fn replicas_follow_canary_scale() {
 }
 
 #[test]
+fn a_full_promote_of_a_proportional_canary_waits_for_a_whole_fleet() {
+    let mut w = World::installed();
+    w.spec.replicas = 10;
+    w.blue.desired_replicas = 10;
+    w.spec.strategy.canary_scale = crate::crd::CanaryScale::Proportional;
+    w.reconcile("r2", None);
+    w.green = ColorState {
+        desired_replicas: 1,
+        ready_replicas: 1,
+        ..ready("r2")
+    };
+    let plan = w.reconcile("r2", None);
+    assert_eq!((plan.status.canary_weight, plan.green_replicas), (1, 1));
+    // promote --full with one canary pod: it scales first, stable keeps the traffic.
+    w.commands.promote_full = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.stable_color, Some(Color::Blue));
+    assert_eq!(plan.green_replicas, 10, "a whole fleet before 100%");
+    assert!(plan.deferred.promote_full, "the promote waits, not dropped");
+    assert!(plan.status.message.unwrap().contains("scales to 10 pods"));
+    w.green = ColorState {
+        desired_replicas: 10,
+        ready_replicas: 4,
+        ready: false,
+        ..w.green.clone()
+    };
+    w.commands.promote_full = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.stable_color, Some(Color::Blue));
+    assert_eq!(plan.green_replicas, 10);
+    assert!(plan.deferred.promote_full);
+    w.green = ColorState {
+        ready_replicas: 10,
+        ready: true,
+        ..w.green.clone()
+    };
+    w.commands.promote_full = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.stable_color, Some(Color::Green));
+    assert_eq!(plan.green_replicas, 10);
+}
+
+#[test]
 fn an_hpa_on_the_scale_subresource_sizes_one_fleet_through_a_rollout() {
     // The HPA's resource-metric rule: desired = ceil(sum of usage over the Ready pods the
     // selector matches / target per pod). With the selector on both colors, that is the
@@ -1097,6 +1140,26 @@ fn a_canary_that_cannot_be_checked_is_rolled_back_at_the_progress_deadline() {
 }
 
 #[test]
+fn a_canary_ready_near_the_deadline_gets_the_whole_deadline_for_its_check() {
+    let mut w = World::installed();
+    w.vectors = Outcome::Inconclusive("canary: model still warming up".into());
+    w.reconcile("r2", None);
+    // Ready 115 s into a 120 s progress deadline; its first checks are inconclusive.
+    w.tick(115);
+    w.green = ready("r2");
+    assert_eq!(w.reconcile("r2", None).rollback, None);
+    for _ in 0..3 {
+        w.tick(10);
+        let plan = w.reconcile("r2", None);
+        assert_eq!(plan.rollback, None, "{:?}", plan.status.message);
+    }
+    assert!(w.checks.len() >= 3, "retried: {}", w.checks.len());
+    w.vectors = compared(1.0, 1.0);
+    w.tick(10);
+    assert_eq!(w.reconcile("r2", None).status.canary_weight, 1);
+}
+
+#[test]
 fn a_broken_dimension_contract_holds_the_revision() {
     let mut w = World::installed();
     w.vectors = Outcome::ContractBroken {
@@ -1201,6 +1264,35 @@ fn reindex_serves_a_new_model_at_0_then_cuts_over_at_once() {
         weights.iter().all(|w| *w == 0),
         "no weight ever: {weights:?}"
     );
+}
+
+#[test]
+fn a_reindex_cut_over_of_a_proportional_canary_waits_for_a_whole_fleet() {
+    let mut w = model_change(OnIncompatible::Reindex);
+    w.spec.replicas = 6;
+    w.blue.desired_replicas = 6;
+    w.spec.strategy.canary_scale = crate::crd::CanaryScale::Proportional;
+    w.spec.traffic.canary_header = Some(crate::crd::CanaryHeader {
+        name: "X-Reindex".into(),
+        value: "1".into(),
+    });
+    w.green.desired_replicas = 1;
+    w.green.ready_replicas = 1;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.phase, Some(Phase::AwaitingReindex));
+    assert_eq!(plan.green_replicas, 1, "one pod serves the re-index");
+    w.commands.promote = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.stable_color, Some(Color::Blue));
+    assert_eq!(plan.status.phase, Some(Phase::AwaitingReindex));
+    assert_eq!(plan.green_replicas, 6);
+    assert!(plan.deferred.promote);
+    assert!(plan.status.message.unwrap().contains("scales to 6 pods"));
+    w.green.desired_replicas = 6;
+    w.green.ready_replicas = 6;
+    w.commands.promote = true;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.status.stable_color, Some(Color::Green));
 }
 
 #[test]
