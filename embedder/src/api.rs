@@ -207,6 +207,8 @@ async fn read_body(State(state): State<AppState>, request: Request, next: Next) 
     let timeout = Duration::from_millis(state.limits.body_read_timeout_ms);
     let mut closing = state.health.closing.subscribe();
     let read = tokio::select! {
+        // A body already complete when shutdown begins is served, not refused at random.
+        biased;
         read = tokio::time::timeout(
             timeout,
             http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit)),
@@ -397,6 +399,7 @@ pub async fn serve_embed<R>(
         )),
     };
     let mut tokens = None;
+    let mut failed = None;
     let response = match result {
         Ok((output, extra)) => {
             let headers = timing_headers(&output, record.started.elapsed());
@@ -406,11 +409,14 @@ pub async fn serve_embed<R>(
         Err(error) => {
             if error.status.is_server_error() {
                 tracing::warn!(route, model = %record.model, code = error.code, error = %error.message, "request failed");
+                failed = Some(error.status);
             }
             dialect.render(error)
         }
     };
-    record.answer(response.status(), tokens);
+    // A server failure is counted as one whatever the dialect answers (TEI's 424): error
+    // rates on 5xx, the rollout gate's among them, and the latency quantiles must see it.
+    record.answer(failed.unwrap_or(response.status()), tokens);
     response
 }
 

@@ -217,9 +217,11 @@ fn error_type(error: &ApiError) -> (&'static str, StatusCode) {
         "model_unavailable" | "shutting_down" | "timeout" => {
             ("Unhealthy", StatusCode::SERVICE_UNAVAILABLE)
         }
-        "invalid_request" | "too_many_inputs" | "input_too_long" | "too_many_tokens" => {
-            ("Validation", StatusCode::UNPROCESSABLE_ENTITY)
+        // TEI answers its validation errors (too many inputs or tokens) with 413.
+        "too_many_inputs" | "input_too_long" | "too_many_tokens" => {
+            ("Validation", StatusCode::PAYLOAD_TOO_LARGE)
         }
+        "invalid_request" => ("Validation", StatusCode::UNPROCESSABLE_ENTITY),
         _ => ("Validation", error.status),
     }
 }

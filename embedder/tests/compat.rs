@@ -256,7 +256,7 @@ async fn tei_routes_answer_as_tei_does() {
         ),
         (
             json!({"inputs": long, "truncate": false}),
-            422,
+            413,
             "Validation",
         ),
         (
@@ -321,7 +321,7 @@ async fn truncation_is_silent_by_default_and_refused_when_asked() {
         json!({"inputs": [ids], "truncate": false}),
     )
     .await;
-    assert_eq!(status, 422);
+    assert_eq!(status, 413, "TEI's status for a validation error");
     drop(server);
 
     // --auto-truncate false: refused unless the request asks for truncation.
@@ -332,7 +332,7 @@ async fn truncation_is_silent_by_default_and_refused_when_asked() {
     let (status, body) = post(&server, "/embed", json!({"inputs": long})).await;
     assert_eq!(
         (status.as_u16(), body["error_type"].as_str()),
-        (422, Some("Validation"))
+        (413, Some("Validation"))
     );
     let (status, _) = post(&server, "/embed", json!({"inputs": long, "truncate": true})).await;
     assert_eq!(status, 200);

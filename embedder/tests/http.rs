@@ -599,6 +599,18 @@ async fn injected_faults_fail_and_slow_requests() {
     let series =
         format!(r#"embedder_requests_total{{model="{MODEL}",route="/api/v1/embed",code="500"}}"#);
     assert_eq!(series_value(&metrics, &series), Some(1.0));
+    // TEI answers a server failure with 424, as TEI does; it is counted as the 500 it stands
+    // for, with its latency, so the rollout gate's error rate (5xx) and P95 see it.
+    let (status, body) = post(&server, "/embed", json!({"inputs": "x"})).await;
+    assert_eq!(status, 424, "{body}");
+    assert_eq!(body["error_type"], "Backend");
+    let metrics = server.metrics().await;
+    for series in [
+        format!(r#"embedder_requests_total{{model="{MODEL}",route="/embed",code="500"}}"#),
+        format!(r#"embedder_request_duration_seconds_count{{model="{MODEL}",route="/embed"}}"#),
+    ] {
+        assert_eq!(series_value(&metrics, &series), Some(1.0), "{series}");
+    }
     // Health is never faulted.
     let response = Client::new()
         .get(server.url("/health/ready"))
