@@ -273,6 +273,14 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<()> {
+        // The default model is never evicted: with room for one, another would be loaded
+        // beside it anyway, past the limit the pod's memory was sized for.
+        if self.max_models == 1 && self.models.len() > 1 {
+            return Err(Error::Config(format!(
+                "--max-models 1 holds only the default model, which is never evicted; serving {} models needs --max-models 2 or more",
+                self.models.len()
+            )));
+        }
         if !(0.0..=1.0).contains(&self.fault_error_rate) {
             return Err(Error::Config(
                 "--fault-error-rate must be between 0 and 1".into(),
@@ -344,6 +352,14 @@ mod tests {
             &["--max-concurrent-requests", "18446744073709551615"],
             &["--max-queued-tokens", "18446744073709551615"],
             &["--max-batch-tokens", "0"],
+            &[
+                "--max-models",
+                "1",
+                "--model",
+                "a=/m/a",
+                "--model",
+                "b=/m/b",
+            ],
         ] {
             let error = parse(args).validate().expect_err(args[0]).to_string();
             assert!(error.contains(args[0]), "{error}");
