@@ -228,6 +228,39 @@ struct Pipeline {
 }
 
 impl SentenceModel {
+    /// What can be checked without reading the weights: the configs parse, the model type
+    /// and pipeline are supported, a tokenizer and a weights file are there. The registry
+    /// runs it before it evicts a model to make room, so that a broken model never costs a
+    /// healthy one its place.
+    pub fn preflight(name: &str, dir: &Path) -> Result<()> {
+        let config: BertConfig = read_json(name, &dir.join("config.json"))?;
+        if let Some(other) = config.model_type.as_deref().filter(|t| *t != "bert") {
+            return Err(Error::UnsupportedModel {
+                model: name.to_string(),
+                reason: format!("model_type {other:?} is not served; only BERT-family models are"),
+            });
+        }
+        read_pipeline(name, dir)?;
+        let missing = |path: std::path::PathBuf, what: &str| Error::ModelFile {
+            model: name.to_string(),
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, what.to_string()),
+        };
+        if !dir.join("tokenizer.json").exists() {
+            return Err(missing(
+                dir.join("tokenizer.json"),
+                "tokenizer.json is required",
+            ));
+        }
+        if !dir.join("model.safetensors").exists() && !dir.join("pytorch_model.bin").exists() {
+            return Err(missing(
+                dir.join("model.safetensors"),
+                "neither model.safetensors nor pytorch_model.bin exists",
+            ));
+        }
+        Ok(())
+    }
+
     pub fn load(name: &str, dir: &Path, quantization: Quantization) -> Result<Self> {
         let device = Device::Cpu;
         let err_config = |path: &Path, reason: String| Error::ModelConfig {

@@ -157,6 +157,21 @@ impl Registry {
             if let Some(error) = registry.recent_failure_of(&name_owned) {
                 return Err(error);
             }
+            let failed = |error: Error| {
+                tracing::error!(model = %name_owned, %error, "model failed to load");
+                let error = Arc::new(error);
+                let mut slots = registry.slots.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(slot) = slots.get_mut(&name_owned) {
+                    slot.last_failure = Some((Instant::now(), error.clone()));
+                }
+                error
+            };
+            // A model that cannot load (a bad config, no weights) evicts nothing.
+            let (name, dir) = (name_owned.clone(), source.dir.clone());
+            tokio::task::spawn_blocking(move || SentenceModel::preflight(&name, &dir))
+                .await
+                .unwrap_or_else(|e| Err(Error::Config(format!("model check failed: {e}"))))
+                .map_err(failed)?;
             // Make room first, so memory never holds more than the limit.
             registry.evict_beyond(registry.max_loaded.saturating_sub(1), &name_owned);
             match cell
@@ -167,15 +182,7 @@ impl Registry {
                     registry.evict_beyond(registry.max_loaded, &name_owned);
                     Ok(loaded.clone())
                 }
-                Err(error) => {
-                    tracing::error!(model = %name_owned, %error, "model failed to load");
-                    let error = Arc::new(error);
-                    let mut slots = registry.slots.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some(slot) = slots.get_mut(&name_owned) {
-                        slot.last_failure = Some((Instant::now(), error.clone()));
-                    }
-                    Err(error)
-                }
+                Err(error) => Err(failed(error)),
             }
         });
         loading

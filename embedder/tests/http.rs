@@ -842,7 +842,15 @@ async fn a_broken_model_answers_503_without_leaking_paths_and_spares_the_rest() 
     std::fs::create_dir_all(&broken).unwrap();
     std::fs::write(broken.join("config.json"), "{ not json").unwrap();
     let spec = format!("broken={}", broken.display());
-    let server = Server::start(&["--model", &spec]).await;
+    let server = Server::start_two_models(&["--model", &spec, "--max-models", "2"]).await;
+    // A healthy second model in the one slot besides the default.
+    let (status, body) = post(
+        &server,
+        "/api/v1/embed",
+        json!({"texts": ["x"], "model": SECOND_MODEL}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
     for _ in 0..2 {
         let (status, body) = post(
             &server,
@@ -865,6 +873,15 @@ async fn a_broken_model_answers_503_without_leaking_paths_and_spares_the_rest() 
     )
     .await;
     assert_eq!(status, 200);
+    let metrics = server.metrics().await;
+    assert_eq!(
+        series_value(
+            &metrics,
+            &format!(r#"embedder_model_loaded{{model="{SECOND_MODEL}"}}"#)
+        ),
+        Some(1.0),
+        "the broken model evicted a healthy one to make room"
+    );
     std::fs::remove_dir_all(&broken).unwrap();
 }
 
