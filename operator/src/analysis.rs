@@ -34,10 +34,11 @@ impl Vars {
             "interval" => prom_duration(self.interval),
             "window" => prom_duration(self.window),
             // The stable baseline for comparisons: long enough to still hold data when the
-            // canary takes 100% and stable gets nothing.
+            // canary takes 100% and stable gets nothing, however long the step is held (a
+            // bake at 100%): the step's window and 10 intervals before it.
             "baselineWindow" => prom_duration(
-                self.interval
-                    .saturating_mul(10)
+                self.window
+                    .saturating_add(self.interval.saturating_mul(10))
                     .max(Duration::from_secs(60)),
             ),
             _ => return None,
@@ -538,7 +539,18 @@ mod tests {
         assert!(
             render(&p95_query(Side::Stable), &vars())
                 .unwrap()
-                .contains("[300s]")
+                .contains("[330s]")
+        );
+        // A step held an hour at 100% (stable gets nothing): the baseline still reaches back
+        // to 10 intervals before the step began.
+        let baked = Vars {
+            window: Duration::from_secs(3600),
+            ..vars()
+        };
+        assert!(
+            render(&p95_query(Side::Stable), &baked)
+                .unwrap()
+                .contains("[3900s]")
         );
         assert_eq!(
             render("x{{ nope }}", &vars()).unwrap_err(),

@@ -626,8 +626,9 @@ pub struct MetricSpec {
     /// {{canaryRevision}} {{stableRevision}} {{interval}} {{window}} {{baselineWindow}}` are
     /// substituted. `{{window}}` is the evidence window: since the step began, at least one
     /// interval (what the built-in checks use).
-    /// `{{baselineWindow}}` (10 intervals, at least 1m) is for the stable side of a comparison:
-    /// at 100% stable gets no requests, and `{{interval}}` would leave it without data.
+    /// `{{baselineWindow}}` (the evidence window plus 10 intervals, at least 1m) is for the
+    /// stable side of a comparison: at 100% stable gets no requests, and `{{interval}}` would
+    /// leave it without data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
     pub query: Option<String>,
