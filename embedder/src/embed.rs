@@ -406,8 +406,13 @@ pub fn prompted(prompt: Option<&str>, text: String) -> String {
     }
 }
 
-/// Token ids for every input and the characters read, on a blocking thread, at most one
-/// tokenisation per compute thread at once.
+/// Characters tokenised in one turn (at least one input). A request waits for at most one
+/// turn of each request ahead of it, not for all their texts: tokenising a 2 MB request takes
+/// hundreds of milliseconds, a turn a few.
+const TOKENIZE_TURN_CHARS: usize = 16 * 1024;
+
+/// Token ids for every input and the characters read, on blocking threads, in turns of
+/// about [`TOKENIZE_TURN_CHARS`], at most one turn per compute thread at once.
 async fn tokenize(
     state: &AppState,
     model: Arc<SentenceModel>,
@@ -415,29 +420,38 @@ async fn tokenize(
     prompt: Option<String>,
     truncation: Truncation,
 ) -> Result<(Vec<Vec<u32>>, usize), ApiError> {
-    let tokenizing = state
-        .tokenizers
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| shutting_down())?;
-    tokio::task::spawn_blocking(move || {
-        let _tokenizing = tokenizing;
-        let input_error = |index: usize, error: InputError| match error {
-            InputError::TooLong { .. } => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "input_too_long",
-                format!("input {index}: {error}; send truncate: true or shorten it"),
-            ),
-            InputError::Invalid(reason) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_tokens",
-                format!("input {index}: {reason}"),
-            ),
+    let mut turns: Vec<Vec<(usize, Input)>> = Vec::new();
+    let mut size = 0;
+    for (index, input) in inputs.into_items().into_iter().enumerate() {
+        let chars = match &input {
+            Input::Text(text) => text.len(),
+            Input::Ids(ids) => ids.len() * 4,
         };
+        match turns.last_mut() {
+            Some(turn) if size + chars <= TOKENIZE_TURN_CHARS => turn.push((index, input)),
+            _ => {
+                turns.push(vec![(index, input)]);
+                size = 0;
+            }
+        }
+        size += chars;
+    }
+    let input_error = |index: usize, error: InputError| match error {
+        InputError::TooLong { .. } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "input_too_long",
+            format!("input {index}: {error}; send truncate: true or shorten it"),
+        ),
+        InputError::Invalid(reason) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_tokens",
+            format!("input {index}: {reason}"),
+        ),
+    };
+    let done = in_turns(&state.tokenizers, turns, move |turn| {
         let mut characters = 0;
-        let mut ids = Vec::with_capacity(inputs.len());
-        for (index, input) in inputs.into_items().into_iter().enumerate() {
+        let mut ids = Vec::with_capacity(turn.len());
+        for (index, input) in turn {
             let tokens = match input {
                 Input::Text(text) => {
                     let text = prompted(prompt.as_deref(), text);
@@ -450,8 +464,48 @@ async fn tokenize(
         }
         Ok((ids, characters))
     })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    .await?;
+    let characters = done.iter().map(|(_, c)| c).sum();
+    Ok((
+        done.into_iter().flat_map(|(ids, _)| ids).collect(),
+        characters,
+    ))
+}
+
+/// Runs `work` on each turn in order, on a blocking thread, holding one of `permits` for the
+/// turn only: requests queued on the permits take turns instead of waiting for each other
+/// whole. The first error ends it; so does the caller going away (a request timed out),
+/// after the turn in progress.
+async fn in_turns<T, R, F>(
+    permits: &Arc<tokio::sync::Semaphore>,
+    turns: Vec<T>,
+    work: F,
+) -> Result<Vec<R>, ApiError>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(T) -> Result<R, ApiError> + Send + Sync + 'static,
+{
+    let work = Arc::new(work);
+    let mut done = Vec::with_capacity(turns.len());
+    for turn in turns {
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| shutting_down())?;
+        let work = work.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work(turn)
+        })
+        .await
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
+        done.push(result);
+    }
+    Ok(done)
 }
 
 fn validate(job: &EmbedJob, state: &AppState) -> Result<(), ApiError> {
@@ -480,4 +534,43 @@ fn validate(job: &EmbedJob, state: &AppState) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_request_takes_its_turn_between_a_heavy_ones() {
+        let permits = Arc::new(tokio::sync::Semaphore::new(1));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let work = |log: Arc<Mutex<Vec<String>>>| {
+            move |turn: String| {
+                log.lock().unwrap().push(format!("{turn} started"));
+                std::thread::sleep(Duration::from_millis(50));
+                log.lock().unwrap().push(format!("{turn} done"));
+                Ok(())
+            }
+        };
+        let heavy_turns = (0..4).map(|i| format!("heavy {i}")).collect();
+        let heavy = tokio::spawn({
+            let (permits, log) = (permits.clone(), log.clone());
+            async move { in_turns(&permits, heavy_turns, work(log)).await }
+        });
+        // The heavy request is in its first turn.
+        while !log.lock().unwrap().iter().any(|e| e == "heavy 0 started") {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        in_turns(&permits, vec!["small".to_owned()], work(log.clone()))
+            .await
+            .unwrap();
+        heavy.await.unwrap().unwrap();
+        let log = log.lock().unwrap().clone();
+        let at = |entry: &str| log.iter().position(|e| e == entry).unwrap();
+        assert!(
+            at("small done") < at("heavy 2 started"),
+            "the small request waited for the heavy one's every turn: {log:?}"
+        );
+    }
 }
