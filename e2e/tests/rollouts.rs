@@ -1633,6 +1633,35 @@ async fn g_invalid_rollouts_are_rejected_with_the_field_named() {
     );
 }
 
+/// Installs `spec` on `provider`, starts traffic, upgrades to a new revision and waits for it
+/// paused at 10% (steps 10%, pause, 100%): where the manual and fault scenarios begin.
+async fn paused_at_10(client: &Client, provider: Provider, ns: &str, spec: &Value) -> Traffic {
+    install_at(
+        client,
+        ns,
+        &provider.manifest(ns, &[], spec.clone()),
+        &provider.base(),
+    )
+    .await;
+    let traffic = Traffic::start_at(&provider.base(), host(ns), 2);
+    apply(
+        client,
+        ns,
+        &provider.manifest(ns, &["--max-batch-tokens", "8192"], spec.clone()),
+    )
+    .await;
+    wait_status(
+        client,
+        ns,
+        ns,
+        "paused at 10%",
+        Duration::from_secs(60),
+        |s| s.phase == Some(Phase::Paused) && s.current_step_index == Some(1),
+    )
+    .await;
+    traffic
+}
+
 /// h) Manual control with the `embedroll` CLI: promote past a pause, abort, retry, promote in full.
 #[tokio::test]
 async fn h_manual_promote_abort_retry() {
@@ -1649,29 +1678,7 @@ async fn h_manual_promote_abort_retry_with(provider: Provider, ns: &str) {
     let client = client().await;
     let spec =
         json!({"strategy": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]}});
-    install_at(
-        &client,
-        ns,
-        &provider.manifest(ns, &[], spec.clone()),
-        &provider.base(),
-    )
-    .await;
-    let traffic = Traffic::start_at(&provider.base(), host(ns), 2);
-    apply(
-        &client,
-        ns,
-        &provider.manifest(ns, &["--max-batch-tokens", "8192"], spec.clone()),
-    )
-    .await;
-    wait_status(
-        &client,
-        ns,
-        ns,
-        "paused at 10%",
-        Duration::from_secs(60),
-        |s| s.phase == Some(Phase::Paused) && s.current_step_index == Some(1),
-    )
-    .await;
+    let traffic = paused_at_10(&client, provider, ns, &spec).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
         status(&client, ns, ns).await.current_step_index,
@@ -1793,29 +1800,7 @@ async fn s_a_refused_traffic_write_loses_no_event() {
         "strategy": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]},
         "compatibility": {"enabled": false},
     });
-    install_at(
-        &client,
-        ns,
-        &provider.manifest(ns, &[], spec.clone()),
-        &provider.base(),
-    )
-    .await;
-    let traffic = Traffic::start_at(&provider.base(), host(ns), 2);
-    apply(
-        &client,
-        ns,
-        &provider.manifest(ns, &["--max-batch-tokens", "8192"], spec),
-    )
-    .await;
-    wait_status(
-        &client,
-        ns,
-        ns,
-        "paused at 10%",
-        Duration::from_secs(60),
-        |s| s.phase == Some(Phase::Paused) && s.current_step_index == Some(1),
-    )
-    .await;
+    let traffic = paused_at_10(&client, provider, ns, &spec).await;
     assert_eq!(provider.told_weight(&client, ns, ns).await, Some(10));
 
     let name = format!("{ns}-deny-ingress-updates");
@@ -1963,29 +1948,7 @@ async fn t_switching_the_traffic_provider_removes_the_old_routes() {
         "strategy": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]},
         "compatibility": {"enabled": false},
     });
-    install_at(
-        &client,
-        ns,
-        &Provider::Nginx.manifest(ns, &[], spec.clone()),
-        &Provider::Nginx.base(),
-    )
-    .await;
-    let traffic = Traffic::start_at(&Provider::Nginx.base(), host(ns), 2);
-    apply(
-        &client,
-        ns,
-        &Provider::Nginx.manifest(ns, &["--max-batch-tokens", "8192"], spec.clone()),
-    )
-    .await;
-    wait_status(
-        &client,
-        ns,
-        ns,
-        "paused at 10%",
-        Duration::from_secs(60),
-        |s| s.phase == Some(Phase::Paused) && s.current_step_index == Some(1),
-    )
-    .await;
+    let traffic = paused_at_10(&client, Provider::Nginx, ns, &spec).await;
     assert_eq!(ingress_weight(&client, ns, ns).await, Some(10));
     let _ = traffic.finish().await;
 

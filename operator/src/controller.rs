@@ -193,6 +193,27 @@ impl Superseded {
     }
 }
 
+/// A namespaced child kind the controller writes from its caches.
+trait Child:
+    Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + Serialize
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + 'static
+{
+}
+
+impl<K> Child for K where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + 'static
+{
+}
+
 /// Which rollouts a watch event says are gone: a delete, or, at the end of a relist (after
 /// the watch was down), every rollout with series that the relist did not list, since one
 /// deleted meanwhile never comes as a delete. A relist served from a lagging apiserver cache
@@ -865,15 +886,12 @@ impl EmbeddingRollout {
     }
 
     /// Applies `desired` unless the cached child already holds it.
-    async fn apply<K>(&self, ctx: &Context, store: &ChildCache<K>, mut desired: K) -> Result<()>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + Serialize
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug
-            + 'static,
-    {
+    async fn apply<K: Child>(
+        &self,
+        ctx: &Context,
+        store: &ChildCache<K>,
+        mut desired: K,
+    ) -> Result<()> {
         let stamp = diff::stamp(&mut desired);
         let name = desired.meta().name.clone().unwrap_or_default();
         let live = self.child(store, &name);
@@ -993,15 +1011,7 @@ impl EmbeddingRollout {
     /// object of the provider the spec no longer names. Owner references alone would keep
     /// it until the rollout is deleted. Best effort: a refusal (say, a Role without `delete`)
     /// is a Warning Event, and the rest of the reconcile goes on.
-    async fn prune<K>(&self, ctx: &Context, store: &ChildCache<K>, name: &str)
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + Serialize
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug
-            + 'static,
-    {
+    async fn prune<K: Child>(&self, ctx: &Context, store: &ChildCache<K>, name: &str) {
         let Some(live) = self.child(store, name) else {
             return;
         };
