@@ -1785,34 +1785,22 @@ async fn h_manual_promote_abort_retry_with(provider: Provider, ns: &str) {
     cleanup(&client, ns).await;
 }
 
-/// s) A data-plane write refused after the status that says so was saved (an admission
-///    webhook down, here a ValidatingAdmissionPolicy that refuses Ingress updates): the
-///    rollback's Event and counter are not lost, and the weight follows once writes pass.
-#[tokio::test]
-async fn s_a_refused_traffic_write_loses_no_event() {
+/// A ValidatingAdmissionPolicy refusing `operation` on the Ingresses of namespace `ns`, as
+/// an admission webhook that is down (or a policy) would; in force once this returns.
+struct IngressRefusal(String);
+
+async fn refuse_ingress(client: &Client, ns: &str, operation: &str) -> IngressRefusal {
     use k8s_openapi::api::admissionregistration::v1::{
         ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
     };
-    let client = client().await;
-    let ns = "s-refused-write";
-    let provider = Provider::Nginx;
-    let spec = json!({
-        "strategy": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]},
-        "compatibility": {"enabled": false},
-    });
-    let traffic = paused_at_10(&client, provider, ns, &spec).await;
-    assert_eq!(provider.told_weight(&client, ns, ns).await, Some(10));
-
-    let name = format!("{ns}-deny-ingress-updates");
-    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
-    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client.clone());
+    let name = format!("{ns}-refuse-ingress-{}", operation.to_lowercase());
     let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
         "metadata": {"name": name},
         "spec": {
             "failurePolicy": "Fail",
             "matchConstraints": {"resourceRules": [{
                 "apiGroups": ["networking.k8s.io"], "apiVersions": ["v1"],
-                "operations": ["UPDATE"], "resources": ["ingresses"],
+                "operations": [operation], "resources": ["ingresses"],
             }]},
             "validations": [{"expression": "false", "message": "the data plane's webhook is down"}],
         },
@@ -1829,31 +1817,74 @@ async fn s_a_refused_traffic_write_loses_no_event() {
         },
     }))
     .unwrap();
-    policies
-        .create(&PostParams::default(), &policy)
+    let post = PostParams::default();
+    Api::<ValidatingAdmissionPolicy>::all(client.clone())
+        .create(&post, &policy)
         .await
         .unwrap();
-    bindings
-        .create(&PostParams::default(), &binding)
+    Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+        .create(&post, &binding)
         .await
         .unwrap();
     let ingresses: Api<Ingress> = Api::namespaced(client.clone(), ns);
+    let dry_run = PatchParams {
+        dry_run: true,
+        ..PatchParams::default()
+    };
+    let dry_delete = DeleteParams {
+        dry_run: true,
+        ..DeleteParams::default()
+    };
     wait_for(
-        "the policy refusing Ingress updates",
+        "the policy refusing Ingress changes",
         Duration::from_secs(30),
         || async {
-            let probe = Patch::Merge(json!({"metadata": {"annotations": {"e2e/probe": "x"}}}));
-            let params = PatchParams {
-                dry_run: true,
-                ..PatchParams::default()
-            };
-            ingresses
-                .patch(&format!("{ns}-canary"), &params, &probe)
-                .await
-                .is_err()
+            let canary = format!("{ns}-canary");
+            if operation == "DELETE" {
+                ingresses.delete(&canary, &dry_delete).await.is_err()
+            } else {
+                let probe = Patch::Merge(json!({"metadata": {"annotations": {"e2e/probe": "x"}}}));
+                ingresses.patch(&canary, &dry_run, &probe).await.is_err()
+            }
         },
     )
     .await;
+    IngressRefusal(name)
+}
+
+impl IngressRefusal {
+    async fn lift(self, client: &Client) {
+        use k8s_openapi::api::admissionregistration::v1::{
+            ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+        };
+        let delete = DeleteParams::default();
+        Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+            .delete(&self.0, &delete)
+            .await
+            .unwrap();
+        Api::<ValidatingAdmissionPolicy>::all(client.clone())
+            .delete(&self.0, &delete)
+            .await
+            .unwrap();
+    }
+}
+
+/// s) A data-plane write refused after the status that says so was saved (an admission
+///    webhook down, here a ValidatingAdmissionPolicy that refuses Ingress updates): the
+///    rollback's Event and counter are not lost, and the weight follows once writes pass.
+#[tokio::test]
+async fn s_a_refused_traffic_write_loses_no_event() {
+    let client = client().await;
+    let ns = "s-refused-write";
+    let provider = Provider::Nginx;
+    let spec = json!({
+        "strategy": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]},
+        "compatibility": {"enabled": false},
+    });
+    let traffic = paused_at_10(&client, provider, ns, &spec).await;
+    assert_eq!(provider.told_weight(&client, ns, ns).await, Some(10));
+
+    let refusal = refuse_ingress(&client, ns, "UPDATE").await;
 
     cli(&["abort", ns, "-n", ns]);
     let st = wait_status(
@@ -1910,14 +1941,7 @@ async fn s_a_refused_traffic_write_loses_no_event() {
         "RolledBack Event and rollback counted, Ingress still at 10%, RollingBack",
     );
 
-    bindings
-        .delete(&name, &DeleteParams::default())
-        .await
-        .unwrap();
-    policies
-        .delete(&name, &DeleteParams::default())
-        .await
-        .unwrap();
+    refusal.lift(&client).await;
     wait_for(
         "the data plane told weight 0 once updates pass",
         Duration::from_secs(90),
@@ -1952,13 +1976,38 @@ async fn t_switching_the_traffic_provider_removes_the_old_routes() {
     assert_eq!(ingress_weight(&client, ns, ns).await, Some(10));
     let _ = traffic.finish().await;
 
+    // Deleting Ingresses refused at first (a Role without the verb, say): the switch goes on
+    // and says what it could not delete.
+    let refusal = refuse_ingress(&client, ns, "DELETE").await;
     apply(
         &client,
         ns,
         &Provider::GatewayApi.manifest(ns, &["--max-batch-tokens", "8192"], spec.clone()),
     )
     .await;
+    wait_for(
+        "the route at the live weight",
+        Duration::from_secs(60),
+        || async { route_weight(&client, ns, ns).await == Some(10) },
+    )
+    .await;
+    assert!(!await_event(&client, ns, "PruneFailed").await.is_empty());
     let ingresses: Api<Ingress> = Api::namespaced(client.clone(), ns);
+    assert_eq!(
+        ingresses
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        2,
+        "kept while deleting is refused"
+    );
+    say(
+        ns,
+        "Ingress deletes refused: PruneFailed, the route at 10% all the same",
+    );
+    refusal.lift(&client).await;
     wait_for(
         "the route at the live weight and the Ingresses gone",
         Duration::from_secs(60),

@@ -193,6 +193,9 @@ impl Superseded {
     }
 }
 
+/// How soon a reconcile that could not delete an old provider's object looks again.
+const PRUNE_RETRY: Duration = Duration::from_secs(10);
+
 /// A namespaced child kind the controller writes from its caches.
 trait Child:
     Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
@@ -716,6 +719,8 @@ impl EmbeddingRollout {
         // Status first: traffic moves only once the status that says so is saved over the
         // version it was planned from.
         let mut saved = false;
+        // False when an old provider's object could not be deleted: looked at again soon.
+        let mut pruned = true;
         // The phase status holds if a write fails part-way.
         let mut saved_phase = status.phase;
         let written = async {
@@ -731,7 +736,7 @@ impl EmbeddingRollout {
                     version = self.patch_status(ctx, &rolling_back, version).await?;
                 }
                 (saved, saved_phase) = (true, rolling_back.phase);
-                self.apply_traffic(ctx, &plan).await?;
+                pruned &= self.apply_traffic(ctx, &plan).await?;
                 version = self.patch_status(ctx, &plan.status, version).await?;
                 saved_phase = plan.status.phase;
             } else {
@@ -739,7 +744,7 @@ impl EmbeddingRollout {
                     version = self.patch_status(ctx, &plan.status, version).await?;
                     (saved, saved_phase) = (true, plan.status.phase);
                 }
-                self.apply_traffic(ctx, &plan).await?;
+                pruned &= self.apply_traffic(ctx, &plan).await?;
             }
             self.remove_consumed_commands(ctx, &plan.status.consumed_commands, version)
                 .await?;
@@ -764,7 +769,8 @@ impl EmbeddingRollout {
                 "rollout moved"
             );
         }
-        Ok(match plan.requeue {
+        let retry_prune = (!pruned).then_some(PRUNE_RETRY);
+        Ok(match plan.requeue.into_iter().chain(retry_prune).min() {
             Some(after) => Action::requeue(after),
             None => Action::await_change(),
         })
@@ -941,9 +947,11 @@ impl EmbeddingRollout {
     /// Services, then the routes: the primary Ingress before the canary Ingress (so a
     /// promotion never passes through "everything on the old color"), or the one HTTPRoute
     /// whose weights move together.
-    async fn apply_traffic(&self, ctx: &Context, plan: &Plan) -> Result<()> {
+    /// Returns false when an old provider's object could not be deleted ([`Self::prune`]).
+    async fn apply_traffic(&self, ctx: &Context, plan: &Plan) -> Result<bool> {
         let live = LiveTraffic::written_by(&plan.status);
         let stable = live.stable_color.unwrap_or(Color::Blue);
+        let mut pruned = true;
         let services = &ctx.stores.services;
         for color in [Color::Blue, Color::Green] {
             self.apply(ctx, services, resources::color_service(self, color))
@@ -967,7 +975,7 @@ impl EmbeddingRollout {
             .await?;
             // Switched from the Gateway API: the route it owned would keep its last weights.
             if ctx.stores.gateway_api {
-                self.prune(ctx, &ctx.stores.routes, &self.name_any()).await;
+                pruned &= self.prune(ctx, &ctx.stores.routes, &self.name_any()).await;
             }
         }
         if let Some(gateway) = &self.spec.traffic.gateway_api
@@ -987,7 +995,7 @@ impl EmbeddingRollout {
                     // Switched from a route it owned to the team's own (unless the team's is
                     // that very route, adopted under its name).
                     if reference.name != self.name_any() {
-                        self.prune(ctx, &ctx.stores.routes, &self.name_any()).await;
+                        pruned &= self.prune(ctx, &ctx.stores.routes, &self.name_any()).await;
                     }
                 }
             }
@@ -999,21 +1007,23 @@ impl EmbeddingRollout {
                     .is_some_and(|c| c.status == "True");
             if routed {
                 let ingresses = &ctx.stores.ingresses;
-                self.prune(ctx, ingresses, &resources::canary_ingress_name(self))
+                pruned &= self
+                    .prune(ctx, ingresses, &resources::canary_ingress_name(self))
                     .await;
-                self.prune(ctx, ingresses, &self.name_any()).await;
+                pruned &= self.prune(ctx, ingresses, &self.name_any()).await;
             }
         }
-        Ok(())
+        Ok(pruned)
     }
 
     /// Deletes the child `name` if the cache holds it and this rollout owns it: a traffic
     /// object of the provider the spec no longer names. Owner references alone would keep
     /// it until the rollout is deleted. Best effort: a refusal (say, a Role without `delete`)
-    /// is a Warning Event, and the rest of the reconcile goes on.
-    async fn prune<K: Child>(&self, ctx: &Context, store: &ChildCache<K>, name: &str) {
+    /// is a Warning Event and `false`, the rest of the reconcile goes on, and it is tried
+    /// again after [`PRUNE_RETRY`].
+    async fn prune<K: Child>(&self, ctx: &Context, store: &ChildCache<K>, name: &str) -> bool {
         let Some(live) = self.child(store, name) else {
-            return;
+            return true;
         };
         let meta = live.meta();
         let owned = meta
@@ -1022,7 +1032,7 @@ impl EmbeddingRollout {
             .flatten()
             .any(|owner| Some(owner.uid.as_str()) == self.metadata.uid.as_deref());
         if !owned || meta.deletion_timestamp.is_some() {
-            return;
+            return true;
         }
         let namespace = self.namespace().unwrap_or_default();
         let kind = K::kind(&());
@@ -1035,12 +1045,15 @@ impl EmbeddingRollout {
             ..DeleteParams::default()
         };
         match api.delete(name, &params).await {
-            Ok(_) => info!(
-                rollout = %self.name_any(), namespace = %namespace, kind = kind.as_ref(), name,
-                "deleted a traffic object of the provider no longer in spec"
-            ),
+            Ok(_) => {
+                info!(
+                    rollout = %self.name_any(), namespace = %namespace, kind = kind.as_ref(), name,
+                    "deleted a traffic object of the provider no longer in spec"
+                );
+                true
+            }
             // Gone already, or another object by that name since.
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => true,
             Err(e) => {
                 let message = format!(
                     "could not delete {kind} {name} of the traffic provider no longer in spec: {e}"
@@ -1054,6 +1067,7 @@ impl EmbeddingRollout {
                     secondary: None,
                 };
                 let _ = ctx.recorder.publish(&event, &self.object_ref(&())).await;
+                false
             }
         }
     }
