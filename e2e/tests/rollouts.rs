@@ -2090,31 +2090,8 @@ async fn i_newer_revision_supersedes_the_canary_with(provider: Provider, ns: &st
     let client = client().await;
     let spec =
         json!({"strategy": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]}});
-    install_at(
-        &client,
-        ns,
-        &provider.manifest(ns, &[], spec.clone()),
-        &provider.base(),
-    )
-    .await;
-    let traffic = Traffic::start_at(&provider.base(), host(ns), 2);
-    apply(
-        &client,
-        ns,
-        &provider.manifest(ns, &["--max-batch-tokens", "8192"], spec.clone()),
-    )
-    .await;
-    let first = wait_status(
-        &client,
-        ns,
-        ns,
-        "first canary paused at 10%",
-        Duration::from_secs(60),
-        |s| s.current_step_index == Some(1),
-    )
-    .await
-    .canary_revision
-    .unwrap();
+    let traffic = paused_at_10(&client, provider, ns, &spec).await;
+    let first = status(&client, ns, ns).await.canary_revision.unwrap();
     apply(
         &client,
         ns,
