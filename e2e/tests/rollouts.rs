@@ -1470,12 +1470,6 @@ async fn g_invalid_rollouts_are_rejected_with_the_field_named() {
             ],
         ),
         (
-            "a canary header on a referenced route",
-            json!({"traffic": {"nginx": null, "gatewayAPI": {"httpRouteRef": {"name": "mine"}},
-                               "canaryHeader": {"name": "X-Canary", "value": "1"}}}),
-            &["spec.traffic.canaryHeader", "a route the operator owns"],
-        ),
-        (
             "re-index without a route for it",
             json!({"compatibility": {"onIncompatible": "Reindex"}}),
             &[
@@ -2897,7 +2891,8 @@ async fn o_gateway_api_referenced_route_gets_only_its_weights_set() {
 }
 
 /// n) `traffic.canaryHeader` reaches a canary held at 0% (a first step `pause: {}`), through
-///    the real data plane, on both providers: requests with the header are served by the
+///    the real data plane, on both providers and on a team's own HTTPRoute (`httpRouteRef`,
+///    with a rule of its own for the header): requests with the header are served by the
 ///    canary's pods only, requests without it by the stable pods only.
 #[tokio::test]
 async fn n_canary_header_reaches_a_0_percent_canary_on_both_providers() {
@@ -2919,7 +2914,30 @@ async fn n_canary_header_reaches_a_0_percent_canary_on_both_providers() {
         m["spec"]["strategy"]["steps"] = steps.clone();
         m
     };
+    // The team's route: its own rule for the header (the name in lower case: HTTP header
+    // names have no case), listing both colors like its other rule.
+    let team = |args: &[&str]| {
+        let mut m = rollout_manifest("n-team", args, json!({}));
+        m["spec"]["traffic"] = json!({"gatewayAPI": {"httpRouteRef": {"name": "team-route"}},
+                                      "canaryHeader": header.clone()});
+        m["spec"]["strategy"]["steps"] = steps.clone();
+        m
+    };
+    let mut route = team_route("n-team", &[("blue", 100), ("green", 0)]);
+    route["spec"]["rules"].as_array_mut().unwrap().push(json!({
+        "matches": [{"path": {"type": "PathPrefix", "value": "/api/v1/embed"},
+                     "headers": [{"name": "x-embedroll-canary", "value": "smoke"}]}],
+        "backendRefs": [{"name": "n-team-blue", "port": 8080},
+                        {"name": "n-team-green", "port": 8080}]
+    }));
+    apply_team_route(&client, ns, &route).await;
     let providers = [
+        (
+            "n-team",
+            env("GATEWAY_URL"),
+            team(&[]),
+            team(&["--max-batch-tokens", "8192"]),
+        ),
         (
             "n-gateway",
             env("GATEWAY_URL"),
@@ -3012,6 +3030,72 @@ async fn n_canary_header_reaches_a_0_percent_canary_on_both_providers() {
         );
         assert_eq!(status(&client, ns, name).await.canary_weight, 0);
     }
+
+    // The 0% canary's one pod is deleted (an eviction): with no Ready pod for a moment it is
+    // waited for, not rolled back, and the header reaches its replacement.
+    let name = "n-gateway";
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let selector = format!("{LABEL_ROLLOUT}={name},{LABEL_COLOR}=green");
+    let evicted: Vec<String> = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    assert!(!evicted.is_empty());
+    for pod in &evicted {
+        pods.delete(pod, &DeleteParams::default()).await.unwrap();
+    }
+    let warning = await_event(&client, ns, "CanaryUnavailable").await;
+    say(
+        "n",
+        format!("{name}: {}", warning[0].message.clone().unwrap_or_default()),
+    );
+    let st = wait_status(
+        &client,
+        ns,
+        name,
+        "the canary Ready again, still held at 0% (or rolled back, reported below)",
+        Duration::from_secs(120),
+        |s| {
+            s.failed_revision.is_some()
+                || s.canary_unavailable_since.is_none()
+                    && s.message
+                        .as_deref()
+                        .is_some_and(|m| !m.contains("no Ready pods"))
+        },
+    )
+    .await;
+    assert_eq!(
+        (
+            st.phase,
+            st.current_step_index,
+            st.canary_weight,
+            st.failed_revision
+        ),
+        (Some(Phase::Paused), Some(0), 0, None),
+        "not rolled back: {:?}",
+        st.message
+    );
+    let url = format!("{}/api/v1/embed", env("GATEWAY_URL"));
+    wait_for(
+        &format!("{name}: the header reaches the new canary pod"),
+        Duration::from_secs(30),
+        || async {
+            let green = served_by(&client, ns, name, "green").await;
+            http.post(&url)
+                .header("Host", host(name))
+                .header("X-Embedroll-Canary", "smoke")
+                .json(&json!({"texts": ["after the eviction"]}))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+                && served_by(&client, ns, name, "green").await > green
+        },
+    )
+    .await;
     cleanup(&client, ns).await;
 }
 

@@ -631,11 +631,17 @@ impl EmbeddingRollout {
                     }
                     Some(reference) => {
                         let route = self.child(&ctx.stores.referenced_routes, &reference.name);
-                        let state = match gateway::referenced_route_problem(
+                        let problem = gateway::referenced_route_problem(
                             self,
                             route.as_ref(),
                             &reference.name,
-                        ) {
+                        )
+                        .or_else(|| {
+                            route.as_ref().and_then(|r| {
+                                gateway::referenced_header_problem(self, r, &reference.name)
+                            })
+                        });
+                        let state = match problem {
                             Some(why) => RouteState::Refused(why),
                             None => route.as_ref().map_or(RouteState::default(), |r| {
                                 gateway::route_state(

@@ -227,7 +227,6 @@ fn default_port() -> i32 {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.nginx) != has(self.gatewayAPI)").message("set exactly one of nginx and gatewayAPI"))]
-#[x_kube(validation = Rule::new("!has(self.canaryHeader) || !has(self.gatewayAPI) || !has(self.gatewayAPI.httpRouteRef)").message("canaryHeader needs a route the operator owns: with gatewayAPI.httpRouteRef, add a rule matching the header to your route").field_path(".canaryHeader"))]
 pub struct TrafficSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nginx: Option<NginxTraffic>,
@@ -238,8 +237,11 @@ pub struct TrafficSpec {
     )]
     pub gateway_api: Option<GatewayApiTraffic>,
     /// Requests carrying this header and value reach the canary at any weight, 0% included
-    /// (nginx `canary-by-header`, an HTTPRoute rule matching the header): smoke tests reach a
-    /// canary through the real data plane before users do.
+    /// (nginx `canary-by-header`, an HTTPRoute rule matching the header): smoke tests and a
+    /// re-index reach a canary through the real data plane before users do. With
+    /// `gatewayAPI.httpRouteRef`, your route needs a rule of its own whose every match
+    /// requires the header (type Exact) and that lists both color Services: the operator
+    /// sends it wholly to a deployed canary, and to stable otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary_header: Option<CanaryHeader>,
 }
@@ -402,7 +404,9 @@ pub struct StrategySpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub steps: Vec<Step>,
-    /// Seconds the new color has to become Ready before the rollout is rolled back.
+    /// Seconds the new color has to become Ready before the rollout is rolled back; also what
+    /// a canary held at 0% that loses every Ready pod gets to have one again. One that loses
+    /// them while it takes traffic is rolled back at once.
     #[serde(default = "default_progress_deadline")]
     #[schemars(range(min = 1, max = 86400))]
     pub progress_deadline_seconds: i32,
@@ -739,6 +743,10 @@ pub struct EmbeddingRolloutStatus {
     /// from then on, and a pod it loses later is waited for (or, with none Ready, rolled back).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary_ready_at: Option<Time>,
+    /// When a canary Ready before, and held at 0%, was left with no Ready pod (an eviction, a
+    /// node drain): it is rolled back if none is Ready again within progressDeadlineSeconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_unavailable_since: Option<Time>,
     /// A revision that was rolled back or aborted; not retried until the spec changes or
     /// `embedroll.dev/retry` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, ResourceExt};
 use serde::{Deserialize, Serialize};
 
-use crate::crd::{Color, EmbeddingRollout, GatewayApiTraffic, ParentReference};
+use crate::crd::{CanaryHeader, Color, EmbeddingRollout, GatewayApiTraffic, ParentReference};
 use crate::machine::{LiveTraffic, RouteState};
 use crate::resources::{color_name, read_rollout, record_rollout};
 
@@ -57,6 +57,11 @@ pub struct HttpRouteMatch {
     pub path: Option<HttpPathMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<HttpHeaderMatch>,
+    /// Read from a team's route only, to compare its matches whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<serde_json::Value>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -212,7 +217,7 @@ pub fn http_route(
         .map(|p| HttpRouteRule {
             matches: vec![HttpRouteMatch {
                 path: path(p),
-                headers: Vec::new(),
+                ..HttpRouteMatch::default()
             }],
             backend_refs: backend_refs.clone(),
         })
@@ -234,6 +239,7 @@ pub fn http_route(
                         name: header.name.clone(),
                         value: header.value.clone(),
                     }],
+                    ..HttpRouteMatch::default()
                 })
                 .collect(),
             backend_refs: vec![HttpBackendRef {
@@ -383,8 +389,81 @@ fn backend_color(
         .find(|c| backend.name == color_name(er, *c))
 }
 
-/// Referenced mode: why the route cannot carry the rollout's weights, if it cannot. Each rule
-/// that names one color must name both, or a weight could not move between them.
+/// Referenced mode: whether a match requires the canary header's exact value. Header names
+/// compare without case, as HTTP's do, and only a name's first entry counts (as the API says).
+fn requires_header(m: &HttpRouteMatch, header: &CanaryHeader) -> bool {
+    m.headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(&header.name))
+        .is_some_and(|h| h.type_.as_deref().is_none_or(|t| t == "Exact") && h.value == header.value)
+}
+
+/// Referenced mode: whether `rule` is the team's canary-header rule (every match requires the
+/// header), which goes wholly to a deployed canary instead of being split by weight.
+fn is_header_rule(er: &EmbeddingRollout, rule: &HttpRouteRule) -> bool {
+    er.spec
+        .traffic
+        .canary_header
+        .as_ref()
+        .is_some_and(|header| {
+            !rule.matches.is_empty() && rule.matches.iter().all(|m| requires_header(m, header))
+        })
+}
+
+/// A rule's matches as the API reads them: none means every request; an unset path is a
+/// prefix `/`, an unset path or header type is the API's default.
+fn effective_matches(rule: &HttpRouteRule) -> Vec<HttpRouteMatch> {
+    let mut matches = if rule.matches.is_empty() {
+        vec![HttpRouteMatch::default()]
+    } else {
+        rule.matches.clone()
+    };
+    for m in &mut matches {
+        let path = m.path.get_or_insert_with(HttpPathMatch::default);
+        path.type_.get_or_insert_with(|| "PathPrefix".to_owned());
+        path.value.get_or_insert_with(|| "/".to_owned());
+        for h in &mut m.headers {
+            h.type_.get_or_insert_with(|| "Exact".to_owned());
+            h.name.make_ascii_lowercase();
+        }
+        m.headers.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    matches
+}
+
+/// A match in words, for status: its path, method and headers.
+fn describe(m: &HttpRouteMatch) -> String {
+    let path = m.path.clone().unwrap_or_default();
+    let mut text = format!(
+        "{} {}",
+        path.type_.unwrap_or_default(),
+        path.value.unwrap_or_default()
+    );
+    if let Some(method) = &m.method {
+        text.push_str(&format!(", method {method}"));
+    }
+    for h in &m.headers {
+        text.push_str(&format!(", header {}: {}", h.name, h.value));
+    }
+    text
+}
+
+/// The color rules of a route: the indices of those whose backendRefs include the rollout's
+/// color Services.
+fn color_rules<'r>(
+    er: &'r EmbeddingRollout,
+    route: &'r HTTPRoute,
+) -> impl Iterator<Item = (usize, &'r HttpRouteRule)> + 'r {
+    route.spec.rules.iter().enumerate().filter(|(_, rule)| {
+        rule.backend_refs
+            .iter()
+            .any(|b| backend_color(er, route, b).is_some())
+    })
+}
+
+/// Referenced mode: why the route cannot carry the rollout's weights, if it cannot (the
+/// operator then leaves it alone). Each rule that names one color must name both, or a weight
+/// could not move between them.
 pub fn referenced_route_problem(
     er: &EmbeddingRollout,
     route: Option<&HTTPRoute>,
@@ -425,8 +504,62 @@ pub fn referenced_route_problem(
     })
 }
 
+/// Referenced mode with `traffic.canaryHeader`: why the header would not reach the canary, if
+/// it would not. The route needs a color rule whose every match requires the header, and
+/// that rule must win wherever the others match: the API picks a rule by exact path, then the
+/// longest prefix, then method, then the most headers, so for each match of the other color
+/// rules it needs the same match with the header added. The weights are still set meanwhile
+/// (a rollback must still reach the route); the rollout holds until the route is fixed.
+pub fn referenced_header_problem(
+    er: &EmbeddingRollout,
+    route: &HTTPRoute,
+    name: &str,
+) -> Option<String> {
+    let header = er.spec.traffic.canary_header.as_ref()?;
+    let wanted = format!("{}: {}", header.name, header.value);
+    let mut covered = Vec::new();
+    let mut others = Vec::new();
+    for (i, rule) in color_rules(er, route) {
+        let with = rule
+            .matches
+            .iter()
+            .filter(|m| requires_header(m, header))
+            .count();
+        if is_header_rule(er, rule) {
+            covered.extend(effective_matches(rule).into_iter().map(|mut m| {
+                m.headers
+                    .retain(|h| !h.name.eq_ignore_ascii_case(&header.name));
+                m
+            }));
+        } else if with > 0 {
+            return Some(format!(
+                "HTTPRoute {name} rule {i} requires header {wanted} in some of its matches only: the canary gets a rule whole, so give the header a rule of its own"
+            ));
+        } else {
+            others.extend(effective_matches(rule).into_iter().map(|m| (i, m)));
+        }
+    }
+    if covered.is_empty() {
+        return Some(format!(
+            "HTTPRoute {name} has no rule for traffic.canaryHeader: add one whose every match requires header {wanted} (type Exact), listing {} and {}",
+            color_name(er, Color::Blue),
+            color_name(er, Color::Green)
+        ));
+    }
+    others
+        .into_iter()
+        .find(|(_, m)| !covered.contains(m))
+        .map(|(i, m)| {
+            format!(
+                "HTTPRoute {name} rule {i} matches {} without the canary header, and no match of the header rule is that one plus header {wanted}: such requests with the header would win by that rule and reach stable; add it to the header rule",
+                describe(&m)
+            )
+        })
+}
+
 /// Referenced mode: the JSON patch that gives the route's color backendRefs the weights
-/// `live` describes (`100 - w` to stable, `w` to the canary, 0 to an idle color) and records
+/// `live` describes (`100 - w` to stable, `w` to the canary, 0 to an idle color; on the
+/// canary-header rule 100 to a deployed canary, as the managed route's header rule) and records
 /// the rollout on it, touching nothing else. Each change is preceded by a `test` of the
 /// backendRef's name, so a route edited since it was cached is not patched at the wrong
 /// place (the apiserver refuses the whole patch). Empty when the route already says all that.
@@ -443,20 +576,27 @@ pub fn referenced_route_patch(
     } else {
         live.canary_weight.clamp(0, 100)
     };
-    let weight_of = |color: Color| {
+    let canary_deployed = live.canary_revision.is_some() && canary != stable;
+    let weight_of = |color: Color, header_rule: bool| {
+        let canary_share = match header_rule {
+            true if canary_deployed => 100,
+            true => 0,
+            false => canary_weight,
+        };
         if color == stable {
-            100 - canary_weight
+            100 - canary_share
         } else {
-            canary_weight
+            canary_share
         }
     };
     let mut ops = Vec::new();
     for (i, rule) in route.spec.rules.iter().enumerate() {
+        let header_rule = is_header_rule(er, rule);
         for (j, backend) in rule.backend_refs.iter().enumerate() {
             let Some(color) = backend_color(er, route, backend) else {
                 continue;
             };
-            let weight = weight_of(color);
+            let weight = weight_of(color, header_rule);
             // An unset weight is 1 (the API's default).
             if backend.weight.unwrap_or(1) == weight {
                 continue;
@@ -832,5 +972,168 @@ mod tests {
         unattached.spec.parent_refs.clear();
         let why = referenced_route_problem(&er, Some(&unattached), "web").unwrap();
         assert!(why.contains("no parentRefs"), "{why}");
+    }
+
+    /// The team's route with a rule of its own for the canary header (its name in lower case:
+    /// HTTP header names have no case), both colors listed, weights left to the API's default.
+    fn with_header_rule() -> (EmbeddingRollout, HTTPRoute) {
+        let mut er = rollout();
+        er.spec.traffic.canary_header = Some(CanaryHeader {
+            name: "X-Reindex".to_owned(),
+            value: "1".to_owned(),
+        });
+        let mut route = referenced();
+        route.spec.rules.push(
+            serde_json::from_value(json!({
+                "matches": [{"path": {"type": "PathPrefix", "value": "/"},
+                             "headers": [{"name": "x-reindex", "value": "1"}]}],
+                "backendRefs": [{"name": "demo-blue", "port": 8080},
+                                {"name": "demo-green", "port": 8080}]
+            }))
+            .unwrap(),
+        );
+        (er, route)
+    }
+
+    fn patched(er: &EmbeddingRollout, route: &HTTPRoute, live: &LiveTraffic) -> HTTPRoute {
+        let ops = referenced_route_patch(er, route, live);
+        let mut doc = serde_json::to_value(route).unwrap();
+        let patch: json_patch::Patch = serde_json::from_value(json!(ops)).unwrap();
+        json_patch::patch(&mut doc, &patch).unwrap();
+        serde_json::from_value(doc).unwrap()
+    }
+
+    fn weights(route: &HTTPRoute, rule: usize) -> Vec<(&str, Option<i32>)> {
+        route.spec.rules[rule]
+            .backend_refs
+            .iter()
+            .map(|b| (b.name.as_str(), b.weight))
+            .collect()
+    }
+
+    #[test]
+    fn a_referenced_routes_header_rule_goes_wholly_to_a_deployed_canary() {
+        let (er, route) = with_header_rule();
+        assert_eq!(referenced_route_problem(&er, Some(&route), "web"), None);
+        assert_eq!(referenced_header_problem(&er, &route, "web"), None);
+
+        // At 0% (held for a re-index) and at 10%: the header rule is the canary's alone.
+        for weight in [0, 10] {
+            let live = live(weight);
+            let route = patched(&er, &route, &live);
+            assert_eq!(
+                weights(&route, 0),
+                [
+                    ("demo-green", Some(weight)),
+                    ("demo-blue", Some(100 - weight))
+                ]
+            );
+            assert_eq!(
+                weights(&route, 2),
+                [("demo-blue", Some(0)), ("demo-green", Some(100))]
+            );
+            assert_eq!(
+                referenced_route_patch(&er, &route, &live),
+                Vec::<serde_json::Value>::new()
+            );
+        }
+
+        // No canary deployed (between rollouts, or rolled back): the header reaches stable,
+        // never an idle color without pods.
+        let between = LiveTraffic {
+            canary_revision: None,
+            canary_weight: 0,
+            step_index: None,
+            ..live(0)
+        };
+        let route = patched(&er, &patched(&er, &route, &live(10)), &between);
+        assert_eq!(
+            weights(&route, 2),
+            [("demo-blue", Some(100)), ("demo-green", Some(0))]
+        );
+
+        // Without traffic.canaryHeader the same rule is split by weight like any other.
+        let mut plain = er.clone();
+        plain.spec.traffic.canary_header = None;
+        let route = patched(&plain, &with_header_rule().1, &live(10));
+        assert_eq!(
+            weights(&route, 2),
+            [("demo-blue", Some(90)), ("demo-green", Some(10))]
+        );
+    }
+
+    #[test]
+    fn a_canary_header_without_a_winning_rule_in_the_referenced_route_says_why() {
+        let (er, route) = with_header_rule();
+        let problem = |route: &HTTPRoute| {
+            assert_eq!(
+                referenced_route_problem(&er, Some(route), "web"),
+                None,
+                "the weights can still be set"
+            );
+            referenced_header_problem(&er, route, "web").expect("a header problem")
+        };
+
+        let mut none = route.clone();
+        none.spec.rules.pop();
+        let why = problem(&none);
+        assert!(
+            why.contains("no rule for traffic.canaryHeader") && why.contains("X-Reindex: 1"),
+            "{why}"
+        );
+
+        // Another value, a regular expression, or the header's name given twice with the
+        // value only in its second entry (only the first counts) is not the header routed.
+        for headers in [
+            json!([{"name": "X-Reindex", "value": "2"}]),
+            json!([{"type": "RegularExpression", "name": "X-Reindex", "value": "1"}]),
+            json!([{"name": "X-Reindex", "value": "2"}, {"name": "x-reindex", "value": "1"}]),
+        ] {
+            let mut other = route.clone();
+            other.spec.rules[2].matches[0].headers = serde_json::from_value(headers).unwrap();
+            let why = problem(&other);
+            assert!(why.contains("no rule for traffic.canaryHeader"), "{why}");
+        }
+
+        // A rule that takes the header in one match and plain requests in another could not
+        // be the canary's without taking users with it.
+        let mut mixed = route.clone();
+        mixed.spec.rules[2].matches.push(HttpRouteMatch::default());
+        let why = problem(&mixed);
+        assert!(
+            why.contains("rule 2") && why.contains("some of its matches only"),
+            "{why}"
+        );
+
+        // The users' rule matches a longer prefix (or a method) than the header rule: that
+        // rule wins for requests with the header too, so they would reach stable.
+        for users in [
+            json!([{"path": {"type": "PathPrefix", "value": "/api"}}]),
+            json!([{"path": {"value": "/"}, "method": "POST"}]),
+            json!([{"headers": [{"name": "X-Tenant", "value": "a"}]}]),
+        ] {
+            let mut shadowed = route.clone();
+            shadowed.spec.rules[0].matches = serde_json::from_value(users.clone()).unwrap();
+            let why = problem(&shadowed);
+            assert!(
+                why.contains("rule 0") && why.contains("add it to the header rule"),
+                "{users}: {why}"
+            );
+            // The same match plus the header, in the header rule, wins there: fixed.
+            let mut fixed = shadowed.clone();
+            let mut with_header: Vec<HttpRouteMatch> = serde_json::from_value(users).unwrap();
+            with_header[0].headers.push(HttpHeaderMatch {
+                type_: Some("Exact".to_owned()),
+                name: "X-REINDEX".to_owned(),
+                value: "1".to_owned(),
+            });
+            fixed.spec.rules[2].matches.extend(with_header);
+            assert_eq!(referenced_header_problem(&er, &fixed, "web"), None);
+        }
+
+        // Without traffic.canaryHeader none of this is asked for.
+        let mut plain = er.clone();
+        plain.spec.traffic.canary_header = None;
+        assert_eq!(referenced_header_problem(&plain, &none, "web"), None);
     }
 }

@@ -365,6 +365,7 @@ impl Planner<'_, '_> {
         if self.st.canary_ready_at.is_none() {
             self.st.canary_ready_at = Some(Time(self.input.now));
         }
+        self.st.canary_unavailable_since = None;
 
         if self.st.current_step_index.is_none()
             && self.vectors_gate(CompatibilityStage::BeforeTraffic, checked, analysis)

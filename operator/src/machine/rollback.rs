@@ -44,6 +44,7 @@ impl Planner<'_, '_> {
         self.st.step_started_at = None;
         self.st.rollout_started_at = None;
         self.st.canary_ready_at = None;
+        self.st.canary_unavailable_since = None;
         self.st.steps_hash = None;
     }
 

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 
 use super::compatibility::{CheckRequest, Gate};
 use super::{Planner, at, plus};
@@ -62,6 +63,7 @@ impl Planner<'_, '_> {
         self.st.step_started_at = None;
         self.st.rollout_started_at = Some(Time(self.input.now));
         self.st.canary_ready_at = None;
+        self.st.canary_unavailable_since = None;
         self.st.steps_hash = Some(steps_hash(self.input.spec));
         self.st.analysis = None;
         self.st.weight_check = None;
@@ -126,19 +128,17 @@ impl Planner<'_, '_> {
         );
         if self.st.current_step_index.is_some() || self.st.canary_ready_at.is_some() {
             // Once Ready (mid-rollout, or held at 0% for a check or a re-index): a restarting
-            // pod or an HPA's scale-up is fine while others serve; none left is not.
-            // Analysis waits for the canary to be whole again: its Deployment's next status
-            // change wakes this rollout, so there is nothing to poll.
-            if state.ready_replicas == 0 {
-                self.roll_back(
-                    "CanaryUnavailable",
-                    format!("canary {canary} has no Ready pods"),
-                );
-            } else {
+            // pod or an HPA's scale-up is fine while others serve. Analysis waits for the
+            // canary to be whole again: its Deployment's next status change wakes this
+            // rollout, so there is nothing to poll.
+            if state.ready_replicas > 0 {
+                self.st.canary_unavailable_since = None;
                 self.st.message = Some(format!(
                     "canary {canary}: {pods}; analysis resumes when all are Ready"
                 ));
                 self.wake_for_analysis();
+            } else {
+                self.canary_unavailable(canary);
             }
             return;
         }
@@ -155,6 +155,55 @@ impl Planner<'_, '_> {
         }
         self.st.phase = Some(Phase::Progressing);
         self.st.message = Some(format!("deploying canary on {canary}: {pods}"));
+        self.wake_at(deadline);
+    }
+
+    /// A canary that was Ready has no Ready pod. Taking traffic, its share of requests is
+    /// failing: rolled back at once. At 0% nobody is served by it, and under `Proportional` a
+    /// single eviction takes its one pod: it gets progressDeadlineSeconds to have one again,
+    /// so that hours of re-index or an awaited check are not thrown away for a rescheduling.
+    fn canary_unavailable(&mut self, canary: Color) {
+        let weight = self.st.canary_weight;
+        if weight > 0 {
+            self.st.canary_unavailable_since = None;
+            self.roll_back(
+                "CanaryUnavailable",
+                format!("canary {canary} has no Ready pods while it takes {weight}% of requests"),
+            );
+            return;
+        }
+        let seconds = self.input.spec.strategy.progress_deadline_seconds.max(0);
+        let since = match at(&self.st.canary_unavailable_since) {
+            Some(since) => since,
+            None => {
+                // Whole seconds, as the status keeps it: the message must read the same on
+                // the next reconcile, or each would write it again.
+                let now =
+                    Timestamp::from_second(self.input.now.as_second()).unwrap_or(self.input.now);
+                self.warn(
+                    "CanaryUnavailable",
+                    format!(
+                        "canary {canary} has no Ready pods; rolled back unless one is Ready within progressDeadlineSeconds ({seconds} s)"
+                    ),
+                );
+                self.st.canary_unavailable_since = Some(Time(now));
+                now
+            }
+        };
+        let deadline = plus(since, Duration::from_secs(seconds as u64));
+        if self.input.now > deadline {
+            self.st.canary_unavailable_since = None;
+            self.roll_back(
+                "CanaryUnavailable",
+                format!(
+                    "canary {canary} had no Ready pods for progressDeadlineSeconds ({seconds} s)"
+                ),
+            );
+            return;
+        }
+        self.st.message = Some(format!(
+            "canary {canary} has had no Ready pods since {since}; rolled back at {deadline} (progressDeadlineSeconds) unless one is Ready again"
+        ));
         self.wake_at(deadline);
     }
 

@@ -140,7 +140,8 @@ impl World {
             next = plan(&input, analysis.as_ref(), &checked);
         }
         let plan = next;
-        self.status = plan.status.clone();
+        // Through JSON, as the apiserver keeps it (times in whole seconds).
+        self.status = serde_json::from_value(serde_json::to_value(&plan.status).unwrap()).unwrap();
         self.live = LiveTraffic::written_by(&plan.status);
         self.events.extend(plan.events.iter().map(|e| e.reason));
         self.commands = Commands::default();
@@ -1385,10 +1386,76 @@ fn a_canary_ready_once_is_not_held_to_the_progress_deadline_again() {
     w.tick(10);
     let plan = w.reconcile("r2", Some(CheckResult::Passed));
     assert_eq!(plan.status.phase, Some(Phase::AwaitingReindex));
-    // With no Ready pod left it is still rolled back, as mid-rollout.
+}
+
+#[test]
+fn a_canary_at_0_percent_without_ready_pods_gets_the_progress_deadline_to_recover() {
+    // A re-index at 0%; the canary's one pod is evicted (a node drain) hours in.
+    let mut w = model_change(OnIncompatible::Reindex);
+    w.reconcile("r2", None);
+    w.tick(7200);
+    w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(w.status.phase, Some(Phase::AwaitingReindex));
+    w.events.clear();
+    // Mid-second, as a real clock is: the status keeps whole seconds.
+    w.now = w.now.checked_add(SignedDuration::from_millis(500)).unwrap();
     w.green.ready_replicas = 0;
     w.green.ready = false;
-    assert_eq!(w.reconcile("r2", None).rollback, Some("CanaryUnavailable"));
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.rollback, None, "{:?}", plan.status.message);
+    assert_eq!(plan.status.phase, Some(Phase::AwaitingReindex));
+    assert_eq!(w.events, ["CanaryUnavailable"]);
+    assert!(plan.events[0].warning);
+    let message = plan.status.message.clone().unwrap();
+    assert!(
+        message.contains("no Ready pods") && message.contains("progressDeadlineSeconds"),
+        "{message}"
+    );
+    assert_eq!(
+        plan.requeue,
+        Some(Duration::from_millis(119_500)),
+        "woken at the deadline"
+    );
+    // Waiting writes nothing new.
+    w.tick(60);
+    let again = w.reconcile("r2", None);
+    assert_eq!((again.rollback, &again.status), (None, &plan.status));
+    assert!(again.events.is_empty());
+
+    // Rescheduled in time: the re-index goes on, and a later loss gets a deadline of its own.
+    w.green = serving("r2", "sre-embedding-model", 384);
+    w.tick(10);
+    let plan = w.reconcile("r2", Some(CheckResult::Passed));
+    assert_eq!(plan.status.phase, Some(Phase::AwaitingReindex));
+    assert_eq!(plan.status.canary_unavailable_since, None);
+    w.green.ready_replicas = 0;
+    w.green.ready = false;
+    w.tick(10);
+    assert_eq!(w.reconcile("r2", None).rollback, None);
+    w.tick(119);
+    assert_eq!(
+        w.reconcile("r2", None).rollback,
+        None,
+        "before the deadline"
+    );
+    w.tick(1);
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.rollback, Some("CanaryUnavailable"));
+    let message = plan.status.message.unwrap();
+    assert!(message.contains("120"), "{message}");
+}
+
+#[test]
+fn a_canary_without_ready_pods_while_it_takes_traffic_is_rolled_back_at_once() {
+    let mut w = World::canary_at_first_step();
+    assert_eq!(w.status.canary_weight, 1);
+    w.green.ready_replicas = 0;
+    w.green.ready = false;
+    let plan = w.reconcile("r2", None);
+    assert_eq!(plan.rollback, Some("CanaryUnavailable"));
+    assert_eq!(plan.status.canary_weight, 0);
+    let message = plan.status.message.unwrap();
+    assert!(message.contains("1%"), "{message}");
 }
 
 #[test]
