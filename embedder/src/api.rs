@@ -245,8 +245,9 @@ async fn read_body(State(state): State<AppState>, request: Request, next: Next) 
         ),
     };
     let response = dialect.render(error);
-    state.metrics.observe_request(
-        NO_MODEL,
+    observe_refused(
+        &state.metrics,
+        &parts.headers,
         route,
         response.status().as_u16(),
         started.elapsed(),
@@ -254,14 +255,35 @@ async fn read_body(State(state): State<AppState>, request: Request, next: Next) 
     response
 }
 
+/// Counts a request turned away before its handler ran: as traffic, or, marked
+/// [`CHECK_HEADER`], as a rollout's check (a check refused for its size or by admission is not
+/// the canary failing its users).
+fn observe_refused(
+    metrics: &Metrics,
+    headers: &axum::http::HeaderMap,
+    route: &'static str,
+    code: u16,
+    elapsed: Duration,
+) {
+    if is_check(headers) {
+        metrics.observe_check(NO_MODEL, route, code);
+    } else {
+        metrics.observe_request(NO_MODEL, route, code, elapsed);
+    }
+}
+
 /// Turns requests away with 429 once `--max-concurrent-requests` are in flight; the permit
 /// is held until the response is ready.
 async fn admit(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Ok(_permit) = state.admission.clone().try_acquire_owned() else {
         let route = embed_route(&request);
-        state
-            .metrics
-            .observe_request(NO_MODEL, route, 429, Duration::ZERO);
+        observe_refused(
+            &state.metrics,
+            request.headers(),
+            route,
+            429,
+            Duration::ZERO,
+        );
         let error = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "overloaded",

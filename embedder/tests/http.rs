@@ -587,6 +587,35 @@ async fn check_requests_are_counted_apart_from_traffic() {
     );
 }
 
+/// A check turned away before its handler runs (here its body is over `--max-body-bytes`) is
+/// still a check: a canary refusing the operator's golden set for its size is not failing its
+/// users, and must not show in the error rate the rollout gate reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_requests_refused_before_the_handler_are_counted_apart() {
+    let server = Server::start(&["--max-body-bytes", "256"]).await;
+    let big = json!({"texts": ["golden text ".repeat(64)]});
+    let http = Client::new();
+    for check in [true, false] {
+        let mut request = http.post(server.url("/api/v1/embed")).json(&big);
+        if check {
+            request = request.header("x-embedroll-check", "vectors");
+        }
+        assert_eq!(request.send().await.unwrap().status(), 413);
+    }
+    let text = server.metrics().await;
+    let value = |series: &str| series_value(&text, series);
+    assert_eq!(
+        value(r#"embedder_requests_total{model="",route="/api/v1/embed",code="413"}"#),
+        Some(1.0),
+        "only the request without the mark is traffic: {text}"
+    );
+    assert_eq!(
+        value(r#"embedder_check_requests_total{model="",route="/api/v1/embed",code="413"}"#),
+        Some(1.0),
+        "{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn injected_faults_fail_and_slow_requests() {
     let server = Server::start(&["--fault-error-rate", "1", "--fault-latency-ms", "300"]).await;
