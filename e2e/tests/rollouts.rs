@@ -1697,6 +1697,50 @@ async fn h_manual_promote_abort_retry_with(provider: Provider, ns: &str) {
     .await;
     say(ns, "promote: past the pause to 100%, then promoted");
 
+    // Nothing in flight: an abort is set, but the CLI says it has nothing to act on (exit 2)
+    // and the operator drops it, so it cannot abort the next revision. A rollout that is not
+    // there is named with the namespace looked in (exit 1).
+    let embedroll = |args: &[&str]| {
+        let output = Command::new(format!("{}/embedroll", env("EMBEDROLL_BIN_DIR")))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = embedroll(&["abort", ns, "-n", ns]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("no revision is in flight"), "{stderr}");
+    let rollouts: Api<EmbeddingRollout> = Api::namespaced(client.clone(), ns);
+    wait_for(
+        "the operator drops the abort",
+        Duration::from_secs(30),
+        || async {
+            !rollouts
+                .get(ns)
+                .await
+                .unwrap()
+                .annotations()
+                .contains_key("embedroll.dev/abort")
+        },
+    )
+    .await;
+    let (code, stderr) = embedroll(&["status", "no-such-rollout", "-n", ns]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("no-such-rollout not found in namespace {ns}")),
+        "{stderr}"
+    );
+    say(
+        ns,
+        format!(
+            "abort with nothing in flight: exit 2; a missing rollout: exit 1, {}",
+            stderr.trim()
+        ),
+    );
+
     // Abort a second upgrade at the pause, then retry it and promote it in full.
     apply(
         &client,

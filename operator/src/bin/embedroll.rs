@@ -8,6 +8,9 @@
 //!
 //! Commands are annotations on the EmbeddingRollout (`kubectl annotate` does the same), so
 //! they need only `patch` on embeddingrollouts and survive an operator restart.
+//!
+//! Exit status: 0 done; 1 an error (no such rollout, no access); 2 the command was set but
+//! has nothing to act on (a promote with no revision in flight, say), so the operator drops it.
 
 use clap::{Parser, Subcommand};
 use embedroll_operator::conditions;
@@ -56,27 +59,58 @@ enum Command {
     Resume { name: String },
 }
 
+/// What a command left undone, for its exit status.
+enum Outcome {
+    Done,
+    NothingToActOn,
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    if let Err(e) = run(cli).await {
-        eprintln!("embedroll: {e}");
-        std::process::exit(1);
+    match run(cli).await {
+        Ok(Outcome::Done) => {}
+        Ok(Outcome::NothingToActOn) => std::process::exit(2),
+        Err(e) => {
+            eprintln!("embedroll: {e}");
+            std::process::exit(1);
+        }
     }
 }
 
-async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+/// An error in words: a missing rollout names the namespace it was looked for in, which
+/// comes silently from the kubeconfig when `-n` is not given.
+fn explain(error: kube::Error, name: &str, namespace: &str, from_flag: bool) -> String {
+    match error {
+        kube::Error::Api(status) if status.code == 404 => {
+            let hint = if from_flag {
+                ""
+            } else {
+                " (the kubeconfig context's namespace; another one with -n)"
+            };
+            format!("embeddingrollout {name} not found in namespace {namespace}{hint}")
+        }
+        kube::Error::Api(status) => format!("{} ({})", status.message, status.reason),
+        other => other.to_string(),
+    }
+}
+
+async fn run(cli: Cli) -> Result<Outcome, Box<dyn std::error::Error>> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = Client::try_default().await?;
+    let from_flag = cli.namespace.is_some();
     let namespace = cli
         .namespace
         .unwrap_or_else(|| client.default_namespace().to_owned());
     let api: Api<EmbeddingRollout> = Api::namespaced(client, &namespace);
     let (name, annotation, value): (String, &str, Option<String>) = match cli.command {
         Command::Status { name } => {
-            let rollout = api.get(&name).await?;
+            let rollout = api
+                .get(&name)
+                .await
+                .map_err(|e| explain(e, &name, &namespace, from_flag))?;
             print!("{}", render_status(&rollout));
-            return Ok(());
+            return Ok(Outcome::Done);
         }
         Command::Promote { name, full } => (
             name,
@@ -93,13 +127,66 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Resume { name } => (name, ANNOTATION_PAUSED, None),
     };
     let patch = json!({"metadata": {"annotations": {annotation: value}}});
-    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    let rollout = api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| explain(e, &name, &namespace, from_flag))?;
     match value {
         Some(_) => println!("embeddingrollout/{name}: {annotation} set"),
         None => println!("embeddingrollout/{name}: {annotation} removed"),
     }
-    Ok(())
+    // The patch answers with the rollout as it is now: enough to tell a command that has
+    // nothing to act on, without asking for more than `patch`.
+    match not_applicable(annotation, value.is_some(), &rollout) {
+        Some(why) => {
+            eprintln!("embedroll: {why}");
+            Ok(Outcome::NothingToActOn)
+        }
+        None => Ok(Outcome::Done),
+    }
+}
+
+/// Why a command just set has nothing to act on, if it has not. A spec the operator has not
+/// seen yet may start a revision the command is meant for (a promote given with a new
+/// revision is kept), so only a rollout whose status has caught up with its spec is judged.
+fn not_applicable(annotation: &str, set: bool, rollout: &EmbeddingRollout) -> Option<String> {
+    let Some(status) = &rollout.status else {
+        return Some(
+            "the rollout has no status: is the operator running? The command waits for it"
+                .to_owned(),
+        );
+    };
+    if status.observed_generation != rollout.metadata.generation {
+        return None;
+    }
+    let phase = status
+        .phase
+        .map(|p| format!("{p:?}"))
+        .unwrap_or_else(|| "-".to_owned());
+    let in_flight = status.canary_revision.is_some();
+    match annotation {
+        ANNOTATION_PROMOTE | ANNOTATION_PROMOTE_FULL | ANNOTATION_ABORT if !in_flight => Some(
+            format!("no revision is in flight (phase {phase}): the operator drops this command"),
+        ),
+        ANNOTATION_RETRY if status.failed_revision.is_none() => Some(format!(
+            "no revision was rolled back (phase {phase}): the operator drops this command"
+        )),
+        ANNOTATION_PAUSED if !set => {
+            let steps = machine::steps(&rollout.spec);
+            let at_pause = status
+                .current_step_index
+                .and_then(|i| steps.get(i as usize))
+                .is_some_and(|step| matches!(step, machine::StepKind::Pause(_)));
+            at_pause.then(|| {
+                format!(
+                    "the rollout is held by a pause step, not by `embedroll pause`: `embedroll promote {} -n {}` ends it",
+                    rollout.name_any(),
+                    rollout.namespace().unwrap_or_default()
+                )
+            })
+        }
+        _ => None,
+    }
 }
 
 fn now() -> String {
@@ -134,6 +221,39 @@ fn render_status(rollout: &EmbeddingRollout) -> String {
         "Message:",
         status.message.clone().unwrap_or_else(dash),
     );
+    if status.observed_generation != rollout.metadata.generation {
+        row(
+            &mut out,
+            "Spec:",
+            format!(
+                "generation {} not yet seen by the operator (status is of {})",
+                rollout.metadata.generation.unwrap_or_default(),
+                status
+                    .observed_generation
+                    .map(|g| g.to_string())
+                    .unwrap_or_else(dash)
+            ),
+        );
+    }
+    // Commands set and not yet acted on; a pause set by hand also holds the next revision.
+    let pending: Vec<String> = [
+        ANNOTATION_PAUSED,
+        ANNOTATION_PROMOTE,
+        ANNOTATION_PROMOTE_FULL,
+        ANNOTATION_ABORT,
+        ANNOTATION_RETRY,
+    ]
+    .into_iter()
+    .filter(|key| {
+        rollout.annotations().get(*key).is_some_and(|value| {
+            value != "false" && status.consumed_commands.get(*key) != Some(value)
+        })
+    })
+    .map(|key| key.trim_start_matches("embedroll.dev/").to_owned())
+    .collect();
+    if !pending.is_empty() {
+        row(&mut out, "Commands:", pending.join(", "));
+    }
     row(
         &mut out,
         "Stable:",
@@ -177,8 +297,9 @@ fn render_status(rollout: &EmbeddingRollout) -> String {
             &mut out,
             "Rolled back:",
             format!(
-                "{failed} (embedroll retry {} to try again)",
-                rollout.name_any()
+                "{failed} (embedroll retry {} -n {} to try again)",
+                rollout.name_any(),
+                rollout.namespace().unwrap_or_default()
             ),
         );
     }
@@ -256,4 +377,103 @@ fn render_status(rollout: &EmbeddingRollout) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rollout(status: serde_json::Value, annotations: serde_json::Value) -> EmbeddingRollout {
+        serde_json::from_value(json!({
+            "apiVersion": "embedroll.dev/v1alpha1", "kind": "EmbeddingRollout",
+            "metadata": {"name": "search", "namespace": "ml", "generation": 3,
+                         "annotations": annotations},
+            "spec": {
+                "template": {"spec": {"containers": [{"name": "embedder", "image": "e:1"}]}},
+                "traffic": {"nginx": {}},
+                "strategy": {"steps": [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]}
+            },
+            "status": status
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_command_with_nothing_to_act_on_says_so() {
+        let healthy = rollout(
+            json!({"observedGeneration": 3, "phase": "Healthy", "stableRevision": "r1"}),
+            json!({}),
+        );
+        for annotation in [
+            ANNOTATION_PROMOTE,
+            ANNOTATION_PROMOTE_FULL,
+            ANNOTATION_ABORT,
+        ] {
+            let why = not_applicable(annotation, true, &healthy).unwrap();
+            assert!(why.contains("no revision is in flight"), "{why}");
+        }
+        let why = not_applicable(ANNOTATION_RETRY, true, &healthy).unwrap();
+        assert!(why.contains("no revision was rolled back"), "{why}");
+        assert_eq!(not_applicable(ANNOTATION_PAUSED, true, &healthy), None);
+
+        // A spec the operator has not seen may start the revision the promote is for.
+        let edited = rollout(
+            json!({"observedGeneration": 2, "phase": "Healthy", "stableRevision": "r1"}),
+            json!({}),
+        );
+        assert_eq!(not_applicable(ANNOTATION_PROMOTE, true, &edited), None);
+
+        let no_status = rollout(serde_json::Value::Null, json!({}));
+        let why = not_applicable(ANNOTATION_PROMOTE, true, &no_status).unwrap();
+        assert!(why.contains("operator running"), "{why}");
+
+        // Held by a pause step: resume does not end it, promote does.
+        let at_pause = rollout(
+            json!({"observedGeneration": 3, "phase": "Paused", "canaryRevision": "r2",
+                   "canaryColor": "green", "currentStepIndex": 1, "canaryWeight": 10}),
+            json!({}),
+        );
+        let why = not_applicable(ANNOTATION_PAUSED, false, &at_pause).unwrap();
+        assert!(why.contains("embedroll promote search -n ml"), "{why}");
+        for annotation in [ANNOTATION_PROMOTE, ANNOTATION_ABORT] {
+            assert_eq!(not_applicable(annotation, true, &at_pause), None);
+        }
+        let failed = rollout(
+            json!({"observedGeneration": 3, "phase": "Failed", "failedRevision": "r2"}),
+            json!({}),
+        );
+        assert_eq!(not_applicable(ANNOTATION_RETRY, true, &failed), None);
+    }
+
+    #[test]
+    fn status_shows_pending_commands_an_unseen_spec_and_a_retry_that_keeps_the_namespace() {
+        let failed = rollout(
+            json!({"observedGeneration": 2, "phase": "Failed", "failedRevision": "r2",
+                   "consumedCommands": {"embedroll.dev/abort": "2026-11-29T10:00:00Z"}}),
+            json!({"embedroll.dev/paused": "true",
+                   "embedroll.dev/abort": "2026-11-29T10:00:00Z",
+                   "embedroll.dev/promote": "false"}),
+        );
+        let text = render_status(&failed);
+        assert!(text.contains("embedroll retry search -n ml"), "{text}");
+        assert!(
+            text.contains("generation 3 not yet seen by the operator (status is of 2)"),
+            "{text}"
+        );
+        let commands = text.lines().find(|l| l.starts_with("Commands:")).unwrap();
+        assert_eq!(
+            commands.split_whitespace().collect::<Vec<_>>(),
+            ["Commands:", "paused"],
+            "an acted-on abort and a promote set to false are not pending: {text}"
+        );
+        let quiet = rollout(
+            json!({"observedGeneration": 3, "phase": "Healthy"}),
+            json!({}),
+        );
+        let text = render_status(&quiet);
+        assert!(
+            !text.contains("Commands:") && !text.contains("not yet seen"),
+            "{text}"
+        );
+    }
 }
