@@ -106,6 +106,7 @@ expect_refused charts/embedroll-operator "prometheusUrl" --set operator.promethe
 expect_refused charts/embedroll-operator "replicaCount" --set replicaCount=0
 expect_refused charts/embedroll-operator "leaderElection" --set replicaCount=2 --set operator.leaderElection=false
 expect_refused charts/embedroll-operator "additional properties" --set operatr.logFormat=json
+expect_refused charts/embedroll-operator "leaseName" --set operator.leaseName=Not_A_Name
 expect_refused charts/embedder "modelCache/type" --set modelCache.type=nfs
 expect_refused charts/embedder "embedder/models" --set "embedder.models={sre}"
 expect_refused charts/embedder "ingress/paths" --set "ingress.paths={api}"
@@ -113,9 +114,9 @@ expect_refused charts/embedder "leaves no time" --set terminationGracePeriodSeco
 expect_refused charts/embedder "exceed terminationGracePeriodSeconds" --set embedder.shutdownTimeoutMs=40000
 
 # Values that render differently: what the pod is told, and which objects exist.
-expect_rendered() { # what, python condition on the rendering `text` (re imported), helm args...
-  local what=$1 condition=$2; shift 2
-  "$helm" template x charts/embedder "$@" >"$work/rendered.yaml" 2>"$work/rendered.log" ||
+expect_rendered() { # chart, what, python condition on the rendering `text` (re imported), helm args...
+  local chart=$1 what=$2 condition=$3; shift 3
+  "$helm" template x "$chart" "$@" >"$work/rendered.yaml" 2>"$work/rendered.log" ||
     { cat "$work/rendered.log"; fail "helm template: $*"; }
   python3 -c 'import re, sys; text = open(sys.argv[1]).read(); sys.exit(0 if eval(sys.argv[2]) else 1)' \
     "$work/rendered.yaml" "$condition" || fail "$what: not so with $*"
@@ -123,20 +124,24 @@ expect_rendered() { # what, python condition on the rendering `text` (re importe
 }
 log_env='re.findall(r"- name: EMBEDDER_LOG_JSON\n\s+value: \"?(\w+)", text)'
 # The image sets EMBEDDER_LOG_JSON=true: text logs need the chart to say false.
-expect_rendered "text logs" "$log_env == ['false']" --set embedder.logJson=false
-expect_rendered "JSON logs" "$log_env == ['true']"
-expect_rendered "extraEnv's own log setting" "$log_env == ['false']" \
+expect_rendered charts/embedder "text logs" "$log_env == ['false']" --set embedder.logJson=false
+expect_rendered charts/embedder "JSON logs" "$log_env == ['true']"
+expect_rendered charts/embedder "extraEnv's own log setting" "$log_env == ['false']" \
   --set 'embedder.extraEnv[0].name=EMBEDDER_LOG_JSON' --set-string 'embedder.extraEnv[0].value=false'
 # A PDB needs a pod it may evict: none when the fewest pods that may run are minAvailable.
 pdb='"kind: PodDisruptionBudget" in text'
-expect_rendered "a PDB" "$pdb" --set replicaCount=2
-expect_rendered "no PDB at 1 replica" "not $pdb" --set replicaCount=1
-expect_rendered "no PDB when autoscaling may leave 1" "not $pdb" \
+expect_rendered charts/embedder "a PDB" "$pdb" --set replicaCount=2
+expect_rendered charts/embedder "no PDB at 1 replica" "not $pdb" --set replicaCount=1
+expect_rendered charts/embedder "no PDB when autoscaling may leave 1" "not $pdb" \
   --set autoscaling.enabled=true --set autoscaling.minReplicas=1
-expect_rendered "no PDB when minAvailable is every pod" "not $pdb" \
+expect_rendered charts/embedder "no PDB when minAvailable is every pod" "not $pdb" \
   --set replicaCount=3 --set podDisruptionBudget.minAvailable=3
-expect_rendered "a PDB by percentage" "$pdb" \
+expect_rendered charts/embedder "a PDB by percentage" "$pdb" \
   --set replicaCount=2 --set-string podDisruptionBudget.minAvailable=50%
+# Two operator releases in one namespace each need a Lease of their own.
+expect_rendered charts/embedroll-operator "a Lease of its own" '"--lease-name=search-operator" in text' \
+  --set operator.leaseName=search-operator
+expect_rendered charts/embedroll-operator "the binary's Lease by default" '"--lease-name" not in text'
 
 # Dockerfiles and workflows (no Docker engine or GitHub here: the release workflow builds and
 # pushes the images; these are the checks that can run). Each tool is shown failing on a
